@@ -1,0 +1,3 @@
+"""cgpolicy: login-node resource policy on systemd user slices."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,317 @@
+"""cgpolicyctl: the admin's command line.
+
+Exit codes: 0 success, 1 the action failed or the policy is invalid, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from . import control, log
+from .accounts import Account, lookup_account, lookup_uid
+from .cgroups import V1Freezer, cgroup_mode
+from .compiled import Loaded, load_in_force
+from .constants import CGROUP_ROOT, COMPILED_POLICY, HOOK_PATH, config_dir, state_dir
+from .errors import CgpolicyError, PolicyError
+from .limits import format_size
+from .pamconfig import hook_wiring
+from .policy import Policy, load_policy
+from .systemd import Systemd
+
+BUS_TIMEOUT = 10.0
+
+
+class _Failed(Exception):
+    """Stop the command with exit code 1 after the message was printed."""
+
+
+def _strict_policy(args: argparse.Namespace) -> Policy:
+    try:
+        return load_policy(config_dir(args.config_dir))
+    except PolicyError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        raise _Failed from None
+
+
+def _policy_in_force(args: argparse.Namespace) -> Loaded:
+    """What the hook would use; says so when the files are broken."""
+    loaded = load_in_force(config_dir(args.config_dir), state_dir() / COMPILED_POLICY)
+    if loaded.error:
+        for problem in loaded.error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(
+            f"warning: the policy files are invalid; using the {loaded.source} policy",
+            file=sys.stderr,
+        )
+    return loaded
+
+
+def _with_systemd(work: Callable[[Systemd], Awaitable[Any]]) -> Any:
+    async def run() -> Any:
+        systemd = await Systemd.connect(BUS_TIMEOUT)
+        try:
+            return await work(systemd)
+        finally:
+            systemd.close()
+
+    return asyncio.run(run())
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    policy = _strict_policy(args)
+    print(
+        f"{config_dir(args.config_dir)}: valid; {len(policy.groups)} groups, order "
+        f"{', '.join(policy.order)}; fallback {policy.fallback}"
+    )
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    policy = _strict_policy(args)
+    account = lookup_account(args.user)
+    decision = control.decide(policy, account)
+    if decision.classification is None:
+        print(f"{account.name} (uid {account.uid}): not managed: {decision.reason}")
+        return
+    group = decision.classification.group
+    print(
+        f"{account.name} (uid {account.uid}): group {group.name} "
+        f"(matched by {decision.classification.rule})"
+    )
+    limits = "exempt: never limited" if group.exempt else control.describe_limits(group.limits)
+    print(f"  limits: {limits}")
+
+
+def cmd_apply(args: argparse.Namespace) -> None:
+    policy = _policy_in_force(args).policy
+    if policy is None:
+        raise _Failed
+    account = lookup_account(args.user)
+    log.open_log("cgpolicyctl")
+    decision = _with_systemd(lambda sd: control.apply_limits(sd, policy, account))
+    log.info(decision.log_line() + " by=cgpolicyctl")
+    print(decision.log_line())
+
+
+def _managed_uid(args: argparse.Namespace) -> int:
+    account = lookup_account(args.user)
+    if account.uid == 0:
+        print("error: root's session is never frozen", file=sys.stderr)
+        raise _Failed
+    return account.uid
+
+
+def cmd_freeze(args: argparse.Namespace) -> None:
+    uid = _managed_uid(args)
+    how = _with_systemd(lambda sd: control.freeze_user(sd, uid))
+    log.open_log("cgpolicyctl")
+    log.info(f"user={args.user} uid={uid} action=frozen via={how.replace(' ', '-')}")
+    print(f"{args.user}: frozen ({how})")
+
+
+def cmd_thaw(args: argparse.Namespace) -> None:
+    uid = _managed_uid(args)
+    how = _with_systemd(lambda sd: control.thaw_user(sd, uid))
+    log.open_log("cgpolicyctl")
+    log.info(f"user={args.user} uid={uid} action=thawed via={how.replace(' ', '-')}")
+    print(f"{args.user}: thawed ({how})")
+
+
+def _user_row(
+    policy: Policy | None, account: Account | None, status: dict[str, Any]
+) -> dict[str, Any]:
+    row = {"user": account.name if account else None, **status}
+    if policy and account:
+        decision = control.decide(policy, account)
+        found = decision.classification
+        row["group"] = found.group.name if found else None
+        row["rule"] = found.rule if found else decision.reason
+        row["exempt"] = bool(found and found.group.exempt)
+    return row
+
+
+async def _status_rows(
+    systemd: Systemd, policy: Policy | None, user: str | None
+) -> list[dict[str, Any]]:
+    if user:
+        accounts = [lookup_account(user)]
+    else:
+        min_uid = policy.general.min_uid if policy else 1000
+        accounts = []
+        for uid in await systemd.user_slices():
+            if uid >= min_uid:
+                try:
+                    accounts.append(lookup_uid(uid))
+                except CgpolicyError:
+                    accounts.append(Account(f"#{uid}", uid, frozenset()))
+    return [_user_row(policy, a, await control.slice_status(systemd, a.uid)) for a in accounts]
+
+
+_COLUMNS = ("CPUQuota", "MemoryMax", "MemoryHigh", "TasksMax")
+
+
+def _human_bytes(value: int | None) -> str:
+    return "-" if value is None else format_size(value)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    header = ["USER", "UID", "GROUP", *_COLUMNS, "CPU-TIME", "MEMORY", "TASKS", "FREEZER"]
+    table = [header]
+    for row in rows:
+        limits = row.get("limits", {})
+        usage = row.get("usage", {})
+        cpu = usage.get("CPUUsageNSec")
+        table.append(
+            [
+                str(row["user"]),
+                str(row["uid"]),
+                str(row.get("group", "-")),
+                *(limits.get(key, "-") for key in _COLUMNS),
+                "-" if cpu is None else f"{cpu / 1e9:.1f}s",
+                _human_bytes(usage.get("MemoryCurrent")),
+                "-" if usage.get("TasksCurrent") is None else str(usage["TasksCurrent"]),
+                row.get("freezer", "-") if row.get("active") else "not logged in",
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    try:
+        policy = load_in_force(config_dir(args.config_dir), state_dir() / COMPILED_POLICY).policy
+    except CgpolicyError:
+        policy = None
+    rows = _with_systemd(lambda sd: _status_rows(sd, policy, args.user))
+    if args.json:
+        print(json.dumps(rows if args.user is None else rows[0], indent=2))
+    elif not rows:
+        print("no user slices")
+    else:
+        _print_table(rows)
+
+
+def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(verdict, what, detail) for each thing a working node needs."""
+    checks: list[tuple[str, str, str]] = []
+    try:
+        version = _with_systemd(lambda sd: sd.manager_property("Version"))
+        checks.append(("ok", "systemd", f"version {version}, reachable over the system bus"))
+    except CgpolicyError as err:
+        checks.append(("FAIL", "systemd", str(err)))
+    mode = cgroup_mode()
+    checks.append(
+        (
+            "ok",
+            "cgroup mode",
+            {"unified": "v2 (unified)", "hybrid": "v1 (hybrid)", "legacy": "v1 (legacy)"}[mode],
+        )
+    )
+    if mode == "unified":
+        freeze_ok = (CGROUP_ROOT / "user.slice" / "cgroup.freeze").exists()
+        checks.append(
+            (
+                "ok" if freeze_ok else "FAIL",
+                "freezer",
+                "systemd FreezeUnit (cgroup.freeze)"
+                if freeze_ok
+                else "no cgroup.freeze in user.slice: kernel too old",
+            )
+        )
+    else:
+        v1_ok = V1Freezer().available()
+        checks.append(
+            (
+                "ok" if v1_ok else "FAIL",
+                "freezer",
+                "kernel v1 freezer hierarchy" if v1_ok else "no v1 freezer mounted",
+            )
+        )
+    wired, detail = hook_wiring("sshd", "cgpolicy-pam-hook")
+    checks.append(("ok" if wired else "FAIL", "PAM line (sshd)", detail))
+    hook_ok = Path(HOOK_PATH).exists()
+    checks.append(
+        ("ok" if hook_ok else "FAIL", "hook", HOOK_PATH + ("" if hook_ok else " is missing"))
+    )
+    try:
+        policy = load_policy(config_dir(args.config_dir))
+        checks.append(("ok", "policy", f"valid, {len(policy.groups)} groups"))
+    except PolicyError as err:
+        checks.append(("FAIL", "policy", f"{len(err.problems)} errors; run cgpolicyctl check"))
+    compiled = state_dir() / COMPILED_POLICY
+    checks.append(
+        (
+            "ok" if compiled.exists() else "warn",
+            "last good policy",
+            str(compiled)
+            if compiled.exists()
+            else "none saved yet (the first login or cgpolicyctl apply saves it)",
+        )
+    )
+    return checks
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    checks = _doctor_checks(args)
+    for verdict, what, detail in checks:
+        print(f"[{verdict:>4}] {what}: {detail}")
+    if any(verdict == "FAIL" for verdict, _, _ in checks):
+        raise _Failed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cgpolicyctl", description=__doc__.splitlines()[0])
+    parser.add_argument("--config-dir", help="policy directory (default /etc/cgpolicy)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace], None],
+        help_text: str,
+        user: str | None = None,
+    ) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if user == "required":
+            command.add_argument("user")
+        elif user == "optional":
+            command.add_argument("user", nargs="?")
+        command.set_defaults(func=func)
+        return command
+
+    add("check", cmd_check, "validate the policy files; list every error")
+    add(
+        "classify", cmd_classify, "show a user's status group and the rule that matched", "required"
+    )
+    add("apply", cmd_apply, "set a user's limits now, as the login hook does", "required")
+    add("freeze", cmd_freeze, "freeze all of a user's processes", "required")
+    add("thaw", cmd_thaw, "thaw a frozen user", "required")
+    status = add("status", cmd_status, "limits in force, usage and freezer state", "optional")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    add("doctor", cmd_doctor, "check that this node is set up for cgpolicy")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except _Failed:
+        return 1
+    except CgpolicyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except PermissionError as err:
+        print(f"error: {err} (run as root)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The project's error types: one base, each with a message an admin can act on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CgpolicyError(Exception):
+    """Base of every error cgpolicy raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in the policy, located as precisely as the file allows."""
+
+    file: str
+    message: str
+    key: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class PolicyError(CgpolicyError):
+    """The policy on disk is not valid; ``problems`` lists every error found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class UnknownUser(CgpolicyError):
+    """The name does not resolve through NSS."""
+
+
+class SystemdError(CgpolicyError):
+    """systemd answered a call with an error, or did not answer in time."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self.text = text
+        super().__init__(f"{text} ({name})" if text else name)
+
+
+class FreezeError(CgpolicyError):
+    """A user's session could not be frozen or thawed."""

@@ -1,0 +1,274 @@
+"""Limit values: from the policy's systemd syntax to D-Bus properties, and back.
+
+A group's ``[limits]`` use systemd's own names and the value forms that
+``systemctl set-property`` accepts. This module converts them exactly as
+systemctl does, so that an admin who knows one knows the other, and formats
+what systemd reports for display. Pure functions only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+UINT64_MAX = 2**64 - 1
+UINT32_MAX = 2**32 - 1
+USEC_PER_SEC = 1_000_000
+
+# A limit that has no value in the policy is lifted with these: systemd's "infinity"
+# and "default", the same values `systemctl set-property KEY=` sends.
+INFINITY = UINT64_MAX
+
+_SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([A-Za-z]?)$")
+_PERCENT_RE = re.compile(r"^(\d+(?:\.\d{1,2})?)%$")
+_CPU_LIST_RE = re.compile(r"^\d+(-\d+)?$")
+
+
+class LimitError(ValueError):
+    """A limit value that systemd would not accept; the message says what would."""
+
+
+@dataclass(frozen=True)
+class BusProperty:
+    """One ``(sv)`` entry of a SetUnitProperties call."""
+
+    name: str
+    signature: str
+    value: int | bool | bytes
+
+
+def _permyriad(text: str) -> int | None:
+    """'150%' -> 15000, like systemd's parse_permyriad; None if not a percentage."""
+    match = _PERCENT_RE.match(text)
+    if not match:
+        return None
+    whole, _, frac = match.group(1).partition(".")
+    return int(whole) * 100 + int((frac + "00")[:2])
+
+
+def parse_size(text: str) -> int:
+    """'1800M' -> bytes, with systemd's 1024-based suffixes."""
+    match = _SIZE_RE.match(text.strip())
+    if not match or match.group(2) not in _SIZE_SUFFIXES:
+        raise LimitError(
+            f"invalid size {text!r}: use bytes or a number with K, M, G or T "
+            "(powers of 1024), a percentage of RAM, or 'infinity'"
+        )
+    number, suffix = match.groups()
+    return int(float(number) * _SIZE_SUFFIXES[suffix])
+
+
+def _is_infinity(value: object) -> bool:
+    return value == "infinity"
+
+
+def _cpu_quota(value: object) -> list[BusProperty]:
+    if _is_infinity(value):
+        return [BusProperty("CPUQuotaPerSecUSec", "t", INFINITY)]
+    permyriad = _permyriad(value) if isinstance(value, str) else None
+    if not permyriad:
+        raise LimitError(
+            f"invalid CPU quota {value!r}: use a percentage of one CPU, "
+            "e.g. \"150%\" for one and a half cores, or 'infinity'"
+        )
+    return [BusProperty("CPUQuotaPerSecUSec", "t", permyriad * USEC_PER_SEC // 10000)]
+
+
+def _weight(name: str, allow_idle: bool) -> Callable[[object], list[BusProperty]]:
+    def convert(value: object) -> list[BusProperty]:
+        if allow_idle and value == "idle":
+            return [BusProperty(name, "t", 0)]
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000:
+            idle = ", or 'idle'" if allow_idle else ""
+            raise LimitError(f"invalid weight {value!r}: use a whole number from 1 to 10000{idle}")
+        return [BusProperty(name, "t", value)]
+
+    return convert
+
+
+def _memory(name: str) -> Callable[[object], list[BusProperty]]:
+    def convert(value: object) -> list[BusProperty]:
+        if _is_infinity(value):
+            return [BusProperty(name, "t", INFINITY)]
+        if isinstance(value, bool):
+            raise LimitError(f'invalid size {value!r}: use bytes or a string such as "2G"')
+        if isinstance(value, int):
+            if value < 0:
+                raise LimitError(f"invalid size {value!r}: must not be negative")
+            return [BusProperty(name, "t", value)]
+        if not isinstance(value, str):
+            raise LimitError(f'invalid size {value!r}: use bytes or a string such as "2G"')
+        permyriad = _permyriad(value)
+        if permyriad is not None:
+            if permyriad > 10000:
+                raise LimitError(f"invalid size {value!r}: a percentage of RAM is at most 100%")
+            return [BusProperty(name + "Scale", "u", permyriad * UINT32_MAX // 10000)]
+        return [BusProperty(name, "t", parse_size(value))]
+
+    return convert
+
+
+def _tasks_max(value: object) -> list[BusProperty]:
+    if _is_infinity(value):
+        return [BusProperty("TasksMax", "t", INFINITY)]
+    if isinstance(value, str):
+        permyriad = _permyriad(value)
+        if permyriad is not None and 0 < permyriad <= 10000:
+            return [BusProperty("TasksMaxScale", "u", permyriad * UINT32_MAX // 10000)]
+        if value.isdigit():
+            value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LimitError(
+            f"invalid task limit {value!r}: use a positive number, a percentage "
+            "of the system's limit such as \"10%\", or 'infinity'"
+        )
+    return [BusProperty("TasksMax", "t", value)]
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """'0-3,6' -> {0, 1, 2, 3, 6}, like systemd's parse_cpu_set (commas or spaces)."""
+    cpus: set[int] = set()
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not _CPU_LIST_RE.match(item):
+            raise LimitError(f'invalid CPU list {text!r}: use numbers and ranges, e.g. "0-3,6"')
+        first, _, last = item.partition("-")
+        low, high = int(first), int(last or first)
+        if low > high or high >= 8192:
+            raise LimitError(f"invalid CPU range {item!r} in {text!r}")
+        cpus.update(range(low, high + 1))
+    return cpus
+
+
+def cpu_mask(cpus: set[int]) -> bytes:
+    """The byte array systemd takes for AllowedCPUs: bit i of byte n is CPU 8n+i."""
+    mask = bytearray((max(cpus) // 8 + 1) if cpus else 0)
+    for cpu in cpus:
+        mask[cpu // 8] |= 1 << (cpu % 8)
+    return bytes(mask)
+
+
+def cpus_from_mask(mask: bytes) -> list[int]:
+    return [n * 8 + bit for n, byte in enumerate(mask) for bit in range(8) if byte >> bit & 1]
+
+
+def format_cpu_list(cpus: list[int]) -> str:
+    ranges: list[str] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == int(ranges[-1].split("-")[-1]) + 1:
+            ranges[-1] = f"{ranges[-1].split('-')[0]}-{cpu}"
+        else:
+            ranges.append(str(cpu))
+    return ",".join(ranges)
+
+
+def _allowed_cpus(value: object) -> list[BusProperty]:
+    if not isinstance(value, str) or not value.strip():
+        raise LimitError(f'invalid CPU list {value!r}: use a string such as "0-3,6"')
+    return [BusProperty("AllowedCPUs", "ay", cpu_mask(parse_cpu_list(value)))]
+
+
+def format_size(value: int) -> str:
+    if value >= INFINITY:
+        return "infinity"
+    for suffix in ("T", "G", "M", "K"):
+        unit = _SIZE_SUFFIXES[suffix]
+        if value >= unit:
+            return f"{value / unit:.1f}{suffix}".replace(".0" + suffix, suffix)
+    return f"{value}B"
+
+
+def _format_quota(usec: int) -> str:
+    if usec >= INFINITY:
+        return "infinity"
+    return f"{usec * 100 / USEC_PER_SEC:g}%"
+
+
+def _format_number(value: int) -> str:
+    return "infinity" if value >= INFINITY else str(value)
+
+
+def _format_weight(value: int) -> str:
+    return "default" if value >= INFINITY else str(value)
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    """How one policy key maps to systemd: conversion, lifting, and display."""
+
+    key: str
+    convert: Callable[[object], list[BusProperty]]
+    lift: BusProperty  # sets the property back to systemd's unlimited/default value
+    show: str  # the property systemd reports the limit in force with
+    format: Callable[[int], str]
+
+
+def _spec(
+    key: str,
+    convert: Callable[[object], list[BusProperty]],
+    show: str,
+    fmt: Callable[[int], str],
+    signature: str = "t",
+    lifted: int | bytes = INFINITY,
+) -> LimitSpec:
+    return LimitSpec(key, convert, BusProperty(show, signature, lifted), show, fmt)
+
+
+SPECS: dict[str, LimitSpec] = {
+    spec.key: spec
+    for spec in (
+        _spec("CPUQuota", _cpu_quota, "CPUQuotaPerSecUSec", _format_quota),
+        _spec("CPUWeight", _weight("CPUWeight", allow_idle=True), "CPUWeight", _format_weight),
+        _spec("IOWeight", _weight("IOWeight", allow_idle=False), "IOWeight", _format_weight),
+        _spec("MemoryMax", _memory("MemoryMax"), "MemoryMax", format_size),
+        _spec("MemoryHigh", _memory("MemoryHigh"), "MemoryHigh", format_size),
+        _spec("MemorySwapMax", _memory("MemorySwapMax"), "MemorySwapMax", format_size),
+        _spec("TasksMax", _tasks_max, "TasksMax", _format_number),
+        _spec("AllowedCPUs", _allowed_cpus, "AllowedCPUs", str, "ay", b""),
+    )
+}
+
+LIMIT_KEYS = tuple(SPECS)
+
+# Accounting must be on for the usage that `cgpolicyctl status` reports.
+ACCOUNTING = (
+    BusProperty("CPUAccounting", "b", True),
+    BusProperty("MemoryAccounting", "b", True),
+    BusProperty("TasksAccounting", "b", True),
+)
+
+
+def convert(key: str, value: object) -> list[BusProperty]:
+    """The D-Bus properties for one policy limit; LimitError if systemd would refuse it."""
+    spec = SPECS.get(key)
+    if spec is None:
+        raise LimitError(f"unknown limit {key!r}; known limits: {', '.join(LIMIT_KEYS)}")
+    return spec.convert(value)
+
+
+def properties_for(limits: Mapping[str, object], managed: set[str]) -> list[BusProperty]:
+    """Everything one SetUnitProperties call sends for a group.
+
+    ``managed`` are the keys any group of the policy sets: those this group
+    leaves out are lifted, so that a user who changes group keeps no stale limit.
+    """
+    props = list(ACCOUNTING)
+    for key in LIMIT_KEYS:
+        if key in limits:
+            props.extend(convert(key, limits[key]))
+        elif key in managed:
+            props.append(SPECS[key].lift)
+    return props
+
+
+def format_in_force(key: str, value: object) -> str:
+    """What systemd reports for a limit, in the policy's notation."""
+    spec = SPECS[key]
+    if isinstance(value, (bytes, list)):
+        return format_cpu_list(cpus_from_mask(bytes(value))) or "all"
+    if isinstance(value, int):
+        return spec.format(value)
+    return str(value)

@@ -1,0 +1,368 @@
+"""The policy on disk: ``cgpolicy.toml`` and one ``groups.d/NAME.toml`` per status group.
+
+``load_policy`` reads and validates everything and either returns a Policy or
+raises PolicyError listing every problem, each with file, line and key. It
+never returns a half-valid policy: callers keep the last good one instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import limits as limits_mod
+from .errors import PolicyError, Problem
+
+MAIN_FILE = "cgpolicy.toml"
+GROUPS_DIR = "groups.d"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_TOML_LINE_RE = re.compile(r"at line (\d+)")
+_TABLE_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]")
+
+
+@dataclass(frozen=True)
+class General:
+    min_uid: int = 1000
+    hook_timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class StatusGroup:
+    name: str
+    description: str = ""
+    users: tuple[str, ...] = ()
+    uids: tuple[tuple[int, int], ...] = ()  # inclusive ranges; a single uid is (n, n)
+    groups: tuple[str, ...] = ()
+    gids: tuple[int, ...] = ()
+    exempt: bool = False
+    limits: dict[str, int | str] = field(default_factory=dict)
+
+    def matches_nobody(self) -> bool:
+        return not (self.users or self.uids or self.groups or self.gids)
+
+
+@dataclass(frozen=True)
+class Policy:
+    general: General
+    order: tuple[str, ...]
+    fallback: str
+    groups: dict[str, StatusGroup]
+
+    def managed_keys(self) -> set[str]:
+        """The limits some group sets: the ones cgpolicy owns on every user slice."""
+        return {key for group in self.groups.values() for key in group.limits}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Policy:
+        groups = {
+            name: StatusGroup(
+                **{
+                    **g,
+                    "users": tuple(g["users"]),
+                    "uids": tuple((lo, hi) for lo, hi in g["uids"]),
+                    "groups": tuple(g["groups"]),
+                    "gids": tuple(g["gids"]),
+                }
+            )
+            for name, g in data["groups"].items()
+        }
+        return cls(General(**data["general"]), tuple(data["order"]), data["fallback"], groups)
+
+
+class _File:
+    """One TOML file being validated: its text, its data and the problems found in it."""
+
+    def __init__(self, path: Path, problems: list[Problem]) -> None:
+        self.path = path
+        self.problems = problems
+        self.data: dict[str, Any] | None = None
+        try:
+            self.text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            self.text = ""
+            self.report(f"cannot read: {err}")
+            return
+        try:
+            self.data = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as err:
+            found = _TOML_LINE_RE.search(str(err))
+            line = int(found.group(1)) if found else None
+            self.problems.append(Problem(str(path), f"not valid TOML: {err}", line=line))
+
+    def line_of(self, key: str) -> int | None:
+        """The line that sets ``key`` ("table.name"), found by reading the text."""
+        table, _, name = key.rpartition(".")
+        current = ""
+        pattern = re.compile(rf"^\s*(\"?){re.escape(name)}\1\s*=")
+        for number, text in enumerate(self.text.splitlines(), start=1):
+            header = _TABLE_RE.match(text)
+            if header:
+                current = header.group(1)
+            elif current == table and pattern.match(text):
+                return number
+        return None
+
+    def report(self, message: str, key: str | None = None) -> None:
+        line = self.line_of(key) if key else None
+        self.problems.append(Problem(str(self.path), message, key=key, line=line))
+
+    def check_keys(self, table: dict[str, Any], known: set[str], prefix: str = "") -> None:
+        for key in table:
+            if key not in known:
+                self.report(
+                    f"unknown key; expected one of: {', '.join(sorted(known))}", prefix + key
+                )
+
+    def get(
+        self,
+        table: dict[str, Any],
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any,
+        prefix: str = "",
+    ) -> Any:
+        value = table.get(key, default)
+        wrong_bool = isinstance(value, bool) and bool not in _as_tuple(kind)
+        if value is not default and (wrong_bool or not isinstance(value, kind)):
+            self.report(f"must be {_type_name(kind)}, not {_describe(value)}", prefix + key)
+            return default
+        return value
+
+    def string_list(self, table: dict[str, Any], key: str, prefix: str = "") -> tuple[str, ...]:
+        values = self.get(table, key, list, [], prefix)
+        for value in values:
+            if not isinstance(value, str) or not value:
+                self.report(f"must be a list of names, found {_describe(value)}", prefix + key)
+                return ()
+        return tuple(values)
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        int: "a whole number",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_ownership(path: Path, trusted_uids: set[int], problems: list[Problem]) -> None:
+    """Only root may be able to change what the hook, run as root, will do."""
+    try:
+        info = path.stat()
+    except OSError as err:
+        problems.append(Problem(str(path), f"cannot stat: {err}"))
+        return
+    owner_ok = info.st_uid in trusted_uids
+    others_write = bool(info.st_mode & stat.S_IWOTH)
+    group_write = bool(info.st_mode & stat.S_IWGRP) and info.st_gid != 0
+    if not owner_ok or others_write or group_write:
+        problems.append(
+            Problem(
+                str(path),
+                f"unsafe ownership or permissions (owner uid {info.st_uid}, group gid "
+                f"{info.st_gid}, mode {stat.S_IMODE(info.st_mode):04o}): it must be owned by root "
+                "and writable by root only",
+            )
+        )
+
+
+def _parse_general(main: _File, data: dict[str, Any]) -> General:
+    table = main.get(data, "general", dict, {})
+    main.check_keys(table, {"min_uid", "hook_timeout"}, "general.")
+    defaults = General()
+    min_uid = main.get(table, "min_uid", int, defaults.min_uid, "general.")
+    if min_uid < 1:
+        main.report("must be at least 1: root is never limited", "general.min_uid")
+        min_uid = defaults.min_uid
+    timeout = main.get(table, "hook_timeout", (int, float), defaults.hook_timeout, "general.")
+    if not 0 < timeout <= 30:
+        main.report("must be more than 0 and at most 30 seconds", "general.hook_timeout")
+        timeout = defaults.hook_timeout
+    return General(min_uid=min_uid, hook_timeout=float(timeout))
+
+
+def _parse_uids(gfile: _File, data: dict[str, Any]) -> tuple[tuple[int, int], ...]:
+    ranges: list[tuple[int, int]] = []
+    for item in gfile.get(data, "uids", list, []):
+        match = _RANGE_RE.match(item) if isinstance(item, str) else None
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            ranges.append((item, item))
+        elif match and int(match.group(1)) <= int(match.group(2)):
+            ranges.append((int(match.group(1)), int(match.group(2))))
+        else:
+            gfile.report(
+                f'{item!r} is neither a uid nor an inclusive range like "3000-3999"', "uids"
+            )
+    return tuple(ranges)
+
+
+def _parse_gids(gfile: _File, data: dict[str, Any]) -> tuple[int, ...]:
+    gids = gfile.get(data, "gids", list, [])
+    for gid in gids:
+        if isinstance(gid, bool) or not isinstance(gid, int) or gid < 0:
+            gfile.report(f"{gid!r} is not a gid: use whole numbers", "gids")
+            return ()
+    return tuple(gids)
+
+
+def _parse_limits(gfile: _File, data: dict[str, Any]) -> dict[str, int | str]:
+    table = gfile.get(data, "limits", dict, {})
+    result: dict[str, int | str] = {}
+    for key, value in table.items():
+        try:
+            limits_mod.convert(key, value)
+        except limits_mod.LimitError as err:
+            gfile.report(str(err), f"limits.{key}")
+            continue
+        result[key] = value
+    high, hard = result.get("MemoryHigh"), result.get("MemoryMax")
+    if _absolute_bytes(high) > _absolute_bytes(hard):
+        gfile.report(
+            f"MemoryHigh {high!r} is above MemoryMax {hard!r}: it would never act",
+            "limits.MemoryHigh",
+        )
+    return result
+
+
+def _absolute_bytes(value: int | str | None) -> float:
+    """Bytes for an absolute size; +inf when unknown, so only two real sizes compare."""
+    try:
+        props = limits_mod.convert("MemoryMax", value) if value is not None else []
+    except limits_mod.LimitError:
+        return float("inf")
+    if len(props) == 1 and props[0].name == "MemoryMax" and isinstance(props[0].value, int):
+        return props[0].value if props[0].value < limits_mod.INFINITY else float("inf")
+    return float("inf")
+
+
+GROUP_KEYS = {"description", "users", "uids", "groups", "gids", "exempt", "limits"}
+
+
+def _parse_group(path: Path, problems: list[Problem]) -> StatusGroup | None:
+    gfile = _File(path, problems)
+    if gfile.data is None:
+        return None
+    data = gfile.data
+    gfile.check_keys(data, GROUP_KEYS)
+    return StatusGroup(
+        name=path.stem,
+        description=gfile.get(data, "description", str, ""),
+        users=gfile.string_list(data, "users"),
+        uids=_parse_uids(gfile, data),
+        groups=gfile.string_list(data, "groups"),
+        gids=_parse_gids(gfile, data),
+        exempt=gfile.get(data, "exempt", bool, False),
+        limits=_parse_limits(gfile, data),
+    )
+
+
+def policy_paths(config_dir: Path) -> list[Path]:
+    """The main file, the groups directory and every group file, in a stable order."""
+    groups_dir = config_dir / GROUPS_DIR
+    group_files = sorted(groups_dir.glob("*.toml")) if groups_dir.is_dir() else []
+    return [config_dir / MAIN_FILE, groups_dir, *group_files]
+
+
+def load_policy(config_dir: Path, trusted_uids: set[int] | None = None) -> Policy:
+    """Read and validate the whole policy; PolicyError lists every problem found."""
+    if trusted_uids is None:
+        trusted_uids = {0, os.geteuid()}
+    problems: list[Problem] = []
+    main_path = config_dir / MAIN_FILE
+    paths = policy_paths(config_dir)
+    for path in [config_dir, *paths]:
+        if path.exists():
+            _check_ownership(path, trusted_uids, problems)
+    main = _File(main_path, problems)
+    data = main.data or {}
+    main.check_keys(data, {"general", "status"})
+    general = _parse_general(main, data)
+    status = main.get(data, "status", dict, {})
+    main.check_keys(status, {"order", "fallback"}, "status.")
+    order = main.string_list(status, "order", "status.")
+    fallback = main.get(status, "fallback", str, "", "status.")
+
+    groups: dict[str, StatusGroup] = {}
+    for path in paths[2:]:
+        if not _NAME_RE.match(path.stem):
+            problems.append(
+                Problem(
+                    str(path),
+                    "a group's name (the file's stem) may only use "
+                    "letters, digits, '_', '-' and '.'",
+                )
+            )
+            continue
+        group = _parse_group(path, problems)
+        if group is not None:
+            groups[group.name] = group
+
+    if main.data is not None:
+        _check_order(main, order, fallback, groups, config_dir / GROUPS_DIR)
+    if problems:
+        raise PolicyError(problems)
+    return Policy(general, tuple(order), fallback, groups)
+
+
+def _check_order(
+    main: _File,
+    order: tuple[str, ...],
+    fallback: str,
+    groups: dict[str, StatusGroup],
+    groups_dir: Path,
+) -> None:
+    if not order:
+        main.report("must list at least one status group", "status.order")
+    for name in sorted({n for n in order if order.count(n) > 1}):
+        main.report(f"group {name!r} is listed more than once", "status.order")
+
+    def has_file(name: str) -> bool:
+        # A file that exists but failed to parse was reported already.
+        return name in groups or (groups_dir / f"{name}.toml").exists()
+
+    for name in order:
+        if not has_file(name):
+            main.report(
+                f"group {name!r} has no file {groups_dir / (name + '.toml')}", "status.order"
+            )
+    if not fallback:
+        main.report("must name the group for users no other group matches", "status.fallback")
+    elif not has_file(fallback):
+        main.report(
+            f"group {fallback!r} has no file {groups_dir / (fallback + '.toml')}", "status.fallback"
+        )
+    for name, group in sorted(groups.items()):
+        path = str(groups_dir / f"{name}.toml")
+        if name not in order and name != fallback:
+            main.problems.append(
+                Problem(
+                    path,
+                    f"group {name!r} is not in status.order in {main.path}, so it would "
+                    "never match: add it there or remove the file",
+                )
+            )
+        elif name != fallback and group.matches_nobody():
+            main.problems.append(
+                Problem(path, "matches nobody: give at least one of users, uids, groups or gids")
+            )
