@@ -76,7 +76,7 @@ def _open_session(clock: _Clock, user: str) -> str:
 
 def main() -> int:
     clock = _Clock()
-    log.open_log("cgpolicy-pam-hook")
+    log.open_log("cgpolicy-pam-hook", echo=True)  # pam_exec discards stderr
     if os.environ.get("PAM_TYPE") != "open_session":
         return 0  # close_session and the rest: nothing to undo
     clock.user = user = os.environ.get("PAM_USER", "")

@@ -237,7 +237,7 @@ def _parse_limits(gfile: _File, data: dict[str, Any]) -> dict[str, int | str]:
             continue
         result[key] = value
     high, hard = result.get("MemoryHigh"), result.get("MemoryMax")
-    if _absolute_bytes(high) > _absolute_bytes(hard):
+    if high is not None and hard is not None and _absolute_bytes(high) > _absolute_bytes(hard):
         gfile.report(
             f"MemoryHigh {high!r} is above MemoryMax {hard!r}: it would never act",
             "limits.MemoryHigh",
@@ -245,15 +245,16 @@ def _parse_limits(gfile: _File, data: dict[str, Any]) -> dict[str, int | str]:
     return result
 
 
-def _absolute_bytes(value: int | str | None) -> float:
-    """Bytes for an absolute size; +inf when unknown, so only two real sizes compare."""
-    try:
-        props = limits_mod.convert("MemoryMax", value) if value is not None else []
-    except limits_mod.LimitError:
-        return float("inf")
-    if len(props) == 1 and props[0].name == "MemoryMax" and isinstance(props[0].value, int):
-        return props[0].value if props[0].value < limits_mod.INFINITY else float("inf")
-    return float("inf")
+def _absolute_bytes(value: int | str) -> float:
+    """Bytes of an absolute size; -inf for a percentage or infinity, which never compare."""
+    (prop,) = limits_mod.convert("MemoryMax", value)
+    if (
+        prop.name == "MemoryMax"
+        and isinstance(prop.value, int)
+        and prop.value < limits_mod.INFINITY
+    ):
+        return prop.value
+    return float("-inf")
 
 
 GROUP_KEYS = {"description", "users", "uids", "groups", "gids", "exempt", "limits"}

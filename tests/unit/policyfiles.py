@@ -1,0 +1,33 @@
+"""Writing small policy trees into a temporary directory for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MAIN = """\
+[general]
+min_uid = 1000
+hook_timeout = 1.5
+
+[status]
+order = ["admins", "students", "normal"]
+fallback = "normal"
+"""
+
+GROUPS = {
+    "admins": 'description = "Admins"\nusers = ["root2"]\ngroups = ["wheel"]\nexempt = true\n',
+    "students": (
+        'description = "Students"\nusers = ["bob"]\nuids = [2002, "3000-3999"]\n'
+        'groups = ["students"]\ngids = [3001]\n\n[limits]\nCPUQuota = "100%"\n'
+        'MemoryMax = "2G"\nMemoryHigh = "1800M"\nTasksMax = 512\n'
+    ),
+    "normal": '[limits]\nCPUQuota = "200%"\nMemoryMax = "4G"\n',
+}
+
+
+def write_policy(root: Path, main: str = MAIN, groups: dict[str, str] | None = None) -> Path:
+    (root / "groups.d").mkdir(parents=True, exist_ok=True)
+    (root / "cgpolicy.toml").write_text(main)
+    for name, text in (GROUPS if groups is None else groups).items():
+        (root / "groups.d" / f"{name}.toml").write_text(text)
+    return root

@@ -1,0 +1,100 @@
+"""The hook as pam_exec runs it, in a real process, when things around it break."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from policyfiles import GROUPS, write_policy
+
+HOOK_TIMEOUT = 1.5  # policyfiles.MAIN
+
+
+def run_hook(tmp_path, bus_address, pam_type="open_session", user="nobody"):
+    env = dict(
+        os.environ,
+        PAM_TYPE=pam_type,
+        PAM_USER=user,
+        CGPOLICY_CONFIG_DIR=str(tmp_path / "etc"),
+        CGPOLICY_STATE_DIR=str(tmp_path / "state"),
+        DBUS_SYSTEM_BUS_ADDRESS=bus_address,
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pam_cgpolicy.hook"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return done, time.monotonic() - started
+
+
+@pytest.fixture
+def silent_bus(tmp_path):
+    """A socket that accepts connections and never says a word: a hung bus."""
+    path = tmp_path / "bus"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"unix:path={path}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_hung_bus_lets_the_login_through_within_the_timeout(tmp_path, silent_bus):
+    write_policy(tmp_path / "etc")
+    done, elapsed = run_hook(tmp_path, silent_bus)
+    assert done.returncode == 0
+    assert elapsed < HOOK_TIMEOUT + 1.0
+    assert "user=nobody" in done.stderr and "action=" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_dead_bus_lets_the_login_through(tmp_path):
+    write_policy(tmp_path / "etc")
+    done, _ = run_hook(tmp_path, f"unix:path={tmp_path}/no-such-bus")
+    assert done.returncode == 0
+    assert "action=failed" in done.stderr and "cannot reach the system bus" in done.stderr
+
+
+def test_broken_policy_without_a_last_good_copy(tmp_path):
+    write_policy(tmp_path / "etc", groups=dict(GROUPS, normal="[limits\n"))
+    done, _ = run_hook(tmp_path, f"unix:path={tmp_path}/no-such-bus")
+    assert done.returncode == 0
+    assert "normal.toml:1: not valid TOML" in done.stderr
+    assert 'action=skipped reason="no valid policy"' in done.stderr
+
+
+def test_unknown_user_and_close_session(tmp_path):
+    write_policy(tmp_path / "etc")
+    done, _ = run_hook(tmp_path, "unix:path=/dev/null", user="no-such-user-x")
+    assert done.returncode == 0 and "no such user" in done.stderr
+    done, _ = run_hook(tmp_path, "unix:path=/dev/null", pam_type="close_session")
+    assert done.returncode == 0 and done.stderr == ""
+
+
+def test_root_is_skipped_without_touching_the_bus(tmp_path):
+    write_policy(tmp_path / "etc")
+    done, _ = run_hook(tmp_path, "unix:path=/dev/null", user="root")
+    assert done.returncode == 0
+    assert 'action=skipped reason="root is never limited"' in done.stderr

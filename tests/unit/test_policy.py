@@ -1,0 +1,129 @@
+import os
+
+import pytest
+from policyfiles import GROUPS, MAIN, write_policy
+
+from pam_cgpolicy.errors import PolicyError
+from pam_cgpolicy.policy import load_policy
+
+
+def problems(tmp_path, **kwargs):
+    root = write_policy(tmp_path, **kwargs)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(root)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_valid_policy_loads(tmp_path):
+    policy = load_policy(write_policy(tmp_path))
+    assert policy.order == ("admins", "students", "normal")
+    assert policy.general.hook_timeout == 1.5
+    students = policy.groups["students"]
+    assert students.uids == ((2002, 2002), (3000, 3999))
+    assert students.limits == {
+        "CPUQuota": "100%",
+        "MemoryMax": "2G",
+        "MemoryHigh": "1800M",
+        "TasksMax": 512,
+    }
+    assert policy.groups["admins"].exempt
+    assert policy.managed_keys() == {"CPUQuota", "MemoryMax", "MemoryHigh", "TasksMax"}
+
+
+def test_shipped_default_policy_is_valid():
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "cgpolicy")
+    policy = load_policy(__import__("pathlib").Path(root))
+    assert policy.fallback in policy.order
+
+
+def test_bad_limit_names_file_line_and_key(tmp_path):
+    groups = dict(GROUPS, students=GROUPS["students"].replace('"100%"', '"lots"'))
+    (found,) = problems(tmp_path, groups=groups)
+    assert found.startswith(f"{tmp_path}/groups.d/students.toml:8: limits.CPUQuota: ")
+    assert "invalid CPU quota 'lots'" in found
+
+
+def test_every_error_is_listed_not_just_the_first(tmp_path):
+    groups = dict(GROUPS, normal='colour = "blue"\nexempt = "yes"\n[limits]\nMemoryMax = "2g"\n')
+    found = problems(tmp_path, groups=groups)
+    assert any(":1: colour: unknown key" in p for p in found)
+    assert any(":2: exempt: must be true or false, not str 'yes'" in p for p in found)
+    assert any(":4: limits.MemoryMax: invalid size '2g'" in p for p in found)
+
+
+def test_unknown_key_in_main_file(tmp_path):
+    (found,) = problems(tmp_path, main=MAIN.replace("min_uid", "minuid"))
+    assert found.startswith(f"{tmp_path}/cgpolicy.toml:2: general.minuid: unknown key")
+
+
+def test_toml_syntax_error_gives_the_line(tmp_path):
+    (found,) = problems(tmp_path, main=MAIN + "oops =\n")
+    assert found.startswith(f"{tmp_path}/cgpolicy.toml:8: not valid TOML")
+
+
+def test_group_in_order_without_a_file(tmp_path):
+    groups = {k: v for k, v in GROUPS.items() if k != "students"}
+    (found,) = problems(tmp_path, groups=groups)
+    assert "cgpolicy.toml:6: status.order: group 'students' has no file" in found
+
+
+def test_file_not_in_order(tmp_path):
+    groups = dict(GROUPS, staff='users = ["x"]\n')
+    (found,) = problems(tmp_path, groups=groups)
+    assert found.startswith(f"{tmp_path}/groups.d/staff.toml: group 'staff' is not in status.order")
+
+
+def test_group_that_matches_nobody(tmp_path):
+    groups = dict(GROUPS, admins="exempt = true\n")
+    (found,) = problems(tmp_path, groups=groups)
+    assert "admins.toml: matches nobody" in found
+
+
+def test_fallback_may_match_nobody_but_needs_a_file(tmp_path):
+    load_policy(write_policy(tmp_path))  # normal has no rules: fine, it is the fallback
+    found = problems(
+        tmp_path / "x", main=MAIN.replace('fallback = "normal"', 'fallback = "guests"')
+    )
+    assert any("cgpolicy.toml:7: status.fallback: group 'guests' has no file" in p for p in found)
+    assert any("normal.toml: matches nobody" in p for p in found)  # no longer the fallback
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('uids = ["4000-3000"]', "neither a uid nor an inclusive range"),
+        ("uids = [-1]", "neither a uid nor an inclusive range"),
+        ('gids = ["wheel"]', "is not a gid"),
+        ('users = "bob"', "must be a list"),
+        ('users = [""]', "must be a list of names"),
+    ],
+)
+def test_bad_match_rules(tmp_path, text, message):
+    groups = dict(GROUPS, admins=f"{text}\n")
+    found = problems(tmp_path, groups=groups)
+    assert any(message in p and "admins.toml:1:" in p for p in found), found
+
+
+def test_memory_high_above_max(tmp_path):
+    groups = dict(GROUPS, normal='[limits]\nMemoryMax = "1G"\nMemoryHigh = "2G"\n')
+    (found,) = problems(tmp_path, groups=groups)
+    assert "normal.toml:3: limits.MemoryHigh: MemoryHigh '2G' is above MemoryMax '1G'" in found
+
+
+def test_general_ranges(tmp_path):
+    found = problems(tmp_path, main=MAIN.replace("1000", "0").replace("1.5", "60"))
+    assert any("general.min_uid: must be at least 1" in p for p in found)
+    assert any("general.hook_timeout: must be more than 0" in p for p in found)
+
+
+def test_world_writable_file_is_unsafe(tmp_path):
+    root = write_policy(tmp_path)
+    (root / "groups.d" / "students.toml").chmod(0o666)
+    with pytest.raises(PolicyError, match=r"students.toml: unsafe ownership or permissions"):
+        load_policy(root)
+
+
+def test_file_owned_by_another_user_is_unsafe(tmp_path):
+    root = write_policy(tmp_path)
+    with pytest.raises(PolicyError, match="must be owned by root"):
+        load_policy(root, trusted_uids={os.geteuid() + 1})
