@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .accounts import Account
-from .policy import Policy, StatusGroup
+from .model import Policy, StatusGroup
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from .compiled import Loaded, load_in_force
 from .constants import CGROUP_ROOT, COMPILED_POLICY, HOOK_PATH, config_dir, state_dir
 from .errors import CgpolicyError, PolicyError
 from .limits import format_size
+from .model import Policy
 from .pamconfig import hook_wiring
-from .policy import Policy, load_policy
+from .policy import load_policy
 from .systemd import Systemd
 
 BUS_TIMEOUT = 10.0

@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import PolicyError
-from .policy import Policy, load_policy, policy_paths
+from .model import Policy, policy_paths
 
 FORMAT = 1
 
@@ -59,14 +58,14 @@ def save(cache_file: Path, policy: Policy, marks: list[list[Any]]) -> None:
     """Write atomically: a reader sees the old copy or the new one, never half."""
     cache_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     payload = json.dumps({"format": FORMAT, "fingerprint": marks, "policy": policy.to_json()})
-    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".policy.")
+    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(payload)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, cache_file)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -85,6 +84,8 @@ def load_in_force(config_dir: Path, cache_file: Path) -> Loaded:
     cached = _read(cache_file)
     if cached is not None and cached[0] == marks:
         return Loaded(cached[1], "compiled")
+    from .policy import load_policy  # the parser only when the files changed
+
     try:
         policy = load_policy(config_dir)
     except PolicyError as err:

@@ -16,7 +16,7 @@ from .cgroups import V1Freezer, cgroup_mode
 from .classify import Classification, classify
 from .constants import SYSTEMD_SLICE, SYSTEMD_UNIT, slice_name
 from .errors import FreezeError, SystemdError
-from .policy import Policy
+from .model import Policy
 
 if TYPE_CHECKING:
     from .systemd import Systemd

@@ -22,7 +22,7 @@ from .constants import COMPILED_POLICY, config_dir, state_dir
 from .control import decide
 from .errors import CgpolicyError
 from .limits import BusProperty
-from .policy import General
+from .model import General
 
 
 class _Clock:

@@ -11,71 +11,17 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
 from .errors import PolicyError, Problem
+from .model import GROUPS_DIR, MAIN_FILE, General, Policy, StatusGroup, policy_paths
 
-MAIN_FILE = "cgpolicy.toml"
-GROUPS_DIR = "groups.d"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 _TOML_LINE_RE = re.compile(r"at line (\d+)")
 _TABLE_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]")
-
-
-@dataclass(frozen=True)
-class General:
-    min_uid: int = 1000
-    hook_timeout: float = 2.0
-
-
-@dataclass(frozen=True)
-class StatusGroup:
-    name: str
-    description: str = ""
-    users: tuple[str, ...] = ()
-    uids: tuple[tuple[int, int], ...] = ()  # inclusive ranges; a single uid is (n, n)
-    groups: tuple[str, ...] = ()
-    gids: tuple[int, ...] = ()
-    exempt: bool = False
-    limits: dict[str, int | str] = field(default_factory=dict)
-
-    def matches_nobody(self) -> bool:
-        return not (self.users or self.uids or self.groups or self.gids)
-
-
-@dataclass(frozen=True)
-class Policy:
-    general: General
-    order: tuple[str, ...]
-    fallback: str
-    groups: dict[str, StatusGroup]
-
-    def managed_keys(self) -> set[str]:
-        """The limits some group sets: the ones cgpolicy owns on every user slice."""
-        return {key for group in self.groups.values() for key in group.limits}
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Policy:
-        groups = {
-            name: StatusGroup(
-                **{
-                    **g,
-                    "users": tuple(g["users"]),
-                    "uids": tuple((lo, hi) for lo, hi in g["uids"]),
-                    "groups": tuple(g["groups"]),
-                    "gids": tuple(g["gids"]),
-                }
-            )
-            for name, g in data["groups"].items()
-        }
-        return cls(General(**data["general"]), tuple(data["order"]), data["fallback"], groups)
 
 
 class _File:
@@ -276,13 +222,6 @@ def _parse_group(path: Path, problems: list[Problem]) -> StatusGroup | None:
         exempt=gfile.get(data, "exempt", bool, False),
         limits=_parse_limits(gfile, data),
     )
-
-
-def policy_paths(config_dir: Path) -> list[Path]:
-    """The main file, the groups directory and every group file, in a stable order."""
-    groups_dir = config_dir / GROUPS_DIR
-    group_files = sorted(groups_dir.glob("*.toml")) if groups_dir.is_dir() else []
-    return [config_dir / MAIN_FILE, groups_dir, *group_files]
 
 
 def load_policy(config_dir: Path, trusted_uids: set[int] | None = None) -> Policy:

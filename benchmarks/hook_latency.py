@@ -1,0 +1,67 @@
+"""The login hook's wall time per login, beside a bare interpreter, in the test VM.
+
+Boots the VM (cgroup v2), installs cgpolicy, logs a user in, then inside the
+VM runs the hook exactly as pam_exec does (PAM_TYPE=open_session, PAM_USER)
+and `python3 -c pass`, interleaved, RUNS times each. Prints p50 and p95 of
+both and their ratio. Goal: hook p50 at most 2x the bare interpreter.
+
+    .venv/bin/python benchmarks/hook_latency.py [RUNS]
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from vmharness.install import install_cgpolicy  # noqa: E402
+from vmharness.machine import VM  # noqa: E402
+
+INSIDE = r"""
+import os, statistics, subprocess, sys, time
+
+runs = int(sys.argv[1])
+hook_env = dict(os.environ, PAM_TYPE="open_session", PAM_USER="bench")
+
+def wall(cmd, env=None):
+    started = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return (time.perf_counter() - started) * 1000
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+hook, bare = [], []
+for _ in range(3):  # warm the page cache for both
+    wall(["/usr/sbin/cgpolicy-pam-hook"], hook_env); wall(["python3", "-c", "pass"])
+for _ in range(runs):
+    hook.append(wall(["/usr/sbin/cgpolicy-pam-hook"], hook_env))
+    bare.append(wall(["python3", "-c", "pass"]))
+print(f"runs: {runs} each, interleaved")
+print(f"bare python3 -c pass : p50 {pct(bare, 50):7.1f} ms   p95 {pct(bare, 95):7.1f} ms")
+print(f"cgpolicy-pam-hook    : p50 {pct(hook, 50):7.1f} ms   p95 {pct(hook, 95):7.1f} ms")
+print(f"ratio hook/bare      : p50 {pct(hook, 50) / pct(bare, 50):7.2f} x   "
+      f"p95 {pct(hook, 95) / pct(bare, 95):7.2f} x   (goal: p50 at most 2x)")
+"""
+
+
+def main() -> None:
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+    with VM(cgroup="v2") as vm:
+        install_cgpolicy(vm, REPO)
+        vm.add_user("bench", 2500)
+        vm.ssh("nohup sleep 100000 >/dev/null 2>&1 &", user="bench")
+        check = vm.ssh("PAM_TYPE=open_session PAM_USER=bench /usr/sbin/cgpolicy-pam-hook")
+        print("one hook run logs:", check.stderr.strip())
+        cpu = vm.ssh("nproc; grep -m1 'model name' /proc/cpuinfo").stdout.split("\n")[0]
+        print(f"VM: {cpu} CPUs under software emulation (absolute times are slow; "
+              "the ratio is the figure)")
+        print(vm.ssh(f"python3 -c {shlex.quote(INSIDE)} {runs}", timeout=1800).stdout)
+
+
+if __name__ == "__main__":
+    main()

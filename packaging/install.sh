@@ -1,0 +1,81 @@
+#!/bin/sh
+# Install cgpolicy on a login node, from this source tree.
+#
+#   packaging/install.sh                 install (needs PyPI for dbus-fast and python-pam)
+#   packaging/install.sh --wheels DIR    install offline from wheels built elsewhere
+#   packaging/install.sh --uninstall     remove the PAM line first, then the program
+#
+# It installs into a virtual environment (PREFIX, default /opt/cgpolicy), links
+# the commands into /usr/sbin, installs the default policy in /etc/cgpolicy
+# unless one is there, and wires the PAM hook with pam-auth-update when the
+# system has it (Debian, Ubuntu). Elsewhere it prints the line to add.
+set -eu
+
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=${PREFIX:-/opt/cgpolicy}
+WHEELS=
+ACTION=install
+
+while [ $# -gt 0 ]; do
+    case $1 in
+        --wheels) WHEELS=$2; shift 2 ;;
+        --uninstall) ACTION=uninstall; shift ;;
+        *) echo "usage: $0 [--wheels DIR] [--uninstall]" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$(id -u)" != 0 ]; then
+    echo "install.sh: run as root" >&2
+    exit 1
+fi
+
+PAM_LINE="session optional pam_exec.so quiet /usr/sbin/cgpolicy-pam-hook"
+
+if [ "$ACTION" = uninstall ]; then
+    # The PAM line goes first, so no login ever calls a hook that is gone.
+    if command -v pam-auth-update >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive pam-auth-update --package --remove cgpolicy
+        rm -f /usr/share/pam-configs/cgpolicy
+    fi
+    rm -f /usr/sbin/cgpolicyctl /usr/sbin/cgpolicy-pam-hook
+    rm -rf "$PREFIX"
+    echo "cgpolicy removed; /etc/cgpolicy and /var/lib/cgpolicy are kept"
+    exit 0
+fi
+
+python3 -m venv "$PREFIX"
+if [ -n "$WHEELS" ]; then
+    "$PREFIX/bin/pip" install --quiet --force-reinstall --no-index --find-links "$WHEELS" cgpolicy
+else
+    "$PREFIX/bin/pip" install --quiet --force-reinstall "$SRC"
+fi
+ln -sf "$PREFIX/bin/cgpolicyctl" /usr/sbin/cgpolicyctl
+# The hook runs as root with an environment PAM modules may have filled from
+# users' files: -I makes Python ignore PYTHONPATH and the like.
+cat >/usr/sbin/cgpolicy-pam-hook.new <<HOOK
+#!$PREFIX/bin/python3 -I
+import sys
+from pam_cgpolicy.hook import main
+sys.exit(main())
+HOOK
+chmod 0755 /usr/sbin/cgpolicy-pam-hook.new
+mv -f /usr/sbin/cgpolicy-pam-hook.new /usr/sbin/cgpolicy-pam-hook
+
+if [ ! -e /etc/cgpolicy/cgpolicy.toml ]; then
+    install -d -o root -g root -m 0755 /etc/cgpolicy /etc/cgpolicy/groups.d
+    install -o root -g root -m 0644 "$SRC/etc/cgpolicy/cgpolicy.toml" /etc/cgpolicy/
+    install -o root -g root -m 0644 "$SRC"/etc/cgpolicy/groups.d/*.toml /etc/cgpolicy/groups.d/
+fi
+install -d -o root -g root -m 0755 /var/lib/cgpolicy
+
+if command -v pam-auth-update >/dev/null; then
+    install -o root -g root -m 0644 "$SRC/packaging/pam-configs/cgpolicy" /usr/share/pam-configs/
+    DEBIAN_FRONTEND=noninteractive pam-auth-update --package --enable cgpolicy
+    echo "PAM: enabled the cgpolicy profile (after pam_systemd in common-session)"
+else
+    echo "PAM: add this line to the session stack of sshd, after pam_systemd.so:"
+    echo "    $PAM_LINE"
+fi
+
+/usr/sbin/cgpolicyctl check
+echo "cgpolicy installed in $PREFIX; run 'cgpolicyctl doctor' to check this node"
