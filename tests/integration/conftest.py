@@ -1,0 +1,115 @@
+"""Integration tests run against real systemd, PAM and cgroups in a QEMU guest.
+
+Tests get a booted guest through the fixtures vm_v2, vm_v1 or vm (both modes).
+Only one guest is alive at a time, so all v2 tests are ordered before the v1 ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vmharness.machine import VM
+from vmharness.registry import VMRegistry
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VM_FIXTURES = frozenset({"vm", "vm_v2", "vm_v1"})
+REQUIRED_TOOLS = (
+    "qemu-system-x86_64",
+    "qemu-img",
+    "debootstrap",
+    "mkfs.ext4",
+    "ssh",
+    "scp",
+    "ssh-keygen",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vm: runs against a real systemd inside the test VM")
+
+
+def _skip_requested() -> bool:
+    return os.environ.get("CGPOLICY_SKIP_VM") == "1"
+
+
+def _cgroup_modes(item: pytest.Item) -> set[str]:
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    modes = {mode for mode in ("v2", "v1") if f"vm_{mode}" in names}
+    if callspec is not None and "vm" in callspec.params:
+        modes.add(callspec.params["vm"])
+    return modes
+
+
+def _order(item: pytest.Item) -> int:
+    modes = _cgroup_modes(item)
+    return 2 if "v1" in modes else 1 if modes else 0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if VM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.vm)
+        if _skip_requested() and item.get_closest_marker("vm"):
+            item.add_marker(pytest.mark.skip(reason="CGPOLICY_SKIP_VM=1"))
+    items.sort(key=_order)  # stable: keeps file order within each group
+
+
+def _missing_prerequisites() -> list[str]:
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if os.geteuid() != 0:
+        missing.insert(0, "root (debootstrap and the image build need it)")
+    return missing
+
+
+@pytest.fixture(scope="session")
+def vm_registry(pytestconfig: pytest.Config) -> Iterator[VMRegistry]:
+    if _skip_requested():
+        pytest.skip("CGPOLICY_SKIP_VM=1")
+    missing = _missing_prerequisites()
+    if missing:
+        pytest.fail(
+            "VM integration tests cannot run here; missing: "
+            + ", ".join(missing)
+            + ". Set CGPOLICY_SKIP_VM=1 to skip them deliberately.",
+            pytrace=False,
+        )
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    registry = VMRegistry(output=capture.global_and_fixture_disabled if capture else None)
+    yield registry
+    registry.close()
+
+
+@pytest.fixture(scope="session")
+def vm_v2(vm_registry: VMRegistry) -> VM:
+    return vm_registry.get("v2")
+
+
+@pytest.fixture(scope="session")
+def vm_v1(vm_registry: VMRegistry) -> VM:
+    return vm_registry.get("v1")
+
+
+# Session scope so module fixtures (say, one install per module) can build on it;
+# pytest then also groups the tests by mode by itself.
+@pytest.fixture(scope="session", params=["v2", "v1"])
+def vm(request: pytest.FixtureRequest) -> VM:
+    return request.getfixturevalue(f"vm_{request.param}")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(autouse=True)
+def _vm_of_this_test_is_running(request: pytest.FixtureRequest) -> None:
+    """Reboots a VM that was shut down for the other mode, should the order ever interleave."""
+    modes = _cgroup_modes(request.node)
+    if len(modes) == 1:
+        request.getfixturevalue("vm_registry").get(modes.pop())
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
