@@ -5,28 +5,34 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from dataclasses import dataclass
-from functools import cached_property
 
 from .errors import UnknownUser
 
 
-@dataclass(frozen=True)
 class Account:
-    name: str
-    uid: int
-    gids: frozenset[int]  # primary and supplementary
+    """A user as the policy sees them. Group names are looked up only if a rule needs them."""
 
-    @cached_property
+    __slots__ = ("_group_names", "gids", "name", "uid")
+
+    def __init__(
+        self, name: str, uid: int, gids: frozenset[int], group_names: frozenset[str] | None = None
+    ) -> None:
+        self.name = name
+        self.uid = uid
+        self.gids = gids  # primary and supplementary
+        self._group_names = group_names
+
+    @property
     def group_names(self) -> frozenset[str]:
-        """Names of the account's groups; looked up only when a rule names a group."""
-        names = set()
-        for gid in self.gids:
-            try:
-                names.add(grp.getgrgid(gid).gr_name)
-            except KeyError:
-                continue  # a gid with no name can still match by number
-        return frozenset(names)
+        if self._group_names is None:
+            names = set()
+            for gid in self.gids:
+                try:
+                    names.add(grp.getgrgid(gid).gr_name)
+                except KeyError:
+                    continue  # a gid with no name can still match by number
+            self._group_names = frozenset(names)
+        return self._group_names
 
 
 def lookup_account(name: str) -> Account:

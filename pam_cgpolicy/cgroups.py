@@ -14,8 +14,10 @@ import os
 import time
 from pathlib import Path
 
-from .constants import CGROUP_ROOT, V1_FREEZER_GROUP
 from .errors import FreezeError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+V1_FREEZER_GROUP = "cgpolicy"  # our directory under the v1 freezer hierarchy
 
 _STATES = {"THAWED": "running", "FREEZING": "freezing", "FROZEN": "frozen"}
 

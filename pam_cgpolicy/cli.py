@@ -11,19 +11,23 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import control, log
 from .accounts import Account, lookup_account, lookup_uid
-from .cgroups import V1Freezer, cgroup_mode
-from .compiled import Loaded, load_in_force
-from .constants import CGROUP_ROOT, COMPILED_POLICY, HOOK_PATH, config_dir, state_dir
+from .cgroups import CGROUP_ROOT, V1Freezer, cgroup_mode
+from .classify import decide, describe_limits
+from .compiled import load_in_force
+from .constants import HOOK_PATH, compiled_policy_file, config_dir
 from .errors import CgpolicyError, PolicyError
 from .limits import format_size
-from .model import Policy
 from .pamconfig import hook_wiring
-from .policy import load_policy
+from .policy import Policy, load_policy
+from .setprops import apply_limits
 from .systemd import Systemd
+
+if TYPE_CHECKING:
+    from .compiled import Compiled
 
 BUS_TIMEOUT = 10.0
 
@@ -34,16 +38,16 @@ class _Failed(Exception):
 
 def _strict_policy(args: argparse.Namespace) -> Policy:
     try:
-        return load_policy(config_dir(args.config_dir))
+        return load_policy(Path(config_dir(args.config_dir)))
     except PolicyError as err:
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)
         raise _Failed from None
 
 
-def _policy_in_force(args: argparse.Namespace) -> Loaded:
+def _policy_in_force(args: argparse.Namespace) -> Compiled:
     """What the hook would use; says so when the files are broken."""
-    loaded = load_in_force(config_dir(args.config_dir), state_dir() / COMPILED_POLICY)
+    loaded = load_in_force(config_dir(args.config_dir), compiled_policy_file())
     if loaded.error:
         for problem in loaded.error.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -51,7 +55,9 @@ def _policy_in_force(args: argparse.Namespace) -> Loaded:
             f"warning: the policy files are invalid; using the {loaded.source} policy",
             file=sys.stderr,
         )
-    return loaded
+    if loaded.policy is None:
+        raise _Failed
+    return loaded.policy
 
 
 def _with_systemd(work: Callable[[Systemd], Awaitable[Any]]) -> Any:
@@ -74,28 +80,23 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    policy = _strict_policy(args)
+    policy = _strict_policy(args).compile()
     account = lookup_account(args.user)
-    decision = control.decide(policy, account)
-    if decision.classification is None:
+    decision = decide(policy, account)
+    if decision.group is None:
         print(f"{account.name} (uid {account.uid}): not managed: {decision.reason}")
         return
-    group = decision.classification.group
-    print(
-        f"{account.name} (uid {account.uid}): group {group.name} "
-        f"(matched by {decision.classification.rule})"
-    )
-    limits = "exempt: never limited" if group.exempt else control.describe_limits(group.limits)
+    group = decision.group
+    print(f"{account.name} (uid {account.uid}): group {group['name']} (matched by {decision.rule})")
+    limits = "exempt: never limited" if group["exempt"] else describe_limits(group["limits"])
     print(f"  limits: {limits}")
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    policy = _policy_in_force(args).policy
-    if policy is None:
-        raise _Failed
+    policy = _policy_in_force(args)
     account = lookup_account(args.user)
+    decision = apply_limits(policy, account, BUS_TIMEOUT)
     log.open_log("cgpolicyctl")
-    decision = _with_systemd(lambda sd: control.apply_limits(sd, policy, account))
     log.info(decision.log_line() + " by=cgpolicyctl")
     print(decision.log_line())
 
@@ -124,26 +125,23 @@ def cmd_thaw(args: argparse.Namespace) -> None:
     print(f"{args.user}: thawed ({how})")
 
 
-def _user_row(
-    policy: Policy | None, account: Account | None, status: dict[str, Any]
-) -> dict[str, Any]:
-    row = {"user": account.name if account else None, **status}
-    if policy and account:
-        decision = control.decide(policy, account)
-        found = decision.classification
-        row["group"] = found.group.name if found else None
-        row["rule"] = found.rule if found else decision.reason
-        row["exempt"] = bool(found and found.group.exempt)
+def _user_row(policy: Compiled | None, account: Account, status: dict[str, Any]) -> dict[str, Any]:
+    row = {"user": account.name, **status}
+    if policy:
+        decision = decide(policy, account)
+        row["group"] = decision.group["name"] if decision.group else None
+        row["rule"] = decision.rule or decision.reason
+        row["exempt"] = decision.action == "exempt"
     return row
 
 
 async def _status_rows(
-    systemd: Systemd, policy: Policy | None, user: str | None
+    systemd: Systemd, policy: Compiled | None, user: str | None
 ) -> list[dict[str, Any]]:
     if user:
         accounts = [lookup_account(user)]
     else:
-        min_uid = policy.general.min_uid if policy else 1000
+        min_uid = policy["min_uid"] if policy else 1000
         accounts = []
         for uid in await systemd.user_slices():
             if uid >= min_uid:
@@ -186,10 +184,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    try:
-        policy = load_in_force(config_dir(args.config_dir), state_dir() / COMPILED_POLICY).policy
-    except CgpolicyError:
-        policy = None
+    policy = load_in_force(config_dir(args.config_dir), compiled_policy_file()).policy
     rows = _with_systemd(lambda sd: _status_rows(sd, policy, args.user))
     if args.json:
         print(json.dumps(rows if args.user is None else rows[0], indent=2))
@@ -242,11 +237,11 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         ("ok" if hook_ok else "FAIL", "hook", HOOK_PATH + ("" if hook_ok else " is missing"))
     )
     try:
-        policy = load_policy(config_dir(args.config_dir))
+        policy = load_policy(Path(config_dir(args.config_dir)))
         checks.append(("ok", "policy", f"valid, {len(policy.groups)} groups"))
     except PolicyError as err:
         checks.append(("FAIL", "policy", f"{len(err.problems)} errors; run cgpolicyctl check"))
-    compiled = state_dir() / COMPILED_POLICY
+    compiled = Path(compiled_policy_file())
     checks.append(
         (
             "ok" if compiled.exists() else "warn",

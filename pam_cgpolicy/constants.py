@@ -1,15 +1,20 @@
-"""Paths, environment variables and bus names, in one place."""
+"""Paths, environment variables and bus names, in one place.
+
+Imported by the login hook, so it uses plain strings (no pathlib) and only
+modules the interpreter has loaded already.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 CONFIG_DIR_ENV = "CGPOLICY_CONFIG_DIR"
 STATE_DIR_ENV = "CGPOLICY_STATE_DIR"
-DEFAULT_CONFIG_DIR = Path("/etc/cgpolicy")
-DEFAULT_STATE_DIR = Path("/var/lib/cgpolicy")
-COMPILED_POLICY = "policy.compiled.json"
+DEFAULT_CONFIG_DIR = "/etc/cgpolicy"
+DEFAULT_STATE_DIR = "/var/lib/cgpolicy"
+COMPILED_POLICY = "policy.compiled"
+MAIN_FILE = "cgpolicy.toml"
+GROUPS_DIR = "groups.d"
 
 SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
@@ -18,18 +23,29 @@ SYSTEMD_UNIT = "org.freedesktop.systemd1.Unit"
 SYSTEMD_SLICE = "org.freedesktop.systemd1.Slice"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-V1_FREEZER_GROUP = "cgpolicy"  # our directory under the v1 freezer hierarchy
-
 HOOK_PATH = "/usr/sbin/cgpolicy-pam-hook"
 
 
-def config_dir(override: str | None = None) -> Path:
-    return Path(override or os.environ.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR)
+def config_dir(override: str | None = None) -> str:
+    return override or os.environ.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+def compiled_policy_file() -> str:
+    return os.path.join(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR, COMPILED_POLICY)
+
+
+def policy_files(config_dir: str) -> list[str]:
+    """The main file, the groups directory and every group file, in a stable order."""
+    groups_dir = os.path.join(config_dir, GROUPS_DIR)
+    try:
+        names = sorted(n for n in os.listdir(groups_dir) if n.endswith(".toml"))
+    except OSError:
+        names = []
+    return [
+        os.path.join(config_dir, MAIN_FILE),
+        groups_dir,
+        *(os.path.join(groups_dir, n) for n in names),
+    ]
 
 
 def slice_name(uid: int) -> str:

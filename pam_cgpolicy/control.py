@@ -1,82 +1,17 @@
-"""The actions on one user, shared by the PAM hook and the CLI.
-
-Apply the user's group limits, freeze, thaw, and report status. Each takes a
-connected Systemd client and plain data, so both callers do exactly the same.
-"""
+"""Freeze, thaw and status of one user's slice: the CLI's actions through systemd."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import limits
-from .accounts import Account
 from .cgroups import V1Freezer, cgroup_mode
-from .classify import Classification, classify
 from .constants import SYSTEMD_SLICE, SYSTEMD_UNIT, slice_name
 from .errors import FreezeError, SystemdError
-from .model import Policy
 
 if TYPE_CHECKING:
     from .systemd import Systemd
-
-
-def skip_reason(policy: Policy, account: Account) -> str | None:
-    """Why a user is never touched, or None if the policy applies to them."""
-    if account.uid == 0:
-        return "root is never limited"
-    if account.uid < policy.general.min_uid:
-        return f"uid below min_uid {policy.general.min_uid}"
-    return None
-
-
-def describe_limits(group_limits: dict[str, int | str]) -> str:
-    return " ".join(f"{key}={value}" for key, value in group_limits.items()) or "none"
-
-
-@dataclass
-class Decision:
-    """What was decided for one user, for the log line and the CLI."""
-
-    account: Account
-    action: str  # "applied", "exempt" or "skipped"
-    reason: str = ""
-    classification: Classification | None = None
-    properties: list[limits.BusProperty] = field(default_factory=list)
-
-    def log_line(self) -> str:
-        parts = [f"user={self.account.name}", f"uid={self.account.uid}"]
-        if self.classification:
-            group = self.classification.group
-            parts += [
-                f"group={group.name}",
-                f'rule="{self.classification.rule}"',
-                f'limits="{describe_limits(group.limits)}"',
-            ]
-        parts.append(f"action={self.action}")
-        if self.reason:
-            parts.append(f'reason="{self.reason}"')
-        return " ".join(parts)
-
-
-def decide(policy: Policy, account: Account) -> Decision:
-    """Everything up to, not including, the call to systemd: pure."""
-    reason = skip_reason(policy, account)
-    if reason:
-        return Decision(account, "skipped", reason)
-    found = classify(policy, account)
-    if found.group.exempt:
-        return Decision(account, "exempt", "group is exempt", found)
-    props = limits.properties_for(found.group.limits, policy.managed_keys())
-    return Decision(account, "applied", "", found, props)
-
-
-async def apply_limits(systemd: Systemd, policy: Policy, account: Account) -> Decision:
-    decision = decide(policy, account)
-    if decision.action == "applied":
-        await systemd.set_slice_properties(account.uid, decision.properties)
-    return decision
 
 
 async def freeze_user(systemd: Systemd, uid: int) -> str:

@@ -1,22 +1,27 @@
-"""The project's error types: one base, each with a message an admin can act on."""
+"""The project's error types: one base, each with a message an admin can act on.
+
+Imported by the login hook: no imports beyond the builtins.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 
 class CgpolicyError(Exception):
     """Base of every error cgpolicy raises on purpose."""
 
 
-@dataclass(frozen=True)
 class Problem:
     """One thing wrong in the policy, located as precisely as the file allows."""
 
-    file: str
-    message: str
-    key: str | None = None
-    line: int | None = None
+    __slots__ = ("file", "key", "line", "message")
+
+    def __init__(
+        self, file: str, message: str, key: str | None = None, line: int | None = None
+    ) -> None:
+        self.file = file
+        self.message = message
+        self.key = key
+        self.line = line
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"

@@ -11,17 +11,78 @@ import os
 import re
 import stat
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
+from .constants import GROUPS_DIR, MAIN_FILE, policy_files
 from .errors import PolicyError, Problem
-from .model import GROUPS_DIR, MAIN_FILE, General, Policy, StatusGroup, policy_paths
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 _TOML_LINE_RE = re.compile(r"at line (\d+)")
 _TABLE_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]")
+
+
+@dataclass(frozen=True)
+class General:
+    min_uid: int = 1000
+    hook_timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class StatusGroup:
+    name: str
+    description: str = ""
+    users: tuple[str, ...] = ()
+    uids: tuple[tuple[int, int], ...] = ()  # inclusive ranges; a single uid is (n, n)
+    groups: tuple[str, ...] = ()
+    gids: tuple[int, ...] = ()
+    exempt: bool = False
+    limits: dict[str, int | str] = field(default_factory=dict)
+
+    def matches_nobody(self) -> bool:
+        return not (self.users or self.uids or self.groups or self.gids)
+
+
+@dataclass(frozen=True)
+class Policy:
+    general: General
+    order: tuple[str, ...]
+    fallback: str
+    groups: dict[str, StatusGroup]
+
+    def managed_keys(self) -> set[str]:
+        """The limits some group sets: the ones cgpolicy owns on every user slice."""
+        return {key for group in self.groups.values() for key in group.limits}
+
+    def compile(self) -> dict[str, Any]:
+        """The compiled form the hook and the CLI act on: plain data, D-Bus values ready."""
+        managed = self.managed_keys()
+        return {
+            "min_uid": self.general.min_uid,
+            "hook_timeout": self.general.hook_timeout,
+            "order": self.order,
+            "fallback": self.fallback,
+            "groups": {
+                name: {
+                    "name": name,
+                    "description": group.description,
+                    "users": group.users,
+                    "uids": group.uids,
+                    "groups": group.groups,
+                    "gids": group.gids,
+                    "exempt": group.exempt,
+                    "limits": dict(group.limits),
+                    "properties": tuple(
+                        (p.name, p.signature, p.value)
+                        for p in limits_mod.properties_for(group.limits, managed)
+                    ),
+                }
+                for name, group in self.groups.items()
+            },
+        }
 
 
 class _File:
@@ -230,7 +291,7 @@ def load_policy(config_dir: Path, trusted_uids: set[int] | None = None) -> Polic
         trusted_uids = {0, os.geteuid()}
     problems: list[Problem] = []
     main_path = config_dir / MAIN_FILE
-    paths = policy_paths(config_dir)
+    paths = [Path(p) for p in policy_files(str(config_dir))]
     for path in [config_dir, *paths]:
         if path.exists():
             _check_ownership(path, trusted_uids, problems)

@@ -1,9 +1,9 @@
-"""The systemd adapter: every call cgpolicy makes to systemd's manager over D-Bus.
+"""The systemd adapter: what cgpolicy reads from systemd, and freeze and thaw.
 
 systemd owns the user slices' cgroups, so limits and freezing go through it.
+The one write, SetUnitProperties, is in setprops.py (the login hook's path).
 Every call has a timeout; an error reply becomes SystemdError with systemd's
-error name. Calls are plain messages (no introspection round trip), which keeps
-the PAM hook's login cost low.
+error name. Calls are plain messages, without an introspection round trip.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from .constants import (
     slice_name,
 )
 from .errors import SystemdError
-from .limits import BusProperty
 
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 NOT_SUPPORTED = "org.freedesktop.DBus.Error.NotSupported"
@@ -86,11 +85,6 @@ class Systemd:
             text = reply.body[0] if reply.body else ""
             raise SystemdError(reply.error_name or "unknown", str(text))
         return list(reply.body)
-
-    async def set_slice_properties(self, uid: int, props: list[BusProperty]) -> None:
-        """SetUnitProperties on user-UID.slice, at runtime (gone at reboot)."""
-        body = [[p.name, Variant(p.signature, p.value)] for p in props]
-        await self.call("SetUnitProperties", "sba(sv)", [slice_name(uid), True, body])
 
     async def freeze_slice(self, uid: int) -> None:
         await self.call("FreezeUnit", "s", [slice_name(uid)])

@@ -1,5 +1,3 @@
-import json
-
 from policyfiles import GROUPS, write_policy
 
 from pam_cgpolicy.compiled import load_in_force
@@ -7,45 +5,47 @@ from pam_cgpolicy.compiled import load_in_force
 
 def test_valid_files_are_compiled_then_reused(tmp_path):
     root = write_policy(tmp_path / "etc")
-    cache = tmp_path / "state" / "policy.json"
-    first = load_in_force(root, cache)
+    cache = str(tmp_path / "state" / "policy.compiled")
+    first = load_in_force(str(root), cache)
     assert first.source == "files" and first.error is None
-    assert json.loads(cache.read_text())["policy"]["fallback"] == "normal"
-    again = load_in_force(root, cache)
+    assert first.policy["fallback"] == "normal"
+    assert first.policy["groups"]["students"]["properties"][3] == (
+        "CPUQuotaPerSecUSec", "t", 1_000_000)
+    again = load_in_force(str(root), cache)
     assert again.source == "compiled"
     assert again.policy == first.policy
 
 
 def test_broken_file_keeps_the_last_good_policy(tmp_path):
     root = write_policy(tmp_path / "etc")
-    cache = tmp_path / "state" / "policy.json"
-    good = load_in_force(root, cache).policy
+    cache = str(tmp_path / "state" / "policy.compiled")
+    good = load_in_force(str(root), cache).policy
     (root / "groups.d" / "students.toml").write_text(GROUPS["students"] + "oops = [\n")
-    loaded = load_in_force(root, cache)
+    loaded = load_in_force(str(root), cache)
     assert loaded.source == "last good"
     assert loaded.policy == good
     assert "students.toml" in str(loaded.error)
     # and the cached copy was not replaced by anything from the broken files
-    assert load_in_force(root, cache).policy == good
+    assert load_in_force(str(root), cache).policy == good
 
 
 def test_an_edit_is_picked_up(tmp_path):
     root = write_policy(tmp_path / "etc")
-    cache = tmp_path / "state" / "policy.json"
-    load_in_force(root, cache)
+    cache = str(tmp_path / "state" / "policy.compiled")
+    load_in_force(str(root), cache)
     (root / "groups.d" / "normal.toml").write_text('[limits]\nCPUQuota = "300%"\n')
-    loaded = load_in_force(root, cache)
+    loaded = load_in_force(str(root), cache)
     assert loaded.source == "files"
-    assert loaded.policy.groups["normal"].limits == {"CPUQuota": "300%"}
+    assert loaded.policy["groups"]["normal"]["limits"] == {"CPUQuota": "300%"}
 
 
 def test_no_policy_at_all(tmp_path):
-    loaded = load_in_force(tmp_path / "missing", tmp_path / "state.json")
+    loaded = load_in_force(str(tmp_path / "missing"), str(tmp_path / "state"))
     assert loaded.policy is None and loaded.source == "none" and loaded.error
 
 
 def test_corrupt_cache_is_ignored(tmp_path):
     root = write_policy(tmp_path / "etc")
-    cache = tmp_path / "policy.json"
-    cache.write_text("{not json")
-    assert load_in_force(root, cache).source == "files"
+    cache = tmp_path / "policy.compiled"
+    cache.write_bytes(b"\x00garbage")
+    assert load_in_force(str(root), str(cache)).source == "files"

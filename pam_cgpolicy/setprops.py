@@ -1,0 +1,120 @@
+"""The one write cgpolicy makes to systemd: SetUnitProperties on user-UID.slice.
+
+It is sent with systemd's own D-Bus client, busctl, rather than from Python:
+the login hook must stay cheap, and importing a Python D-Bus stack (with
+asyncio) costs several times a bare interpreter's start, while busctl ships
+with systemd and answers in a few milliseconds. Everything else cgpolicy asks
+systemd (reads, freeze, thaw) goes through the dbus-fast client in systemd.py.
+
+Imported by the hook: builtin modules only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from .classify import Decision, decide
+from .constants import SYSTEMD_BUS_NAME, SYSTEMD_MANAGER, SYSTEMD_PATH, slice_name
+from .errors import SystemdError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
+    from .accounts import Account
+
+BUSCTL_PATHS = ("/usr/bin/busctl", "/bin/busctl")
+
+
+def _busctl() -> str:
+    for path in BUSCTL_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    raise SystemdError("org.cgpolicy1.Error.NoBusctl", "busctl not found: is systemd installed?")
+
+
+def _value_words(signature: str, value: Any) -> list[str]:
+    if signature == "b":
+        return ["true" if value else "false"]
+    if signature in ("t", "u"):
+        return [str(int(value))]
+    if signature == "ay":
+        return [str(len(value)), *(str(byte) for byte in value)]
+    raise ValueError(f"no busctl form for D-Bus signature {signature!r}")
+
+
+def busctl_argv(uid: int, props: Iterable[tuple[str, str, Any]], timeout: float) -> list[str]:
+    """The busctl command line for one SetUnitProperties call, at runtime only."""
+    props = list(props)
+    argv = [
+        _busctl(),
+        "--system",
+        "--quiet",
+        f"--timeout={max(timeout, 0.1):.3f}s",
+        "call",
+        SYSTEMD_BUS_NAME,
+        SYSTEMD_PATH,
+        SYSTEMD_MANAGER,
+        "SetUnitProperties",
+        "sba(sv)",
+        slice_name(uid),
+        "true",
+        str(len(props)),
+    ]
+    for name, signature, value in props:
+        argv += [name, signature, *_value_words(signature, value)]
+    return argv
+
+
+class _Child:
+    """The busctl process in flight, so a deadline can end it."""
+
+    pid = 0
+
+
+def kill_pending() -> None:
+    if _Child.pid:
+        try:
+            os.kill(_Child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # it finished meanwhile
+
+
+def set_slice_properties(uid: int, props: Iterable[tuple[str, str, Any]], timeout: float) -> None:
+    """Set runtime properties on user-UID.slice; SystemdError with systemd's words on failure."""
+    argv = busctl_argv(uid, props, timeout)
+    read_end, write_end = os.pipe()
+    try:
+        with open(os.devnull, "rb") as null:
+            _Child.pid = os.posix_spawn(
+                argv[0],
+                argv,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, null.fileno(), 0),
+                    (os.POSIX_SPAWN_DUP2, write_end, 1),
+                    (os.POSIX_SPAWN_DUP2, write_end, 2),
+                    (os.POSIX_SPAWN_CLOSE, read_end),
+                ],
+            )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as output:
+        said = output.read().decode(errors="replace").strip()
+    _, status = os.waitpid(_Child.pid, 0)
+    _Child.pid = 0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemdError(
+            "org.cgpolicy1.Error.SetUnitProperties", said or f"busctl exited with {code}"
+        )
+
+
+def apply_limits(policy: dict[str, Any], account: Account, timeout: float) -> Decision:
+    """What happens at login: decide for the user, then set the group's properties."""
+    decision = decide(policy, account)
+    if decision.action == "applied":
+        set_slice_properties(account.uid, decision.properties, timeout)
+    return decision
