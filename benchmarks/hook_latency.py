@@ -58,8 +58,10 @@ def main() -> None:
         check = vm.ssh("PAM_TYPE=open_session PAM_USER=bench /usr/sbin/cgpolicy-pam-hook")
         print("one hook run logs:", check.stderr.strip())
         cpu = vm.ssh("nproc; grep -m1 'model name' /proc/cpuinfo").stdout.split("\n")[0]
-        print(f"VM: {cpu} CPUs under software emulation (absolute times are slow; "
-              "the ratio is the figure)")
+        print(
+            f"VM: {cpu} CPUs under software emulation (absolute times are slow; "
+            "the ratio is the figure)"
+        )
         print(vm.ssh(f"python3 -c {shlex.quote(INSIDE)} {runs}", timeout=1800).stdout)
 
 

@@ -56,8 +56,12 @@ def main() -> None:
         show(vm, "systemctl show user-2002.slice -p CPUQuotaPerSecUSec -p MemoryMax -p TasksMax")
 
         say("bob starts four busy loops; his slice holds them to one core together")
-        show(vm, "for i in 1 2 3 4; do nohup sh -c 'while :; do :; done' >/dev/null 2>&1 & "
-                 "done; echo started", user="bob")
+        show(
+            vm,
+            "for i in 1 2 3 4; do nohup sh -c 'while :; do :; done' >/dev/null 2>&1 & "
+            "done; echo started",
+            user="bob",
+        )
         before = int(vm.ssh("systemctl show -P CPUUsageNSec user-2002.slice").stdout)
         time.sleep(10)
         after = int(vm.ssh("systemctl show -P CPUUsageNSec user-2002.slice").stdout)
@@ -65,19 +69,28 @@ def main() -> None:
         vm.ssh("pkill -u bob -f 'while :'", check=False)
 
         say("carol runs a counter; an admin freezes her whole session, then thaws it")
-        show(vm, "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; "
-                 "done' >/dev/null 2>&1 & echo $! > /tmp/counter.pid", user="carol")
+        show(
+            vm,
+            "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; "
+            "done' >/dev/null 2>&1 & echo $! > /tmp/counter.pid",
+            user="carol",
+        )
         time.sleep(1)
         show(vm, "cgpolicyctl freeze carol")
         show(vm, "cat /tmp/count; sleep 3; cat /tmp/count")
-        show(vm, "grep State: /proc/$(cat /tmp/counter.pid)/status"
-                 "  # not 'T (stopped)': frozen tasks see nothing")
+        show(
+            vm,
+            "grep State: /proc/$(cat /tmp/counter.pid)/status"
+            "  # not 'T (stopped)': frozen tasks see nothing",
+        )
         show(vm, "cgpolicyctl status carol")
         show(vm, "cgpolicyctl thaw carol")
         show(vm, "cat /tmp/count; sleep 3; cat /tmp/count")
 
         say("A broken policy file is refused, and logins keep the last good policy")
-        show(vm, "sed -i 's/CPUQuota = .*/CPUQuota = \"lots\"/' /etc/cgpolicy/groups.d/students.toml")
+        show(
+            vm, "sed -i 's/CPUQuota = .*/CPUQuota = \"lots\"/' /etc/cgpolicy/groups.d/students.toml"
+        )
         show(vm, "cgpolicyctl check")
         show(vm, "echo still logged in fine", user="bob")
         show(vm, "journalctl -o cat --no-pager -t cgpolicy-pam-hook | tail -n 2")

@@ -134,10 +134,20 @@ def test_each_user_is_classified_as_expected(node, user):
 
 
 EXPECTED = {
-    "students": {"CPUQuotaPerSecUSec": "500ms", "MemoryMax": str(512 * MiB),
-                 "MemoryHigh": str(400 * MiB), "TasksMax": "64"},
-    "staff": {"CPUQuotaPerSecUSec": "1.500000s", "MemoryMax": str(1024 * MiB),
-              "CPUWeight": "200", "IOWeight": "300", "TasksMax": "256", "MemoryHigh": "infinity"},
+    "students": {
+        "CPUQuotaPerSecUSec": "500ms",
+        "MemoryMax": str(512 * MiB),
+        "MemoryHigh": str(400 * MiB),
+        "TasksMax": "64",
+    },
+    "staff": {
+        "CPUQuotaPerSecUSec": "1.500000s",
+        "MemoryMax": str(1024 * MiB),
+        "CPUWeight": "200",
+        "IOWeight": "300",
+        "TasksMax": "256",
+        "MemoryHigh": "infinity",
+    },
     "normal": {"CPUQuotaPerSecUSec": "1s", "TasksMax": "128", "MemoryHigh": "infinity"},
 }
 
@@ -160,22 +170,32 @@ def cgroup_files(vm, uid: int) -> dict[str, str]:
     """The limits as the kernel has them, in this node's cgroup layout."""
     if vm.cgroup_mode() == "v2":
         base = f"/sys/fs/cgroup/user.slice/user-{uid}.slice"
-        files = {"cpu": "cpu.max", "memory": "memory.max", "high": "memory.high",
-                 "pids": "pids.max"}
+        files = {
+            "cpu": "cpu.max",
+            "memory": "memory.max",
+            "high": "memory.high",
+            "pids": "pids.max",
+        }
         paths = {k: f"{base}/{v}" for k, v in files.items()}
     else:
         sub = f"user.slice/user-{uid}.slice"
-        paths = {"cpu": f"/sys/fs/cgroup/cpu,cpuacct/{sub}/cpu.cfs_quota_us",
-                 "memory": f"/sys/fs/cgroup/memory/{sub}/memory.limit_in_bytes",
-                 "pids": f"/sys/fs/cgroup/pids/{sub}/pids.max"}
+        paths = {
+            "cpu": f"/sys/fs/cgroup/cpu,cpuacct/{sub}/cpu.cfs_quota_us",
+            "memory": f"/sys/fs/cgroup/memory/{sub}/memory.limit_in_bytes",
+            "pids": f"/sys/fs/cgroup/pids/{sub}/pids.max",
+        }
     return {k: root(vm, f"cat {p}").stdout.strip() for k, p in paths.items()}
 
 
 def test_cgroup_files_agree_with_systemd(node):
     files = cgroup_files(node, 2002)
     if node.cgroup_mode() == "v2":
-        assert files == {"cpu": "50000 100000", "memory": str(512 * MiB),
-                         "high": str(400 * MiB), "pids": "64"}
+        assert files == {
+            "cpu": "50000 100000",
+            "memory": str(512 * MiB),
+            "high": str(400 * MiB),
+            "pids": "64",
+        }
     else:
         assert files == {"cpu": "50000", "memory": str(512 * MiB), "pids": "64"}
 
@@ -183,8 +203,7 @@ def test_cgroup_files_agree_with_systemd(node):
 def test_cpu_quota_really_limits_a_cpu_hog(node):
     """Two busy loops of bob's get half a core between them, not two cores."""
     uid = 2002
-    login(node, "bob", "for i in 1 2; do nohup sh -c 'while :; do :; done' "
-          ">/dev/null 2>&1 & done")
+    login(node, "bob", "for i in 1 2; do nohup sh -c 'while :; do :; done' >/dev/null 2>&1 & done")
     try:
         before = int(slice_props(node, uid, "CPUUsageNSec")["CPUUsageNSec"])
         time.sleep(6)
@@ -219,8 +238,10 @@ def test_status_reports_limits_usage_and_freezer(node):
     assert re.search(r"^bob\s+2002\s+students\s+50%\s+512M", table, re.M)
 
 
-COUNTER = ("nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/{user}.count; "
-           "sleep 0.1; done' >/dev/null 2>&1 & echo $! > /tmp/{user}.pid")
+COUNTER = (
+    "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/{user}.count; "
+    "sleep 0.1; done' >/dev/null 2>&1 & echo $! > /tmp/{user}.pid"
+)
 
 
 def start_counter(vm, user: str) -> int:
@@ -266,8 +287,10 @@ def test_freeze_and_thaw_with_cgpolicyctl(node):
     assert_runs(node, "carol")
 
 
-BUSCTL = "busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 " \
-         "org.freedesktop.systemd1.Manager {method} s user-{uid}.slice"
+BUSCTL = (
+    "busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 "
+    "org.freedesktop.systemd1.Manager {method} s user-{uid}.slice"
+)
 
 
 def test_freeze_and_thaw_with_busctl(node):
@@ -289,11 +312,12 @@ def test_broken_policy_keeps_the_last_good_one(node):
     students = "/etc/cgpolicy/groups.d/students.toml"
     root(node, f"cp {students} /root/students.good")
     try:
-        root(node, f"sed -i 's/CPUQuota = \"50%\"/CPUQuota = \"lots\"/' {students}")
+        root(node, f'sed -i \'s/CPUQuota = "50%"/CPUQuota = "lots"/\' {students}')
         check = root(node, "cgpolicyctl check", check=False)
         assert check.returncode == 1
-        assert re.search(r"students\.toml:\d+: limits\.CPUQuota: invalid CPU quota 'lots'",
-                         check.stderr)
+        assert re.search(
+            r"students\.toml:\d+: limits\.CPUQuota: invalid CPU quota 'lots'", check.stderr
+        )
         root(node, "systemctl set-property --runtime user-2002.slice CPUQuota=")
         assert slice_props(node, 2002, "CPUQuotaPerSecUSec")["CPUQuotaPerSecUSec"] == "infinity"
         login(node, "bob")

@@ -6,7 +6,7 @@ from pam_cgpolicy.classify import classify, decide
 from pam_cgpolicy.policy import load_policy
 
 
-def NamedAccount(name, uid, gids=(), names=()):  # noqa: N802 - reads like the class
+def NamedAccount(name, uid, gids=(), names=()):
     """An account whose group names are given, not looked up through NSS."""
     return Account(name, uid, frozenset(gids), frozenset(names))
 

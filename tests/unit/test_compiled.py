@@ -10,7 +10,10 @@ def test_valid_files_are_compiled_then_reused(tmp_path):
     assert first.source == "files" and first.error is None
     assert first.policy["fallback"] == "normal"
     assert first.policy["groups"]["students"]["properties"][3] == (
-        "CPUQuotaPerSecUSec", "t", 1_000_000)
+        "CPUQuotaPerSecUSec",
+        "t",
+        1_000_000,
+    )
     again = load_in_force(str(root), cache)
     assert again.source == "compiled"
     assert again.policy == first.policy

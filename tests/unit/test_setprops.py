@@ -2,18 +2,44 @@ from pam_cgpolicy.setprops import busctl_argv
 
 
 def test_busctl_argv_is_one_runtime_set_unit_properties_call():
-    argv = busctl_argv(2002, [("CPUAccounting", "b", True), ("CPUQuotaPerSecUSec", "t", 500000),
-                              ("TasksMaxScale", "u", 429496729), ("AllowedCPUs", "ay", b"\x0f\x01")],
-                       timeout=1.5)
+    argv = busctl_argv(
+        2002,
+        [
+            ("CPUAccounting", "b", True),
+            ("CPUQuotaPerSecUSec", "t", 500000),
+            ("TasksMaxScale", "u", 429496729),
+            ("AllowedCPUs", "ay", b"\x0f\x01"),
+        ],
+        timeout=1.5,
+    )
     assert argv[0].endswith("/busctl")
     assert argv[1:] == [
-        "--system", "--quiet", "--timeout=1.500s", "call", "org.freedesktop.systemd1",
-        "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", "SetUnitProperties",
-        "sba(sv)", "user-2002.slice", "true", "4",
-        "CPUAccounting", "b", "true",
-        "CPUQuotaPerSecUSec", "t", "500000",
-        "TasksMaxScale", "u", "429496729",
-        "AllowedCPUs", "ay", "2", "15", "1",
+        "--system",
+        "--quiet",
+        "--timeout=1.500s",
+        "call",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "SetUnitProperties",
+        "sba(sv)",
+        "user-2002.slice",
+        "true",
+        "4",
+        "CPUAccounting",
+        "b",
+        "true",
+        "CPUQuotaPerSecUSec",
+        "t",
+        "500000",
+        "TasksMaxScale",
+        "u",
+        "429496729",
+        "AllowedCPUs",
+        "ay",
+        "2",
+        "15",
+        "1",
     ]
 
 
