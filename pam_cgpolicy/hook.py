@@ -11,8 +11,10 @@ small hot-path modules: compiled policy, accounts, classify, setprops.
 
 from __future__ import annotations
 
+# The C half of the signal module: signal.py itself imports enum, which alone
+# costs more than the rest of the hook's start.
+import _signal
 import os
-import signal
 import sys
 import time
 
@@ -43,7 +45,7 @@ class _Clock:
 
     def arm(self, timeout: float) -> None:
         """(Re)arm the deadline, counted from the hook's start."""
-        signal.setitimer(signal.ITIMER_REAL, self.remaining(timeout))
+        _signal.setitimer(_signal.ITIMER_REAL, self.remaining(timeout))
 
     def expire(self, _signum: int, _frame: FrameType | None) -> None:
         kill_pending()
@@ -76,7 +78,7 @@ def main() -> int:
     clock = _Clock()
     log.open_log("cgpolicy-pam-hook", echo=True)  # pam_exec discards stderr
     clock.user = user = os.environ.get("PAM_USER", "")
-    signal.signal(signal.SIGALRM, clock.expire)
+    _signal.signal(_signal.SIGALRM, clock.expire)
     clock.arm(DEFAULT_TIMEOUT)
     try:
         line = _open_session(clock, user)
@@ -89,7 +91,7 @@ def main() -> int:
             f'error="internal: {type(err).__name__}: {err}"'
         )
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
     return 0
 
 

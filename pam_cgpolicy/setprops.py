@@ -11,8 +11,8 @@ Imported by the hook: builtin modules only.
 
 from __future__ import annotations
 
+import _signal  # not signal.py, which imports enum: see hook.py
 import os
-import signal
 
 from .classify import Decision, decide
 from .constants import SYSTEMD_BUS_NAME, SYSTEMD_MANAGER, SYSTEMD_PATH, slice_name
@@ -77,7 +77,7 @@ class _Child:
 def kill_pending() -> None:
     if _Child.pid:
         try:
-            os.kill(_Child.pid, signal.SIGKILL)
+            os.kill(_Child.pid, _signal.SIGKILL)
         except ProcessLookupError:
             return  # it finished meanwhile
 
