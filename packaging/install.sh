@@ -37,7 +37,7 @@ if [ "$ACTION" = uninstall ]; then
         DEBIAN_FRONTEND=noninteractive pam-auth-update --package --remove cgpolicy
         rm -f /usr/share/pam-configs/cgpolicy
     fi
-    rm -f /usr/sbin/cgpolicyctl /usr/sbin/cgpolicy-pam-hook
+    rm -f /usr/sbin/cgpolicyctl /usr/sbin/cgpolicy-pam-hook /etc/pam.d/cgpolicy-selftest
     rm -rf "$PREFIX"
     echo "cgpolicy removed; /etc/cgpolicy and /var/lib/cgpolicy are kept"
     exit 0
@@ -79,6 +79,17 @@ else
     echo "PAM: add this line to the session stack of sshd, after pam_systemd.so:"
     echo "    $PAM_LINE"
 fi
+
+# The PAM service of `cgpolicyctl selftest`: only root passes its auth stack,
+# and its sessions go through the same session stack as logins.
+for stack in common-session password-auth; do
+    if [ -e "/etc/pam.d/$stack" ]; then
+        sed "s/@SESSION_STACK@/$stack/" "$SRC/packaging/pam.d/cgpolicy-selftest" \
+            >/etc/pam.d/cgpolicy-selftest
+        chmod 0644 /etc/pam.d/cgpolicy-selftest
+        break
+    fi
+done
 
 /usr/sbin/cgpolicyctl check
 echo "cgpolicy installed in $PREFIX; run 'cgpolicyctl doctor' to check this node"

@@ -254,6 +254,13 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     return checks
 
 
+def cmd_selftest(args: argparse.Namespace) -> None:
+    from .selftest import run
+
+    if not run(_policy_in_force(args), args.user):
+        raise _Failed
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     checks = _doctor_checks(args)
     for verdict, what, detail in checks:
@@ -291,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = add("status", cmd_status, "limits in force, usage and freezer state", "optional")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     add("doctor", cmd_doctor, "check that this node is set up for cgpolicy")
+    add(
+        "selftest",
+        cmd_selftest,
+        "open a real PAM session for USER through the node's "
+        "session stack and check the limits it leaves",
+        "required",
+    )
     return parser
 
 

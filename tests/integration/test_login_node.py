@@ -238,6 +238,17 @@ def test_status_reports_limits_usage_and_freezer(node):
     assert re.search(r"^bob\s+2002\s+students\s+50%\s+512M", table, re.M)
 
 
+def test_selftest_opens_a_real_pam_session(node):
+    """python-pam opens a session through the node's stack; the hook sets the limits."""
+    node.add_user("frank", 3600)  # students, by uid range; never logged in before
+    done = root(node, "cgpolicyctl selftest frank", check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[ok] CPUQuotaPerSecUSec=500000" in done.stdout
+    assert "[ok] TasksMax=64" in done.stdout
+    assert "selftest: ok" in done.stdout
+    assert "action=applied" in hook_lines(node, "frank")[-1]
+
+
 COUNTER = (
     "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/{user}.count; "
     "sleep 0.1; done' >/dev/null 2>&1 & echo $! > /tmp/{user}.pid"
