@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,7 +23,15 @@ def build_wheels(repo_root: Path) -> Path:
     """The project's wheel plus its dependencies, built once per process and repo."""
     repo_root = repo_root.resolve()
     if repo_root not in _wheel_dirs:
-        wheels = Path(tempfile.mkdtemp(prefix="cgpolicy-wheels-")) / "wheels"
+        tmp = Path(tempfile.mkdtemp(prefix="cgpolicy-wheels-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        # Build from an exported copy: an in-tree build leaves build/ behind in the
+        # developer's tree, and stale files there would leak into later wheels.
+        export = tmp / "src"
+        for name in source_files(repo_root):
+            (export / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo_root / name, export / name, follow_symlinks=False)
+        wheels = tmp / "wheels"
         with step("building cgpolicy wheels on the host"):
             # Host and guest are both CPython 3.11 on glibc 2.36, so binary wheels fit the guest.
             result = subprocess.run(
@@ -34,7 +44,7 @@ def build_wheels(repo_root: Path) -> Path:
                     "--disable-pip-version-check",
                     "--wheel-dir",
                     str(wheels),
-                    str(repo_root),
+                    str(export),
                 ],
                 capture_output=True,
                 text=True,
