@@ -82,6 +82,11 @@ class VM:
         return self._qemu is not None and self._qemu.poll() is None
 
     @property
+    def died(self) -> bool:
+        """QEMU exited without stop(): guest crash, panic, or a test powering it off."""
+        return self._workdir is not None and not self.running
+
+    @property
     def image(self) -> ImagePaths:
         if self._image is None:
             self._image = ensure_image()
@@ -145,16 +150,23 @@ class VM:
         check: bool = True,
         timeout: float = 120,
         input: str | None = None,
+        new_login: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        """Run cmd through the user's login shell; non-root users get a fresh login each time."""
+        """Run cmd through the user's login shell.
+
+        Non-root users get a fresh login (sshd, PAM) on every call; root reuses one
+        multiplexed connection unless new_login is set.
+        """
         try:
-            result = self._ssh_raw(cmd, user, timeout=timeout, input=input)
+            result = self._ssh_raw(cmd, user, timeout=timeout, input=input, multiplex=not new_login)
         except subprocess.TimeoutExpired as exc:
             raise VMError(
                 f"command as {user} timed out after {timeout}s: {cmd}\n"
                 f"--- stdout ---\n{_text(exc.stdout)}--- stderr ---\n"
                 f"{_text(exc.stderr)}"
             ) from None
+        if result.returncode == 255 and self._qemu_gone_after_disconnect():
+            raise self._gone_error(f"while running as {user}: {cmd}")
         if check and result.returncode != 0:
             raise SSHCommandError(cmd, user, result)
         return result
@@ -346,6 +358,17 @@ class VM:
             self._qemu.wait()
             self._qemu = None
 
+    def _qemu_gone_after_disconnect(self) -> bool:
+        # A dying guest drops ssh a moment before QEMU exits.
+        return self._qemu is not None and self._wait_for_qemu_exit(5)
+
+    def _gone_error(self, context: str) -> VMError:
+        code = self._qemu.returncode if self._qemu is not None else None
+        return VMError(
+            f"the VM is gone (QEMU exited with {code}) {context}\n"
+            f"{self._qemu_log()}{self.console_tail(100)}"
+        )
+
     def _qemu_log(self) -> str:
         assert self._workdir is not None
         try:
@@ -436,10 +459,15 @@ class VM:
             "root@127.0.0.1",
         ]
         # -f leaves a background process holding stdio: give it a file, not a pipe.
-        with open(self._workdir / "ssh-master.log", "ab") as log:
-            subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True, timeout=60
+        log_path = self._workdir / "ssh-master.log"
+        with open(log_path, "ab") as log:
+            done = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=60
             )
+        if done.returncode != 0:
+            if self._qemu_gone_after_disconnect():
+                raise self._gone_error("(opening the root ssh connection)")
+            raise VMError(f"cannot open the root ssh connection:\n{log_path.read_text()}")
 
     def _close_master(self) -> None:
         if self._workdir is None or not self._control_path.exists():
