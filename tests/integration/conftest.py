@@ -104,7 +104,7 @@ def vm(request: pytest.FixtureRequest) -> VM:
 
 @pytest.fixture(autouse=True)
 def _vm_of_this_test_is_running(request: pytest.FixtureRequest) -> None:
-    """Reboots a VM that was shut down for the other mode, should the order ever interleave."""
+    """Boots a VM shut down for the other mode again (fresh disk), should the order interleave."""
     modes = _cgroup_modes(request.node)
     if len(modes) == 1:
         request.getfixturevalue("vm_registry").get(modes.pop())

@@ -44,6 +44,18 @@ def test_each_user_call_is_a_new_pam_session(vm: VM) -> None:
     assert first and second and first != second
 
 
+def test_root_reuses_one_session_unless_asked_for_a_new_login(vm: VM) -> None:
+    def session() -> str:
+        return vm.ssh("echo $XDG_SESSION_ID").stdout.strip()
+
+    def new_session() -> str:
+        return vm.ssh("echo $XDG_SESSION_ID", new_login=True).stdout.strip()
+
+    assert session() == session()
+    fresh = {new_session(), new_session()}
+    assert len(fresh) == 2 and session() not in fresh
+
+
 def test_busctl_reaches_systemd(vm: VM) -> None:
     version = vm.ssh(
         "busctl get-property org.freedesktop.systemd1 /org/freedesktop/systemd1 "
