@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from vmharness.progress import say, step
 
@@ -83,9 +84,9 @@ def ensure_image() -> ImagePaths:
     return ImagePaths.in_dir(final)
 
 
-def _try_lock(lock_file: object) -> bool:
+def _try_lock(lock_file: IO[str]) -> bool:
     try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
