@@ -95,6 +95,8 @@ class VM:
     def start(self) -> None:
         if self.running:
             return
+        if self.died:
+            self.stop()  # drop the dead guest's overlay before making a new one
         image = self.image
         self._workdir = Path(tempfile.mkdtemp(prefix=f"cgpolicy-vm-{self.cgroup}-"))
         try:
@@ -363,11 +365,12 @@ class VM:
         return self._qemu is not None and self._wait_for_qemu_exit(5)
 
     def _gone_error(self, context: str) -> VMError:
+        return VMError(f"the VM is gone {context}\n{self.exit_report()}")
+
+    def exit_report(self) -> str:
+        """How QEMU ended (a signal shows who sent it) and the guest's last console lines."""
         code = self._qemu.returncode if self._qemu is not None else None
-        return VMError(
-            f"the VM is gone (QEMU exited with {code}) {context}\n"
-            f"{self._qemu_log()}{self.console_tail(100)}"
-        )
+        return f"QEMU exit status {code}\n{self._qemu_log()}{self.console_tail(100)}"
 
     def _qemu_log(self) -> str:
         assert self._workdir is not None

@@ -34,8 +34,7 @@ class VMRegistry:
                     say(f"shutting down the cgroup {other.cgroup} VM first")
                     other.stop()
             if vm.died:
-                say(f"the cgroup {cgroup} VM died; booting a fresh one\n{vm.console_tail(100)}")
-                vm.stop()
+                say(f"the cgroup {cgroup} VM died; booting a fresh one\n{vm.exit_report()}")
             vm.start()
             say(
                 f"cgroup {cgroup} VM up after {vm.last_boot_seconds:.1f}s; "
