@@ -1,0 +1,321 @@
+"""The daemon's memory in SQLite: each user's badness and penalty, and a log of every change.
+
+A crash at any moment loses nothing reported as done: the database runs in WAL mode
+with synchronous=FULL, and record() writes a user's row and the event that explains it
+in one transaction. The daemon records a penalty before it applies it, so at start-up
+in_penalty() and expired() say what systemd should have. The login hook reads through
+StateStore.open_readonly(), which never creates or changes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+
+from .badness import Change, UserScore
+from .errors import CgpolicyError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    """CREATE TABLE users (
+        uid INTEGER PRIMARY KEY,
+        user TEXT NOT NULL,
+        tier TEXT,
+        tier_expiry REAL,
+        occurrences INTEGER NOT NULL CHECK (occurrences >= 0),
+        cpu_badness REAL NOT NULL CHECK (cpu_badness BETWEEN 0 AND 100),
+        memory_badness REAL NOT NULL CHECK (memory_badness BETWEEN 0 AND 100),
+        zero_since REAL,
+        updated REAL NOT NULL,
+        CHECK ((tier IS NULL) = (tier_expiry IS NULL))
+    )""",
+    """CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        uid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        old_tier TEXT,
+        new_tier TEXT,
+        old_occurrences INTEGER NOT NULL,
+        new_occurrences INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        actor TEXT
+    )""",
+    "CREATE INDEX events_by_uid ON events (uid, id)",
+)
+
+_USER_COLUMNS = (
+    "uid, user, tier, tier_expiry, occurrences, cpu_badness, memory_badness, zero_since, updated"
+)
+_EVENT_COLUMNS = (
+    "id, time, uid, user, kind, old_tier, new_tier, old_occurrences, new_occurrences, reason, actor"
+)
+
+
+class StateError(CgpolicyError):
+    """The state database cannot be opened, read or written."""
+
+
+@dataclass(frozen=True)
+class UserRow:
+    """A user's stored standing, with the name and time it was recorded under."""
+
+    uid: int
+    user: str
+    state: UserScore
+    updated: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """One logged change of a user's tier or occurrences; actor None is the daemon."""
+
+    id: int
+    time: float
+    uid: int
+    user: str
+    kind: str
+    old_tier: str | None
+    new_tier: str | None
+    old_occurrences: int
+    new_occurrences: int
+    reason: str
+    actor: str | None
+
+
+def _uri(path: str) -> str:
+    # Only these three mean something in the path of an SQLite file: URI. The empty
+    # authority keeps a path that starts with "//" a path.
+    escaped = os.path.abspath(path).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    return f"file://{escaped}?mode=ro"
+
+
+def _score(row: sqlite3.Row) -> UserScore:
+    return UserScore(
+        cpu_badness=row["cpu_badness"],
+        memory_badness=row["memory_badness"],
+        tier=row["tier"],
+        tier_expiry=row["tier_expiry"],
+        occurrences=row["occurrences"],
+        zero_since=row["zero_since"],
+    )
+
+
+def _user_row(row: sqlite3.Row) -> UserRow:
+    return UserRow(row["uid"], row["user"], _score(row), row["updated"])
+
+
+class StateStore:
+    """One connection to the state database. Not for sharing between threads."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], timeout: float = 5.0) -> StateStore:
+        """Open for reading and writing, creating the file (mode 0600) and schema if new."""
+        path = os.fspath(path)
+        try:
+            # SQLite gives its -wal and -shm files the database file's mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+        except (OSError, sqlite3.Error) as err:
+            raise StateError(f"{path}: cannot open the state database: {err}") from err
+        store = cls(conn, path)
+        try:
+            with store._errors("cannot open the state database"):
+                conn.row_factory = sqlite3.Row
+                (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                if mode != "wal":
+                    raise StateError(f"{path}: SQLite refused WAL mode here (got {mode!r})")
+                # FULL: a commit is on disk before record() returns, even if power fails.
+                conn.execute("PRAGMA synchronous=FULL")
+                with store._transaction():
+                    version = store._version()
+                    if version == 0:
+                        for statement in _SCHEMA:
+                            conn.execute(statement)
+                        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    @classmethod
+    def open_readonly(
+        cls, path: str | os.PathLike[str], timeout: float = 0.25
+    ) -> StateStore | None:
+        """Open for reading only; None if the file is missing or has no state yet.
+
+        ``timeout`` bounds the wait for a lock, so a busy writer cannot hold up a login.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            return None
+        try:
+            conn = sqlite3.connect(_uri(path), uri=True, timeout=timeout, isolation_level=None)
+        except sqlite3.Error as err:
+            if not os.path.exists(path):
+                return None  # removed since we looked
+            raise StateError(f"{path}: cannot open the state database: {err}") from err
+        store = cls(conn, path)
+        try:
+            with store._errors("cannot read the state database"):
+                conn.row_factory = sqlite3.Row
+                if store._version() == 0:
+                    conn.close()
+                    return None
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as err:
+            raise StateError(f"{self.path}: {doing}: {err}") from err
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front, so a busy database fails here,
+        # before anything is written, and never half way.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            raise
+
+    def _version(self) -> int:
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"{self.path}: schema version {version} is newer than this cgpolicy "
+                f"understands ({SCHEMA_VERSION}): upgrade cgpolicy, or move the file away"
+            )
+        return int(version)
+
+    def get(self, uid: int) -> UserScore | None:
+        with self._errors("cannot read"):
+            row = self._conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE uid = ?", (uid,)
+            ).fetchone()
+        return None if row is None else _score(row)
+
+    def all(self) -> dict[int, UserScore]:
+        with self._errors("cannot read"):
+            rows = self._conn.execute(f"SELECT {_USER_COLUMNS} FROM users ORDER BY uid").fetchall()
+        return {row["uid"]: _score(row) for row in rows}
+
+    def in_penalty(self, now: float) -> list[UserRow]:
+        """Users whose tier is still in force at ``now``, soonest expiry first."""
+        return self._users("tier IS NOT NULL AND tier_expiry > ?", now)
+
+    def expired(self, now: float) -> list[UserRow]:
+        """Users whose tier should have ended by ``now``: to release at start-up."""
+        return self._users("tier IS NOT NULL AND tier_expiry <= ?", now)
+
+    def _users(self, where: str, now: float) -> list[UserRow]:
+        with self._errors("cannot read"):
+            rows = self._conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE {where} ORDER BY tier_expiry, uid",
+                (now,),
+            ).fetchall()
+        return [_user_row(row) for row in rows]
+
+    def history(self, uid: int | None = None, limit: int = 100) -> list[Event]:
+        """The latest events, newest (last recorded) first; only ``uid``'s if given."""
+        where, args = ("WHERE uid = ?", (uid, limit)) if uid is not None else ("", (limit,))
+        with self._errors("cannot read"):
+            rows = self._conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events {where} ORDER BY id DESC LIMIT ?", args
+            ).fetchall()
+        return [Event(*row) for row in rows]
+
+    def record(
+        self,
+        uid: int,
+        user: str,
+        state: UserScore,
+        change: Change | None,
+        actor: str | None = None,
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Store a user's standing and the change that led to it, all or nothing.
+
+        Call it before acting on a change: a crash after it leaves a penalty to
+        reconcile, never one applied and forgotten. ``actor`` names an admin who
+        asked; None is the daemon. ``now`` defaults to the clock.
+        """
+        if change is not None and (
+            change.new_tier != state.tier or change.new_occurrences != state.occurrences
+        ):
+            raise ValueError(f"{change} does not lead to {state}")
+        when = time.time() if now is None else now
+        with self._errors(f"cannot record uid {uid}"), self._transaction():
+            self._write_user(uid, user, state, when)
+            if change is not None:
+                self._write_event(uid, user, change, actor, when)
+
+    def _write_user(self, uid: int, user: str, state: UserScore, when: float) -> None:
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                uid,
+                user,
+                state.tier,
+                state.tier_expiry,
+                state.occurrences,
+                state.cpu_badness,
+                state.memory_badness,
+                state.zero_since,
+                when,
+            ),
+        )
+
+    def _write_event(
+        self, uid: int, user: str, change: Change, actor: str | None, when: float
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO events (time, uid, user, kind, old_tier, new_tier, old_occurrences, "
+            "new_occurrences, reason, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                when,
+                uid,
+                user,
+                change.kind,
+                change.old_tier,
+                change.new_tier,
+                change.old_occurrences,
+                change.new_occurrences,
+                change.reason,
+                actor,
+            ),
+        )
