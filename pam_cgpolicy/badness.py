@@ -197,8 +197,7 @@ def evaluate(
     """A user's standing after the interval ending at ``now``, and what changed.
 
     CPU usage and quota are in cores, memory in bytes; a quota of None or 0 leaves
-    that resource unmeasured. Returns the state unchanged and None when nothing but
-    the scores moved.
+    that resource unmeasured. The change is None when only the scores moved.
     """
     if state.tier is not None:
         if state.tier_expiry is not None and now < state.tier_expiry:
@@ -241,7 +240,7 @@ def evaluate(
     if state.occurrences > 0 and waited >= penalty.occurrence_timeout:
         occurrences = state.occurrences - 1
         reason = (
-            f"badness 0 for {waited:g} s >= occurrence_timeout {penalty.occurrence_timeout:g} s"
+            f"badness 0 for {waited:.0f} s >= occurrence_timeout {penalty.occurrence_timeout:.0f} s"
         )
         return UserScore(occurrences=occurrences, zero_since=now), Change(
             "forgiven", None, None, state.occurrences, occurrences, reason
