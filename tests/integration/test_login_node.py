@@ -67,7 +67,7 @@ USERS = {
     "bob": (2002, [], "students"),
     "carol": (2003, [], "normal"),
     "dave": (3500, [], "students"),
-    "erin": (2005, [("staff", 3001)], "staff"),
+    "erin": (2005, [("hpcstaff", 3001)], "staff"),
 }
 
 
@@ -115,6 +115,7 @@ def node(vm):
     root(vm, "cgpolicyctl check")
     for name in USERS:
         keep_logged_in(vm, name)
+    vm.ssh("true", new_login=True)  # root logs in once through PAM too
     return vm
 
 
