@@ -11,14 +11,18 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
+from .badness import BadnessParams, PenaltyParams, Tier
 from .constants import GROUPS_DIR, MAIN_FILE, policy_files
 from .errors import PolicyError, Problem
 
+DEFAULT_BADNESS = BadnessParams(
+    cpu_threshold=0.8, memory_threshold=0.5, time_to_max_bad=300, time_to_min_bad=1800
+)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 _TOML_LINE_RE = re.compile(r"at line (\d+)")
@@ -29,6 +33,8 @@ _TABLE_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]")
 class General:
     min_uid: int = 1000
     hook_timeout: float = 2.0
+    interval: float = 10.0  # seconds between the daemon's evaluations
+    admin_group: str = ""  # its members may call every method of the daemon's D-Bus API
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class StatusGroup:
     gids: tuple[int, ...] = ()
     exempt: bool = False
     limits: dict[str, int | str] = field(default_factory=dict)
+    whitelist: tuple[str, ...] = ()  # process names whose CPU is not held against members
 
     def matches_nobody(self) -> bool:
         return not (self.users or self.uids or self.groups or self.gids)
@@ -52,6 +59,9 @@ class Policy:
     order: tuple[str, ...]
     fallback: str
     groups: dict[str, StatusGroup]
+    badness: BadnessParams = DEFAULT_BADNESS
+    whitelist: tuple[str, ...] = ()  # for every group: [processes].whitelist
+    penalty: PenaltyParams | None = None  # no [penalty] table: nobody is ever penalized
 
     def managed_keys(self) -> set[str]:
         """The limits some group sets: the ones cgpolicy owns on every user slice."""
@@ -144,6 +154,30 @@ class _File:
             return default
         return value
 
+    def number(
+        self,
+        table: dict[str, Any],
+        key: str,
+        default: float,
+        low: float,
+        high: float,
+        prefix: str = "",
+    ) -> float:
+        value = self.get(table, key, (int, float), default, prefix)
+        if not low <= value <= high:
+            self.report(f"must be from {low:g} to {high:g}, not {value!r}", prefix + key)
+            return default
+        return float(value)
+
+    def fraction(self, table: dict[str, Any], key: str, default: float, prefix: str = "") -> float:
+        value = self.get(table, key, (int, float), default, prefix)
+        if not 0 < value <= 1:
+            self.report(
+                f"must be a fraction more than 0 and at most 1, not {value!r}", prefix + key
+            )
+            return default
+        return float(value)
+
     def string_list(self, table: dict[str, Any], key: str, prefix: str = "") -> tuple[str, ...]:
         values = self.get(table, key, list, [], prefix)
         for value in values:
@@ -196,7 +230,7 @@ def _check_ownership(path: Path, trusted_uids: set[int], problems: list[Problem]
 
 def _parse_general(main: _File, data: dict[str, Any]) -> General:
     table = main.get(data, "general", dict, {})
-    main.check_keys(table, {"min_uid", "hook_timeout"}, "general.")
+    main.check_keys(table, {"min_uid", "hook_timeout", "interval", "admin_group"}, "general.")
     defaults = General()
     min_uid = main.get(table, "min_uid", int, defaults.min_uid, "general.")
     if min_uid < 1:
@@ -206,7 +240,66 @@ def _parse_general(main: _File, data: dict[str, Any]) -> General:
     if not 0 < timeout <= 30:
         main.report("must be more than 0 and at most 30 seconds", "general.hook_timeout")
         timeout = defaults.hook_timeout
-    return General(min_uid=min_uid, hook_timeout=float(timeout))
+    interval = main.number(table, "interval", defaults.interval, 1, 3600, "general.")
+    admin_group = main.get(table, "admin_group", str, defaults.admin_group, "general.")
+    return General(min_uid, float(timeout), interval, admin_group)
+
+
+def _parse_badness(main: _File, data: dict[str, Any]) -> BadnessParams:
+    table = main.get(data, "badness", dict, {})
+    main.check_keys(table, {f.name for f in fields(BadnessParams)}, "badness.")
+    d = DEFAULT_BADNESS
+    return BadnessParams(
+        cpu_threshold=main.fraction(table, "cpu_threshold", d.cpu_threshold, "badness."),
+        memory_threshold=main.fraction(table, "memory_threshold", d.memory_threshold, "badness."),
+        time_to_max_bad=main.number(
+            table, "time_to_max_bad", d.time_to_max_bad, 1, 86400 * 7, "badness."
+        ),
+        time_to_min_bad=main.number(
+            table, "time_to_min_bad", d.time_to_min_bad, 1, 86400 * 7, "badness."
+        ),
+    )
+
+
+def _parse_whitelist(file: _File, table: dict[str, Any], prefix: str = "") -> tuple[str, ...]:
+    return file.string_list(table, "whitelist", prefix)
+
+
+def _parse_penalty(main: _File, data: dict[str, Any]) -> PenaltyParams | None:
+    if "penalty" not in data:
+        return None
+    table = main.get(data, "penalty", dict, {})
+    order = main.string_list(table, "order", "penalty.")
+    known = {"order", "occurrence_timeout", *order}
+    main.check_keys(table, known, "penalty.")
+    occurrence_timeout = main.number(table, "occurrence_timeout", 10800, 1, 86400 * 365, "penalty.")
+    tiers = []
+    for name in order:
+        prefix = f"penalty.{name}."
+        tier = main.get(table, name, dict, None, "penalty.")
+        if tier is None:
+            main.report(
+                f"tier {name!r} is in penalty.order but has no [penalty.{name}] table",
+                "penalty.order",
+            )
+            continue
+        main.check_keys(tier, {"timeout", "cpu_factor", "memory_factor", "message"}, prefix)
+        tiers.append(
+            Tier(
+                name=name,
+                timeout=main.number(tier, "timeout", 1800, 1, 86400 * 365, prefix),
+                cpu_factor=main.fraction(tier, "cpu_factor", 1.0, prefix),
+                memory_factor=main.fraction(tier, "memory_factor", 1.0, prefix),
+                message=main.get(tier, "message", str, "", prefix),
+            )
+        )
+    if not order:
+        main.report("must list at least one tier", "penalty.order")
+    if not tiers or len(set(order)) != len(order):
+        if len(set(order)) != len(order):
+            main.report("a tier is listed more than once", "penalty.order")
+        return None
+    return PenaltyParams(tuple(tiers), occurrence_timeout)
 
 
 def _parse_uids(gfile: _File, data: dict[str, Any]) -> tuple[tuple[int, int], ...]:
@@ -264,7 +357,7 @@ def _absolute_bytes(value: int | str) -> float:
     return float("-inf")
 
 
-GROUP_KEYS = {"description", "users", "uids", "groups", "gids", "exempt", "limits"}
+GROUP_KEYS = {"description", "users", "uids", "groups", "gids", "exempt", "limits", "whitelist"}
 
 
 def _parse_group(path: Path, problems: list[Problem]) -> StatusGroup | None:
@@ -282,6 +375,7 @@ def _parse_group(path: Path, problems: list[Problem]) -> StatusGroup | None:
         gids=_parse_gids(gfile, data),
         exempt=gfile.get(data, "exempt", bool, False),
         limits=_parse_limits(gfile, data),
+        whitelist=_parse_whitelist(gfile, data),
     )
 
 
@@ -297,7 +391,7 @@ def load_policy(config_dir: Path, trusted_uids: set[int] | None = None) -> Polic
             _check_ownership(path, trusted_uids, problems)
     main = _File(main_path, problems)
     data = main.data or {}
-    main.check_keys(data, {"general", "status"})
+    main.check_keys(data, {"general", "status", "badness", "processes", "penalty"})
     general = _parse_general(main, data)
     status = main.get(data, "status", dict, {})
     main.check_keys(status, {"order", "fallback"}, "status.")
@@ -321,9 +415,14 @@ def load_policy(config_dir: Path, trusted_uids: set[int] | None = None) -> Polic
 
     if main.data is not None:
         _check_order(main, order, fallback, groups, config_dir / GROUPS_DIR)
+    badness = _parse_badness(main, data)
+    processes = main.get(data, "processes", dict, {})
+    main.check_keys(processes, {"whitelist"}, "processes.")
+    whitelist = _parse_whitelist(main, processes, "processes.")
+    penalty = _parse_penalty(main, data)
     if problems:
         raise PolicyError(problems)
-    return Policy(general, tuple(order), fallback, groups)
+    return Policy(general, tuple(order), fallback, groups, badness, whitelist, penalty)
 
 
 def _check_order(

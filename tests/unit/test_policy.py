@@ -127,3 +127,88 @@ def test_file_owned_by_another_user_is_unsafe(tmp_path):
     root = write_policy(tmp_path)
     with pytest.raises(PolicyError, match="must be owned by root"):
         load_policy(root, trusted_uids={os.geteuid() + 1})
+
+
+PENALTY = """
+[general]
+interval = 5
+admin_group = "hpcadmin"
+
+[badness]
+cpu_threshold = 0.8
+memory_threshold = 0.5
+time_to_max_bad = 300
+time_to_min_bad = 1800
+
+[processes]
+whitelist = ["sshd", "scp", "sftp-server", "rsync"]
+
+[penalty]
+order = ["penalty1", "penalty2"]
+occurrence_timeout = 10800
+
+[penalty.penalty1]
+timeout = 1800
+cpu_factor = 0.8
+memory_factor = 0.8
+message = "new"
+
+[penalty.penalty2]
+timeout = 3600
+cpu_factor = 0.5
+memory_factor = 0.5
+"""
+
+
+def test_daemon_sections(tmp_path):
+    groups = dict(
+        GROUPS, students=GROUPS["students"].replace("[limits]", 'whitelist = ["matlab"]\n[limits]')
+    )
+    main = (
+        MAIN.replace(
+            "hook_timeout = 1.5", 'hook_timeout = 1.5\ninterval = 5\nadmin_group = "hpcadmin"'
+        )
+        + PENALTY.split("\n", 4)[4]
+    )
+    policy = load_policy(write_policy(tmp_path, main=main, groups=groups))
+    assert policy.general.interval == 5.0 and policy.general.admin_group == "hpcadmin"
+    assert policy.badness.time_to_max_bad == 300
+    assert policy.whitelist == ("sshd", "scp", "sftp-server", "rsync")
+    assert policy.groups["students"].whitelist == ("matlab",)
+    assert policy.penalty is not None
+    assert policy.penalty.order == ("penalty1", "penalty2")
+    assert policy.penalty.tiers[0].message == "new"
+    assert policy.penalty.tiers[1].cpu_factor == 0.5
+
+
+def test_no_penalty_table_means_no_penalties(tmp_path):
+    policy = load_policy(write_policy(tmp_path))
+    assert policy.penalty is None
+    assert policy.badness.cpu_threshold == 0.8  # the published defaults
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ("cpu_threshold = 0.8", "cpu_threshold = 1.5"),
+            "badness.cpu_threshold: must be a fraction",
+        ),
+        (("time_to_max_bad = 300", 'time_to_max_bad = "5m"'), "badness.time_to_max_bad: must be"),
+        (
+            ('order = ["penalty1", "penalty2"]', 'order = ["penalty1", "penalty3"]'),
+            "tier 'penalty3' is in penalty.order but has no [penalty.penalty3] table",
+        ),
+        (("cpu_factor = 0.5", "cpu_factor = 0"), "penalty.penalty2.cpu_factor: must be a fraction"),
+        (('message = "new"', 'mesage = "new"'), "penalty.penalty1.mesage: unknown key"),
+        (("interval = 5", "interval = 0"), "general.interval: must be from 1 to 3600"),
+    ],
+)
+def test_daemon_section_errors(tmp_path, edit, message):
+    main = (
+        MAIN.replace("hook_timeout = 1.5", "hook_timeout = 1.5\ninterval = 5")
+        + PENALTY.split("\n", 4)[4]
+    )
+    found = problems(tmp_path, main=main.replace(*edit))
+    assert any(message in p for p in found), found
+    assert all(":" in p.split(" ")[0] for p in found)  # every problem names file and line
