@@ -17,19 +17,22 @@ if TYPE_CHECKING:
 
 
 def matching_rule(group: Group, account: Account) -> str | None:
-    """The rule of ``group`` that matches the account, for the admin to read; or None."""
+    """The rule of ``group`` that matches the account, for the admin to read; or None.
+
+    Plain words without quotes, since the rule goes inside a quoted log field.
+    """
     if account.name in group["users"]:
-        return f'users: "{account.name}"'
+        return f"users: {account.name}"
     for low, high in group["uids"]:
         if low <= account.uid <= high:
-            return f"uids: {low}" if low == high else f'uids: "{low}-{high}"'
+            return f"uids: {low}" if low == high else f"uids: {low}-{high}"
     for gid in group["gids"]:
         if gid in account.gids:
             return f"gids: {gid}"
     if group["groups"]:
         for name in group["groups"]:
             if name in account.group_names:
-                return f'groups: "{name}"'
+                return f"groups: {name}"
     return None
 
 
