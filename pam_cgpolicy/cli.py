@@ -109,20 +109,21 @@ def _managed_uid(args: argparse.Namespace) -> int:
     return account.uid
 
 
-def cmd_freeze(args: argparse.Namespace) -> None:
+def _freezer_command(args: argparse.Namespace, action: str) -> None:
     uid = _managed_uid(args)
-    how = _with_systemd(lambda sd: control.freeze_user(sd, uid))
+    act = control.freeze_user if action == "frozen" else control.thaw_user
+    how = _with_systemd(lambda sd: act(sd, uid))
     log.open_log("cgpolicyctl")
-    log.info(f"user={args.user} uid={uid} action=frozen via={how.replace(' ', '-')}")
-    print(f"{args.user}: frozen ({how})")
+    log.info(f"user={args.user} uid={uid} action={action} via={how.replace(' ', '-')}")
+    print(f"{args.user}: {action} ({how})")
+
+
+def cmd_freeze(args: argparse.Namespace) -> None:
+    _freezer_command(args, "frozen")
 
 
 def cmd_thaw(args: argparse.Namespace) -> None:
-    uid = _managed_uid(args)
-    how = _with_systemd(lambda sd: control.thaw_user(sd, uid))
-    log.open_log("cgpolicyctl")
-    log.info(f"user={args.user} uid={uid} action=thawed via={how.replace(' ', '-')}")
-    print(f"{args.user}: thawed ({how})")
+    _freezer_command(args, "thawed")
 
 
 def _user_row(policy: Compiled | None, account: Account, status: dict[str, Any]) -> dict[str, Any]:
