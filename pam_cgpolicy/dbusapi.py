@@ -1,0 +1,423 @@
+"""cgpolicyd's D-Bus API: org.cgpolicy1.Manager at /org/cgpolicy1, transport only.
+
+Each method checks the caller, converts types, calls the core and maps its
+errors to named D-Bus errors; the decisions are the core's (ManagerCore, which
+cgpolicyd implements). dbus/org.cgpolicy1.Manager.xml is the contract: MANAGER
+below must serve exactly that, and tests/unit/test_dbusapi.py holds them together.
+
+Access is decided from the caller's uid as the bus reports it, never from an
+argument: root and the policy's admin group may call everything; anyone else
+may only call GetUser about themselves. ListUsers is admins only, as it shows
+who is penalized.
+
+Why a message handler and not a dbus_fast ServiceInterface: a service method is
+not told who called. A handler added with MessageBus.add_message_handler gets
+the whole Message, so each call carries its own sender to GetConnectionUnixUser,
+with no "current message" state that concurrent calls could mix up, and only
+public dbus_fast API. The cost is answering Introspect and Properties for our
+object here; dbus_fast still answers Peer.
+
+cgpolicyd starts it with ``service = await serve(bus, core)`` and announces
+changes with ``service.emit_tier_changed(...)`` and ``emit_freezer_changed(...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pwd
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dbus_fast import (
+    ArgDirection,
+    DBusError,
+    ErrorType,
+    Message,
+    MessageFlag,
+    MessageType,
+    NameFlag,
+    RequestNameReply,
+    Variant,
+)
+from dbus_fast.aio import MessageBus
+from dbus_fast.introspection import Arg, Interface, Method, Node, Signal
+
+from . import log
+from .errors import CgpolicyError, PolicyError, UnknownUser
+
+BUS_NAME = "org.cgpolicy1"
+OBJECT_PATH = "/org/cgpolicy1"
+INTERFACE = "org.cgpolicy1.Manager"
+# Under the 25 s a D-Bus client waits by default, so callers get our Timeout error.
+DEFAULT_TIMEOUT = 20.0
+
+NO_SUCH_USER = "org.cgpolicy1.Error.NoSuchUser"
+NO_SUCH_TIER = "org.cgpolicy1.Error.NoSuchTier"
+INVALID_POLICY = "org.cgpolicy1.Error.InvalidPolicy"
+TIMEOUT = "org.cgpolicy1.Error.Timeout"  # the name systemd.py gives its own timeouts
+FAILED = "org.cgpolicy1.Error.Failed"
+ACCESS_DENIED = ErrorType.ACCESS_DENIED.value
+
+INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+
+
+class UnknownTier(CgpolicyError):
+    """The policy has no penalty tier by that name.
+
+    It belongs in errors.py beside UnknownUser; it lives here until it moves.
+    """
+
+
+class ManagerCore(Protocol):
+    """What cgpolicyd does behind the API. ``actor`` says who asked, for its log."""
+
+    async def get_user(self, name: str) -> dict[str, Any]:
+        """GetUser's keys (see the contract); UnknownUser for a name NSS does not know."""
+        ...
+
+    async def list_users(self) -> list[dict[str, Any]]: ...
+
+    async def freeze(self, name: str, actor: str) -> None: ...
+
+    async def thaw(self, name: str, actor: str) -> None: ...
+
+    async def penalize(self, name: str, tier: str, actor: str) -> None:
+        """UnknownTier when the policy has no such tier."""
+        ...
+
+    async def release(self, name: str, actor: str) -> None: ...
+
+    async def reload(self, actor: str) -> list[str]:
+        """The new policy's problems; empty when it is now in force."""
+        ...
+
+    async def is_admin(self, uid: int) -> bool:
+        """Whether ``uid`` is in the policy's admin group. Never asked about root."""
+        ...
+
+
+def _in(name: str, signature: str) -> Arg:
+    return Arg(signature, ArgDirection.IN, name)
+
+
+def _out(name: str, signature: str) -> Arg:
+    return Arg(signature, ArgDirection.OUT, name)
+
+
+MANAGER = Interface(
+    INTERFACE,
+    methods=[
+        Method("GetUser", [_in("user", "s")], [_out("info", "a{sv}")]),
+        Method("ListUsers", [], [_out("users", "aa{sv}")]),
+        Method("FreezeUser", [_in("user", "s")]),
+        Method("ThawUser", [_in("user", "s")]),
+        Method("Penalize", [_in("user", "s"), _in("tier", "s")]),
+        Method("Release", [_in("user", "s")]),
+        Method("Reload", [], [_out("problems", "as")]),
+    ],
+    signals=[
+        Signal(
+            "UserTierChanged",
+            [_out("user", "s"), _out("old_tier", "s"), _out("new_tier", "s"), _out("reason", "s")],
+        ),
+        Signal("UserFreezerChanged", [_out("user", "s"), _out("state", "s")]),
+    ],
+)
+
+# First match wins: the project's own errors carry messages written for an admin.
+ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (UnknownUser, NO_SUCH_USER),
+    (UnknownTier, NO_SUCH_TIER),
+    (PolicyError, INVALID_POLICY),
+    (CgpolicyError, FAILED),
+)
+
+INT64 = range(-(2**63), 2**63)
+
+
+def to_vardict(values: Mapping[str, Any]) -> dict[str, Variant]:
+    """The core's plain dict as a{sv}: str s, bool b, int x, float d, dict[str, str] a{ss}.
+
+    Keys whose value is None are left out. Any other type, or an int beyond
+    int64, is the core's bug: TypeError or ValueError, which callers see as Failed.
+    """
+    return {key: _variant(key, value) for key, value in values.items() if value is not None}
+
+
+def _variant(key: str, value: Any) -> Variant:
+    if isinstance(value, bool):  # before int: bool is an int
+        return Variant("b", value)
+    if isinstance(value, int):
+        if value not in INT64:
+            raise ValueError(f"{key}: {value} does not fit D-Bus type x")
+        return Variant("x", value)
+    if isinstance(value, float):
+        return Variant("d", value)
+    if isinstance(value, str):
+        return Variant("s", value)
+    if isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        return Variant("a{ss}", dict(value))
+    raise TypeError(f"{key}: no D-Bus type for {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a method call, as the bus knows them."""
+
+    uid: int
+    name: str | None  # None when NSS does not know the uid
+
+    @property
+    def actor(self) -> str:
+        return f"uid {self.uid} ({self.name})" if self.name else f"uid {self.uid}"
+
+
+class Denied(Exception):
+    """The caller may not do this; the text says why."""
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def introspection_xml(path: str) -> str | None:
+    """What Introspect answers at ``path``: our object, or a node on the way to it."""
+    if path == OBJECT_PATH:
+        standard = [i for i in Node.default().interfaces if i.name != OBJECT_MANAGER]
+        return Node(path, [*standard, MANAGER]).tostring()
+    prefix = path.rstrip("/") + "/"
+    if OBJECT_PATH.startswith(prefix):
+        node = Node(path)
+        node.nodes = [Node(OBJECT_PATH[len(prefix) :].split("/")[0], is_root=False)]
+        return node.tostring()
+    return None
+
+
+Handler = Callable[..., Awaitable[list[Any]]]
+
+
+class ManagerService:
+    """org.cgpolicy1.Manager on one bus connection, answering from ``core``.
+
+    Every call is answered within ``timeout`` seconds, a stuck core included:
+    the handler is cancelled, so the core must keep its records consistent at
+    every await (it records before it applies, and reconciles at start-up).
+    """
+
+    def __init__(self, bus: MessageBus, core: ManagerCore, timeout: float = DEFAULT_TIMEOUT):
+        self._bus = bus
+        self._core = core
+        self.timeout = timeout
+        self._methods = {method.name: method for method in MANAGER.methods}
+        self._signals = {signal.name: signal for signal in MANAGER.signals}
+        self._handlers: dict[str, Handler] = {
+            "GetUser": self._get_user,
+            "ListUsers": self._list_users,
+            "FreezeUser": self._freeze_user,
+            "ThawUser": self._thaw_user,
+            "Penalize": self._penalize,
+            "Release": self._release,
+            "Reload": self._reload,
+        }
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._bus.add_message_handler(self._on_message)
+
+    def stop(self) -> None:
+        """Stop answering; calls in progress get no reply."""
+        self._bus.remove_message_handler(self._on_message)
+        for task in self._tasks:
+            task.cancel()
+
+    # Signals
+
+    def emit_tier_changed(
+        self, user: str, old_tier: str | None, new_tier: str | None, reason: str
+    ) -> None:
+        """No tier (None) goes out as ""."""
+        self._emit("UserTierChanged", [user, old_tier or "", new_tier or "", reason])
+
+    def emit_freezer_changed(self, user: str, state: str) -> None:
+        self._emit("UserFreezerChanged", [user, state])
+
+    def _emit(self, member: str, body: list[Any]) -> None:
+        signature = self._signals[member].signature
+        self._bus.send(Message.new_signal(OBJECT_PATH, INTERFACE, member, signature, body))
+
+    # Dispatch
+
+    def _on_message(self, msg: Message) -> Message | bool:
+        """Claim method calls to our object; everything else goes on to dbus_fast."""
+        if msg.message_type != MessageType.METHOD_CALL:
+            return False
+        if msg.path == OBJECT_PATH and (
+            msg.interface == INTERFACE or (msg.interface is None and msg.member in self._methods)
+        ):
+            task = asyncio.get_running_loop().create_task(self._answer(msg))
+            self._tasks.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self._tasks.discard)
+            return True
+        if msg.interface == INTROSPECTABLE and msg.member == "Introspect" and not msg.signature:
+            xml = introspection_xml(msg.path or "")
+            if xml is None:
+                return False
+            return self._reply(msg, Message.new_method_return(msg, "s", [xml]))
+        if msg.path == OBJECT_PATH and msg.interface == PROPERTIES:
+            return self._reply(msg, self._properties(msg))
+        return False
+
+    @staticmethod
+    def _properties(msg: Message) -> Message:
+        """The interface has no properties; say so the standard way."""
+        if msg.member == "GetAll" and msg.signature == "s":
+            return Message.new_method_return(msg, "a{sv}", [{}])
+        if (msg.member, msg.signature) in (("Get", "ss"), ("Set", "ssv")):
+            return Message.new_error(
+                msg, ErrorType.UNKNOWN_PROPERTY, f"{msg.body[0]} has no property {msg.body[1]!r}"
+            )
+        return Message.new_error(msg, ErrorType.UNKNOWN_METHOD, f"{PROPERTIES}.{msg.member}")
+
+    @staticmethod
+    def _reply(msg: Message, reply: Message) -> Message | bool:
+        return True if msg.flags & MessageFlag.NO_REPLY_EXPECTED else reply
+
+    async def _answer(self, msg: Message) -> None:
+        member = msg.member or ""
+        method = self._methods.get(member)
+        if method is None:
+            reply = Message.new_error(msg, ErrorType.UNKNOWN_METHOD, f"{INTERFACE} has no {member}")
+        elif msg.signature != method.in_signature:
+            reply = Message.new_error(
+                msg,
+                ErrorType.INVALID_ARGS,
+                f"{member} takes ({method.in_signature}), not ({msg.signature})",
+            )
+        else:
+            reply = await self._call(msg, method)
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return
+        try:
+            self._bus.send(reply)
+        except Exception:  # the core's value would not marshal; answer all the same
+            log.error(f"{member}: cannot send the reply\n{traceback.format_exc()}")
+            self._bus.send(Message.new_error(msg, FAILED, f"{member} failed; see cgpolicyd's log"))
+
+    async def _call(self, msg: Message, method: Method) -> Message:
+        caller: Caller | None = None
+        timer = asyncio.timeout(self.timeout)
+        try:
+            async with timer:
+                caller = await self._caller(msg)
+                body = await self._handlers[method.name](caller, *msg.body)
+            return Message.new_method_return(msg, method.out_signature, body)
+        except Exception as err:
+            who = caller.actor if caller else f"sender {msg.sender}"
+            name, text = self._error(method.name, who, err, timer.expired())
+            return Message.new_error(msg, name, text)
+
+    def _error(self, member: str, who: str, err: Exception, expired: bool) -> tuple[str, str]:
+        """The D-Bus error for what a call raised; the unexpected ones go to the log."""
+        if isinstance(err, Denied):
+            log.info(f"denied {member} to {who}: {err}")
+            return ACCESS_DENIED, str(err)
+        if expired and isinstance(err, TimeoutError):
+            log.error(f"{member} for {who} did not finish in {self.timeout:g}s")
+            return TIMEOUT, f"cgpolicyd did not finish {member} in {self.timeout:g}s"
+        for error_type, name in ERRORS:
+            if isinstance(err, error_type):
+                return name, str(err)
+        log.error(f"{member} for {who} failed\n{''.join(traceback.format_exception(err))}")
+        return FAILED, f"{member} failed unexpectedly; cgpolicyd's log has the details"
+
+    async def _caller(self, msg: Message) -> Caller:
+        if not msg.sender:
+            raise Denied("the call has no sender to check")
+        reply = await self._bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="GetConnectionUnixUser",
+                signature="s",
+                body=[msg.sender],
+            )
+        )
+        if reply.message_type == MessageType.ERROR:
+            raise Denied(f"the bus does not know who {msg.sender} is ({reply.error_name})")
+        uid = int(reply.body[0])
+        # NSS may be remote (LDAP, sssd): off the loop, and under the call's timeout.
+        return Caller(uid, await asyncio.to_thread(_user_name, uid))
+
+    async def _require_admin(self, caller: Caller, what: str) -> None:
+        if caller.uid == 0 or await self._core.is_admin(caller.uid):
+            return
+        raise Denied(
+            f"{what} is for root and the policy's admin group; {caller.actor} is in neither"
+        )
+
+    # Methods: check, convert, call the core.
+
+    async def _get_user(self, caller: Caller, user: str) -> list[Any]:
+        if user != caller.name:
+            await self._require_admin(caller, "GetUser about another user")
+        return [to_vardict(await self._core.get_user(user))]
+
+    async def _list_users(self, caller: Caller) -> list[Any]:
+        await self._require_admin(caller, "ListUsers")
+        return [[to_vardict(user) for user in await self._core.list_users()]]
+
+    async def _freeze_user(self, caller: Caller, user: str) -> list[Any]:
+        await self._require_admin(caller, "FreezeUser")
+        await self._core.freeze(user, caller.actor)
+        return []
+
+    async def _thaw_user(self, caller: Caller, user: str) -> list[Any]:
+        await self._require_admin(caller, "ThawUser")
+        await self._core.thaw(user, caller.actor)
+        return []
+
+    async def _penalize(self, caller: Caller, user: str, tier: str) -> list[Any]:
+        await self._require_admin(caller, "Penalize")
+        await self._core.penalize(user, tier, caller.actor)
+        return []
+
+    async def _release(self, caller: Caller, user: str) -> list[Any]:
+        await self._require_admin(caller, "Release")
+        await self._core.release(user, caller.actor)
+        return []
+
+    async def _reload(self, caller: Caller) -> list[Any]:
+        await self._require_admin(caller, "Reload")
+        return [[str(problem) for problem in await self._core.reload(caller.actor)]]
+
+
+async def serve(
+    bus: MessageBus, core: ManagerCore, timeout: float = DEFAULT_TIMEOUT
+) -> ManagerService:
+    """Answer org.cgpolicy1.Manager calls on ``bus`` from ``core``, and own org.cgpolicy1.
+
+    Returns the service, for its signal emitters. CgpolicyError when the name
+    cannot be ours: another cgpolicyd has it, or the bus policy refuses.
+    """
+    service = ManagerService(bus, core, timeout)
+    # Answer before owning the name: the call that activated us is waiting for it.
+    service.start()
+    try:
+        reply = await asyncio.wait_for(bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE), timeout)
+    except (DBusError, TimeoutError) as err:
+        service.stop()
+        raise CgpolicyError(f"cannot own {BUS_NAME}: {err or 'the bus did not answer'}") from None
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        service.stop()
+        raise CgpolicyError(f"{BUS_NAME} is owned by another process: is cgpolicyd running?")
+    return service
