@@ -1,0 +1,572 @@
+"""The D-Bus API against a private dbus-daemon: contract, access, errors, timeouts, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import os
+import pwd
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.introspection import Interface, Node
+from privatebus import Sent, dbus_send, private_bus
+
+from pam_cgpolicy import log
+from pam_cgpolicy.dbusapi import (
+    BUS_NAME,
+    INTERFACE,
+    OBJECT_PATH,
+    ManagerService,
+    UnknownTier,
+    serve,
+    to_vardict,
+)
+from pam_cgpolicy.errors import FreezeError, UnknownUser
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTRACT = ROOT / "dbus" / "org.cgpolicy1.Manager.xml"
+BUS_POLICY = ROOT / "dbus" / "org.cgpolicy1.conf"
+ACTIVATION = ROOT / "dbus" / "org.cgpolicy1.service"
+
+IS_ROOT = os.geteuid() == 0
+as_other_uids = pytest.mark.skipif(
+    not IS_ROOT, reason="calling in as other uids, and owning org.cgpolicy1, needs root"
+)
+NOBODY = 65534
+# The fake core makes this account an admin. dbus-daemon serves only uids NSS knows.
+ADMIN = pwd.getpwnam("daemon").pw_uid
+# The in-process client runs as this uid; when that is not root, the fake core makes it an admin.
+CLIENT_ADMINS = frozenset() if IS_ROOT else frozenset({os.geteuid()})
+
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+
+USERS: dict[str, dict[str, Any]] = {
+    "alice": {
+        "user": "alice",
+        "uid": 1000,
+        "group": "students",
+        "tier": "penalty1",
+        "tier_expiry": 1_800_000_000.5,
+        "occurrences": 1,
+        "cpu_badness": 80.25,
+        "memory_badness": 23.0,
+        "limits": {"CPUQuota": "50%", "MemoryMax": "1G"},
+        "frozen": False,
+    },
+    "nobody": {"user": "nobody", "uid": NOBODY, "group": "normal", "tier": None, "frozen": False},
+}
+
+
+class FakeCore:
+    """Records what it is asked; fails, hangs or admits admins as a test says."""
+
+    def __init__(
+        self,
+        admins: frozenset[int] = CLIENT_ADMINS,
+        raises: Exception | None = None,
+        hangs: bool = False,
+        problems: tuple[str, ...] = (),
+    ) -> None:
+        self.admins = admins
+        self.raises = raises
+        self.hangs = hangs
+        self.problems = problems
+        self.calls: list[tuple[str, ...]] = []
+        self.asked_admin: list[int] = []
+
+    async def _do(self, *call: str) -> None:
+        self.calls.append(call)
+        if self.hangs:
+            await asyncio.Event().wait()
+        if self.raises:
+            raise self.raises
+
+    async def get_user(self, name: str) -> dict[str, Any]:
+        await self._do("get_user", name)
+        if name not in USERS:
+            raise UnknownUser(f"no such user: {name!r}")
+        return USERS[name]
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        await self._do("list_users")
+        return list(USERS.values())
+
+    async def freeze(self, name: str, actor: str) -> None:
+        await self._do("freeze", name, actor)
+
+    async def thaw(self, name: str, actor: str) -> None:
+        await self._do("thaw", name, actor)
+
+    async def penalize(self, name: str, tier: str, actor: str) -> None:
+        await self._do("penalize", name, tier, actor)
+        if tier != "penalty1":
+            raise UnknownTier(f"no tier {tier!r}; the tiers are: penalty1")
+
+    async def release(self, name: str, actor: str) -> None:
+        await self._do("release", name, actor)
+
+    async def reload(self, actor: str) -> list[str]:
+        await self._do("reload", actor)
+        return list(self.problems)
+
+    async def is_admin(self, uid: int) -> bool:
+        self.asked_admin.append(uid)
+        return uid in self.admins
+
+
+@pytest.fixture(scope="module")
+def address() -> Iterator[str]:
+    # The real bus policy lets only root own the name, so it is in force only when we are root.
+    with private_bus([BUS_POLICY] if IS_ROOT else []) as bus_address:
+        yield bus_address
+
+
+@pytest.fixture(autouse=True)
+def logged(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the service logs, kept from the machine's syslog."""
+    lines: list[str] = []
+    monkeypatch.setattr(log, "info", lines.append)
+    monkeypatch.setattr(log, "error", lines.append)
+    return lines
+
+
+@asynccontextmanager
+async def running(
+    address: str, core: FakeCore, timeout: float = 5.0
+) -> AsyncIterator[tuple[ManagerService, MessageBus]]:
+    """The service on its own connection, and a client connection as this process's uid."""
+    bus = await MessageBus(bus_address=address).connect()
+    client = await MessageBus(bus_address=address).connect()
+    service: ManagerService | None = None
+    try:
+        service = await serve(bus, core, timeout)
+        yield service, client
+    finally:
+        if service:
+            service.stop()
+        client.disconnect()
+        bus.disconnect()
+
+
+T = TypeVar("T")
+
+
+def run(scenario: Coroutine[Any, Any, T]) -> T:
+    """Run a test's scenario on a fresh event loop; a stuck one fails, not hangs."""
+    return asyncio.run(asyncio.wait_for(scenario, 20))
+
+
+async def call(
+    client: MessageBus,
+    member: str,
+    signature: str = "",
+    body: list[Any] | None = None,
+    interface: str = INTERFACE,
+) -> Message:
+    return await client.call(
+        Message(
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+        )
+    )
+
+
+def error_of(reply: Message) -> tuple[str | None, str]:
+    assert reply.message_type == MessageType.ERROR, reply.body
+    return reply.error_name, reply.body[0]
+
+
+# dbus-send arguments of one call to every method.
+EVERY_METHOD = {
+    "GetUser": ["string:alice"],
+    "ListUsers": [],
+    "FreezeUser": ["string:alice"],
+    "ThawUser": ["string:alice"],
+    "Penalize": ["string:alice", "string:penalty1"],
+    "Release": ["string:alice"],
+    "Reload": [],
+}
+
+
+async def send_as(address: str, uid: int, member: str, *args: str) -> Sent:
+    return await dbus_send(address, uid, BUS_NAME, OBJECT_PATH, f"{INTERFACE}.{member}", *args)
+
+
+# The contract
+
+
+def shape(interface: Interface) -> dict[str, Any]:
+    """What a caller depends on: names, argument names and types, directions, annotations."""
+
+    def args(arguments: list[Any]) -> list[tuple[str | None, str]]:
+        return [(arg.name, arg.signature) for arg in arguments]
+
+    return {
+        "methods": {
+            m.name: (args(m.in_args), args(m.out_args), m.annotations) for m in interface.methods
+        },
+        "signals": {s.name: (args(s.args), s.annotations) for s in interface.signals},
+        "properties": {p.name: (p.signature, p.access) for p in interface.properties},
+        "annotations": interface.annotations,
+    }
+
+
+def contract() -> Interface:
+    (interface,) = Node.parse(CONTRACT.read_text()).interfaces
+    assert interface.name == INTERFACE
+    return interface
+
+
+def test_the_served_interface_is_the_contract(address: str) -> None:
+    async def scenario() -> None:
+        async with running(address, FakeCore()) as (_, client):
+            node = await client.introspect(BUS_NAME, OBJECT_PATH)
+            served = {interface.name: interface for interface in node.interfaces}
+            assert shape(served[INTERFACE]) == shape(contract())
+            assert set(served) == {
+                INTERFACE,
+                "org.freedesktop.DBus.Introspectable",
+                "org.freedesktop.DBus.Peer",
+                "org.freedesktop.DBus.Properties",
+            }
+            # busctl tree and the like find the object from the root.
+            assert [n.name for n in (await client.introspect(BUS_NAME, "/")).nodes] == ["org"]
+            assert [n.name for n in (await client.introspect(BUS_NAME, "/org")).nodes] == [
+                "cgpolicy1"
+            ]
+
+    run(scenario())
+
+
+def test_every_contract_method_answers_with_its_signature(address: str) -> None:
+    bodies: dict[str, list[Any]] = {
+        "GetUser": ["alice"],
+        "FreezeUser": ["alice"],
+        "ThawUser": ["alice"],
+        "Penalize": ["alice", "penalty1"],
+        "Release": ["alice"],
+    }
+
+    async def scenario() -> None:
+        async with running(address, FakeCore()) as (_, client):
+            for method in contract().methods:
+                body = bodies.get(method.name, [])
+                reply = await call(client, method.name, method.in_signature, body)
+                assert reply.message_type == MessageType.METHOD_RETURN, (method.name, reply.body)
+                assert reply.signature == method.out_signature, method.name
+
+    run(scenario())
+
+
+def test_standard_interfaces_and_bad_calls(address: str) -> None:
+    async def scenario() -> None:
+        async with running(address, FakeCore()) as (_, client):
+            properties = "org.freedesktop.DBus.Properties"
+            reply = await call(client, "GetAll", "s", [INTERFACE], properties)
+            assert reply.body == [{}]
+            reply = await call(client, "Get", "ss", [INTERFACE, "Tier"], properties)
+            assert error_of(reply)[0] == "org.freedesktop.DBus.Error.UnknownProperty"
+            reply = await call(client, "Ping", interface="org.freedesktop.DBus.Peer")
+            assert reply.message_type == MessageType.METHOD_RETURN
+            reply = await call(client, "GetUser", "u", [1000])
+            assert error_of(reply)[0] == "org.freedesktop.DBus.Error.InvalidArgs"
+            reply = await call(client, "Explode")
+            assert error_of(reply)[0] == "org.freedesktop.DBus.Error.UnknownMethod"
+
+    run(scenario())
+
+
+# Types
+
+
+def test_to_vardict_types_and_leaves_out_none() -> None:
+    assert to_vardict(USERS["alice"]) == {
+        "user": Variant("s", "alice"),
+        "uid": Variant("x", 1000),
+        "group": Variant("s", "students"),
+        "tier": Variant("s", "penalty1"),
+        "tier_expiry": Variant("d", 1_800_000_000.5),
+        "occurrences": Variant("x", 1),
+        "cpu_badness": Variant("d", 80.25),
+        "memory_badness": Variant("d", 23.0),
+        "limits": Variant("a{ss}", {"CPUQuota": "50%", "MemoryMax": "1G"}),
+        "frozen": Variant("b", False),
+    }
+    assert "tier" not in to_vardict(USERS["nobody"])
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [([1, 2], TypeError), ({"MemoryMax": 1}, TypeError), (2**64 - 1, ValueError)],
+)
+def test_to_vardict_refuses_what_has_no_documented_type(value: Any, error: type) -> None:
+    with pytest.raises(error, match="key"):
+        to_vardict({"key": value})
+
+
+def test_get_user_reaches_the_caller_as_variants(address: str) -> None:
+    async def scenario() -> None:
+        async with running(address, FakeCore()) as (_, client):
+            reply = await call(client, "GetUser", "s", ["alice"])
+            assert reply.body == [to_vardict(USERS["alice"])]
+            reply = await call(client, "ListUsers")
+            assert reply.body == [[to_vardict(user) for user in USERS.values()]]
+
+    run(scenario())
+
+
+def test_reload_answers_the_policy_problems(address: str) -> None:
+    problems = ("/etc/cgpolicy/cgpolicy.toml:3: min_uid: must be a number",)
+
+    async def scenario() -> None:
+        async with running(address, FakeCore(problems=problems)) as (_, client):
+            assert (await call(client, "Reload")).body == [list(problems)]
+
+    run(scenario())
+
+
+# Access
+
+
+@as_other_uids
+def test_root_may_call_everything_without_being_an_admin(address: str) -> None:
+    core = FakeCore(admins=frozenset())
+
+    async def scenario() -> list[Message]:
+        async with running(address, core) as (_, client):
+            return [
+                await call(client, "GetUser", "s", ["alice"]),
+                await call(client, "ListUsers"),
+                await call(client, "FreezeUser", "s", ["alice"]),
+                await call(client, "ThawUser", "s", ["alice"]),
+                await call(client, "Penalize", "ss", ["alice", "penalty1"]),
+                await call(client, "Release", "s", ["alice"]),
+                await call(client, "Reload"),
+            ]
+
+    for reply in run(scenario()):
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    root = "uid 0 (root)"
+    assert ("freeze", "alice", root) in core.calls
+    assert ("penalize", "alice", "penalty1", root) in core.calls
+    assert len(core.calls) == 7
+    assert core.asked_admin == []
+
+
+@as_other_uids
+def test_an_unprivileged_user_may_only_ask_about_themselves(
+    address: str, logged: list[str]
+) -> None:
+    core = FakeCore()
+
+    async def scenario() -> dict[str, Sent]:
+        async with running(address, core):
+            sent = {
+                member: await send_as(address, NOBODY, member, *args)
+                for member, args in EVERY_METHOD.items()
+            }
+            sent["GetUser self"] = await send_as(address, NOBODY, "GetUser", "string:nobody")
+            return sent
+
+    sent = run(scenario())
+    assert sent.pop("GetUser self").error is None
+    for member, result in sent.items():
+        assert result.error == ACCESS_DENIED, member
+        assert "uid 65534 (nobody)" in result.text, member
+    assert core.calls == [("get_user", "nobody")]  # refused calls never reach the core
+    assert set(core.asked_admin) == {NOBODY}
+    assert sum("denied" in line for line in logged) == len(EVERY_METHOD)
+
+
+@as_other_uids
+def test_access_fails_closed_when_the_admin_check_fails(address: str) -> None:
+    core = FakeCore()
+
+    async def broken_is_admin(uid: int) -> bool:
+        raise RuntimeError("group lookup failed")
+
+    core.is_admin = broken_is_admin  # type: ignore[method-assign]
+
+    async def scenario() -> Sent:
+        async with running(address, core):
+            return await send_as(address, NOBODY, "FreezeUser", "string:alice")
+
+    assert run(scenario()).error == "org.cgpolicy1.Error.Failed"
+    assert core.calls == []
+
+
+@as_other_uids
+def test_an_admin_may_call_everything(address: str) -> None:
+    core = FakeCore(admins=frozenset({ADMIN}))
+
+    async def scenario() -> dict[str, Sent]:
+        async with running(address, core):
+            return {
+                member: await send_as(address, ADMIN, member, *args)
+                for member, args in EVERY_METHOD.items()
+            }
+
+    for member, result in run(scenario()).items():
+        assert result.error is None, (member, result)
+    assert ("freeze", "alice", f"uid {ADMIN} (daemon)") in core.calls
+    assert len(core.calls) == len(EVERY_METHOD)
+
+
+@as_other_uids
+def test_the_bus_policy_lets_anyone_call_but_only_root_own(address: str) -> None:
+    async def scenario() -> list[Sent]:
+        async with running(address, FakeCore()):
+            return [
+                await dbus_send(
+                    address,
+                    NOBODY,
+                    "org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus.RequestName",
+                    f"string:{BUS_NAME}",
+                    "uint32:4",
+                ),
+                await dbus_send(
+                    address,
+                    NOBODY,
+                    BUS_NAME,
+                    OBJECT_PATH,
+                    "org.freedesktop.DBus.ObjectManager.GetManagedObjects",
+                ),
+                await dbus_send(
+                    address, NOBODY, BUS_NAME, OBJECT_PATH, "org.freedesktop.DBus.Peer.Ping"
+                ),
+                await dbus_send(
+                    address,
+                    NOBODY,
+                    BUS_NAME,
+                    OBJECT_PATH,
+                    "org.freedesktop.DBus.Introspectable.Introspect",
+                ),
+            ]
+
+    own, other_interface, ping, introspect = run(scenario())
+    assert own.error == ACCESS_DENIED
+    assert other_interface.error == ACCESS_DENIED
+    assert "Rejected send message" in other_interface.text  # the bus refused, not cgpolicyd
+    assert ping.error is None
+    assert introspect.error is None and INTERFACE in introspect.output
+
+
+def test_the_activation_file_starts_cgpolicyd() -> None:
+    parser = configparser.ConfigParser()
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(ACTIVATION.read_text())
+    assert dict(parser["D-BUS Service"]) == {
+        "Name": BUS_NAME,
+        "Exec": "/bin/false",
+        "User": "root",
+        "SystemdService": "cgpolicyd.service",
+    }
+
+
+# Errors
+
+
+@pytest.mark.parametrize(
+    ("raises", "member", "body", "error", "text"),
+    [
+        (None, "GetUser", ["zed"], "NoSuchUser", "no such user: 'zed'"),
+        (
+            None,
+            "Penalize",
+            ["alice", "penalty9"],
+            "NoSuchTier",
+            "no tier 'penalty9'; the tiers are: penalty1",
+        ),
+        (
+            FreezeError("alice: not logged in"),
+            "FreezeUser",
+            ["alice"],
+            "Failed",
+            "alice: not logged in",
+        ),
+    ],
+)
+def test_the_project_errors_become_named_errors_with_their_message(
+    address: str, raises: Exception | None, member: str, body: list[str], error: str, text: str
+) -> None:
+    async def scenario() -> tuple[str | None, str]:
+        async with running(address, FakeCore(raises=raises)) as (_, client):
+            return error_of(await call(client, member, "s" * len(body), body))
+
+    assert run(scenario()) == (f"org.cgpolicy1.Error.{error}", text)
+
+
+def test_an_unexpected_error_is_logged_and_the_caller_told_only_failed(
+    address: str, logged: list[str]
+) -> None:
+    core = FakeCore(raises=RuntimeError("secret detail at /srv/cgpolicyd/core.py"))
+
+    async def scenario() -> tuple[str | None, str]:
+        async with running(address, core) as (_, client):
+            return error_of(await call(client, "ThawUser", "s", ["alice"]))
+
+    name, text = run(scenario())
+    assert name == "org.cgpolicy1.Error.Failed"
+    assert text == "ThawUser failed unexpectedly; cgpolicyd's log has the details"
+    (entry,) = logged
+    assert "Traceback" in entry and "secret detail" in entry
+
+
+def test_a_stuck_core_answers_timeout_within_the_handler_timeout(address: str) -> None:
+    async def scenario() -> tuple[float, tuple[str | None, str]]:
+        async with running(address, FakeCore(hangs=True), timeout=0.3) as (_, client):
+            start = time.monotonic()
+            reply = await call(client, "Release", "s", ["alice"])
+            return time.monotonic() - start, error_of(reply)
+
+    elapsed, (name, text) = run(scenario())
+    assert name == "org.cgpolicy1.Error.Timeout"
+    assert text == "cgpolicyd did not finish Release in 0.3s"
+    assert 0.3 <= elapsed < 2
+
+
+# Signals
+
+
+def test_subscribers_get_the_signals(address: str) -> None:
+    async def scenario() -> list[Message]:
+        async with running(address, FakeCore()) as (service, client):
+            received: asyncio.Queue[Message] = asyncio.Queue()
+
+            def on_message(msg: Message) -> bool:
+                if msg.message_type == MessageType.SIGNAL and msg.interface == INTERFACE:
+                    received.put_nowait(msg)
+                return False
+
+            client.add_message_handler(on_message)
+            await client.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="AddMatch",
+                    signature="s",
+                    body=[f"type='signal',sender='{BUS_NAME}',interface='{INTERFACE}'"],
+                )
+            )
+            service.emit_tier_changed("alice", None, "penalty1", "badness 103.2 >= 100")
+            service.emit_freezer_changed("alice", "frozen")
+            return [await asyncio.wait_for(received.get(), 5) for _ in range(2)]
+
+    tier, freezer = run(scenario())
+    assert (tier.path, tier.member, tier.signature) == (OBJECT_PATH, "UserTierChanged", "ssss")
+    assert tier.body == ["alice", "", "penalty1", "badness 103.2 >= 100"]
+    assert (freezer.member, freezer.body) == ("UserFreezerChanged", ["alice", "frozen"])
