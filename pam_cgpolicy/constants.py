@@ -23,6 +23,10 @@ SYSTEMD_UNIT = "org.freedesktop.systemd1.Unit"
 SYSTEMD_SLICE = "org.freedesktop.systemd1.Slice"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 
+CGPOLICY_BUS_NAME = "org.cgpolicy1"  # the daemon's own API: dbus/org.cgpolicy1.Manager.xml
+CGPOLICY_PATH = "/org/cgpolicy1"
+CGPOLICY_INTERFACE = "org.cgpolicy1.Manager"
+
 HOOK_PATH = "/usr/sbin/cgpolicy-pam-hook"
 
 

@@ -45,11 +45,12 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Arg, Interface, Method, Node, Signal
 
 from . import log
-from .errors import CgpolicyError, PolicyError, UnknownUser
+from .constants import CGPOLICY_BUS_NAME, CGPOLICY_INTERFACE, CGPOLICY_PATH
+from .errors import CgpolicyError, PolicyError, UnknownTier, UnknownUser
 
-BUS_NAME = "org.cgpolicy1"
-OBJECT_PATH = "/org/cgpolicy1"
-INTERFACE = "org.cgpolicy1.Manager"
+BUS_NAME = CGPOLICY_BUS_NAME
+OBJECT_PATH = CGPOLICY_PATH
+INTERFACE = CGPOLICY_INTERFACE
 # Under the 25 s a D-Bus client waits by default, so callers get our Timeout error.
 DEFAULT_TIMEOUT = 20.0
 
@@ -63,13 +64,6 @@ ACCESS_DENIED = ErrorType.ACCESS_DENIED.value
 INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
-
-
-class UnknownTier(CgpolicyError):
-    """The policy has no penalty tier by that name.
-
-    It belongs in errors.py beside UnknownUser; it lives here until it moves.
-    """
 
 
 class ManagerCore(Protocol):

@@ -40,6 +40,10 @@ class UnknownUser(CgpolicyError):
     """The name does not resolve through NSS."""
 
 
+class UnknownTier(CgpolicyError):
+    """The policy has no penalty tier by that name."""
+
+
 class SystemdError(CgpolicyError):
     """systemd answered a call with an error, or did not answer in time."""
 

@@ -24,11 +24,10 @@ from pam_cgpolicy.dbusapi import (
     INTERFACE,
     OBJECT_PATH,
     ManagerService,
-    UnknownTier,
     serve,
     to_vardict,
 )
-from pam_cgpolicy.errors import FreezeError, UnknownUser
+from pam_cgpolicy.errors import FreezeError, UnknownTier, UnknownUser
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = ROOT / "dbus" / "org.cgpolicy1.Manager.xml"
