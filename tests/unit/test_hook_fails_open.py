@@ -98,3 +98,33 @@ def test_root_is_skipped_without_touching_the_bus(tmp_path):
     done, _ = run_hook(tmp_path, "unix:path=/dev/null", user="root")
     assert done.returncode == 0
     assert 'action=skipped reason="root is never limited"' in done.stderr
+
+
+def test_the_hook_imports_nothing_heavy():
+    """The login cost depends on it: no D-Bus stack, asyncio, typing, enum or TOML parser."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        f"import sys; sys.path.insert(0, {repo!r}); import pam_cgpolicy.hook; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-I", "-S", "-c", code], check=True, capture_output=True, text=True
+        ).stdout.split()
+    )
+    heavy = {
+        "asyncio",
+        "dbus_fast",
+        "typing",
+        "enum",
+        "dataclasses",
+        "tomllib",
+        "sqlite3",
+        "json",
+        "re",
+        "pathlib",
+        "subprocess",
+        "signal",
+    }
+    assert "pam_cgpolicy.hook" in loaded
+    assert loaded & heavy == set()
