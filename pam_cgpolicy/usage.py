@@ -3,8 +3,12 @@
 Each cycle the daemon passes the active uids to sample(). It reads each slice's
 cumulative CPU time and its memory, on cgroup v2 and v1 alike, and averages the
 CPU over the time since that uid's previous sample. The CPU of whitelisted
-processes (sshd, scp, rsync...) over the same interval, read from /proc, is taken
-off, so that moving files around is not heavy use; memory is never reduced.
+processes (sshd, scp, rsync...) over the same interval is taken off, so that
+moving files around is not heavy use; memory is never reduced.
+
+Per-process data costs a file read per process, so it is read only for uids with
+a whitelist whose slice used CPU since the last look, in one pass over /proc per
+cycle. Which slice a process belongs to is read once in its life.
 
 Read only: systemd owns these cgroups. A missing file means "no data" (None):
 systemd creates a v1 slice's cpu and memory cgroups only when accounting is on.
@@ -24,6 +28,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMM_LEN = 15  # the kernel keeps the first 15 bytes of a process name (TASK_COMM_LEN - 1)
 
 _SLICE = re.compile(r"user-(0|[1-9][0-9]*)\.slice")
+# A process's line in /proc/PID/cgroup for systemd's hierarchy, when it is in a user slice.
+_V2_OWNER = re.compile(rb"^0::/user\.slice/user-([0-9]+)\.slice(?:/|$)", re.MULTILINE)
+_V1_OWNER = re.compile(
+    rb"^[0-9]+:name=systemd:/user\.slice/user-([0-9]+)\.slice(?:/|$)", re.MULTILINE
+)
+_NOBODY = -1  # the owner of processes in no user slice: system services, kernel threads
 _CHUNK = 16384  # every single-value cgroup or /proc file we read is smaller
 # Where a v1 node mounts cpuacct: Debian co-mounts it with cpu; others on its own.
 _CPUACCT_DIRS = ("cpu,cpuacct", "cpuacct,cpu", "cpuacct")
@@ -35,8 +45,9 @@ class Sample:
     """One uid's usage over the interval ending at a sample.
 
     ``cores`` is the slice's CPU averaged over ``interval`` less the whitelisted
-    processes' share, never below 0; it and ``interval`` are None at the first
-    sample of a uid, or when the slice's CPU could not be read now or before.
+    processes' share, never below 0. It and ``interval`` are None at the first
+    sample of a uid; it alone is None when the slice's CPU could not be read now or
+    before, or went down (the slice was created anew).
     """
 
     uid: int
@@ -58,11 +69,12 @@ class ProcStat:
 
 @dataclass(slots=True)
 class _UserState:
-    time: float  # the caller's clock at the previous sample
-    uptime: float | None  # /proc/uptime at the previous sample
+    time: float  # the caller's clock at the sample
+    uptime: float | None  # /proc/uptime at the sample
     cpu_usec: int | None
     pids_uptime: float | None = None  # /proc/uptime when ``pids`` were read
-    pids: dict[int, tuple[int, int]] = field(default_factory=dict)  # pid: (start, cpu ticks)
+    # The whitelisted processes seen then: pid -> (start ticks, cpu ticks).
+    pids: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def parse_proc_stat(data: bytes) -> ProcStat | None:
@@ -72,6 +84,10 @@ def parse_proc_stat(data: bytes) -> ProcStat | None:
     closing = data.rfind(b")")
     if opening < 0 or closing < opening:
         return None
+    return _parse_after_comm(data, os.fsdecode(data[opening + 1 : closing]), closing)
+
+
+def _parse_after_comm(data: bytes, comm: str, closing: int) -> ProcStat | None:
     fields = data[closing + 2 :].split()  # fields[0] is field 3, state
     if len(fields) < 20:
         return None
@@ -80,11 +96,15 @@ def parse_proc_stat(data: bytes) -> ProcStat | None:
         start = int(fields[19])
     except ValueError:
         return None
-    return ProcStat(os.fsdecode(data[opening + 1 : closing]), cpu, start)
+    return ProcStat(comm, cpu, start)
 
 
 def _read(path: str) -> bytes | None:
-    """A small file with a single value or record, in one read; None if unreadable."""
+    """A small cgroup or /proc file, None if unreadable.
+
+    Each file read here is printed by a single seq_file show(), which one read of a
+    large enough buffer gets whole (unlike cgroup.procs, printed a pid at a time).
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -98,26 +118,6 @@ def _read(path: str) -> bytes | None:
             data = b"".join(parts)
         return data
     except OSError:  # ESRCH and friends from a process or cgroup on its way out
-        return None
-    finally:
-        os.close(fd)
-
-
-def _read_list(path: str) -> bytes | None:
-    """A file of many records (cgroup.procs), read to the end.
-
-    seq_file may return less than asked before the end, so a short read proves nothing.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        parts = []
-        while chunk := os.read(fd, _CHUNK):
-            parts.append(chunk)
-        return b"".join(parts)
-    except OSError:
         return None
     finally:
         os.close(fd)
@@ -139,9 +139,9 @@ def _stat_value(data: bytes, key: bytes) -> int | None:
         return None
 
 
-def _comm_names(names: frozenset[str]) -> frozenset[str]:
-    """Whitelist names cut as the kernel cuts process names, so long names still match."""
-    return frozenset(os.fsdecode(os.fsencode(name)[:COMM_LEN]) for name in names)
+def _comm_names(names: frozenset[str]) -> frozenset[bytes]:
+    """Whitelist names as the kernel keeps process names: bytes, cut to COMM_LEN."""
+    return frozenset(os.fsencode(name)[:COMM_LEN] for name in names)
 
 
 class UsageSampler:
@@ -157,16 +157,21 @@ class UsageSampler:
         if self.mode == "unified":
             self._tasks_dir = f"{root}/user.slice"
             self._cpu_dir = self._memory_dir = self._tasks_dir
+            self._owner_line = _V2_OWNER
         elif self.mode in ("hybrid", "legacy"):
             # v1: systemd's own named hierarchy has every slice and all its tasks.
             self._tasks_dir = f"{root}/systemd/user.slice"
             cpuacct = next((d for d in _CPUACCT_DIRS if (root / d).is_dir()), _CPUACCT_DIRS[0])
             self._cpu_dir = f"{root}/{cpuacct}/user.slice"
             self._memory_dir = f"{root}/memory/user.slice"
+            self._owner_line = _V1_OWNER
         else:
             raise ValueError(f"unknown cgroup mode {self.mode!r}")
         self._proc = str(proc)
         self._users: dict[int, _UserState] = {}
+        # /proc entry name (the pid) -> (its inode, uid of its slice). The inode tells a
+        # reused pid apart: a new process gets a new /proc/PID inode.
+        self._owners: dict[str, tuple[int, int]] = {}
 
     def active_uids(self, min_uid: int) -> list[int]:
         """The uids of the user-UID.slice cgroups with uid >= min_uid, in order."""
@@ -200,52 +205,98 @@ class UsageSampler:
             (whitelist, _NO_NAMES) if isinstance(whitelist, Mapping) else (None, whitelist)
         )
         # One truncated copy of each distinct whitelist per call; most uids share one.
-        comm_names: dict[frozenset[str], frozenset[str]] = {}
-        users: dict[int, _UserState] = {}
-        samples: dict[int, Sample] = {}
+        cut: dict[frozenset[str], frozenset[bytes]] = {}
+        readings: list[tuple[int, _UserState, int | None]] = []
+        wanted: dict[int, frozenset[bytes]] = {}  # the uids whose processes to read
         for uid in uids:
             slice_name = f"user-{uid}.slice"
-            cpu_usec = self._cpu_usec(slice_name)
-            memory = self._memory(slice_name)
-            prev = self._users.get(uid)
-            state = _UserState(now, uptime, cpu_usec)
-            interval = None
-            slice_cores = None
-            if prev is not None and now > prev.time:
-                interval = now - prev.time
-                # A total that went down belongs to a new slice of the same name.
-                if cpu_usec is not None and prev.cpu_usec is not None and cpu_usec >= prev.cpu_usec:
-                    slice_cores = (cpu_usec - prev.cpu_usec) / 1e6 / interval
-
+            state = _UserState(now, uptime, self._cpu_usec(slice_name))
+            readings.append((uid, state, self._memory(slice_name)))
             names = per_uid.get(uid, _NO_NAMES) if per_uid is not None else shared
-            white_ticks = 0
+            if not names:
+                continue
+            prev = self._users.get(uid)
             if (
-                names
-                and prev is not None
+                prev is not None
                 and prev.pids_uptime is not None
-                and cpu_usec is not None
-                and cpu_usec == prev.cpu_usec
+                and state.cpu_usec is not None
+                and state.cpu_usec == prev.cpu_usec
             ):
                 # Nothing in the slice ran, so no process's CPU moved: the per-process
                 # totals read before are still exact, and /proc need not be read.
                 state.pids, state.pids_uptime = prev.pids, prev.pids_uptime
-            elif names:
-                cut = comm_names.get(names)
-                if cut is None:
-                    cut = comm_names[names] = _comm_names(names)
-                white_ticks, state.pids = self._whitelisted(slice_name, cut, prev)
-                state.pids_uptime = uptime
+                continue
+            if names not in cut:
+                cut[names] = _comm_names(names)
+            wanted[uid] = cut[names]
+        found = self._scan_proc(wanted) if wanted else {}
 
-            white_cores = None
-            cores = None
-            if interval is not None:
-                white_cores = white_ticks / CLK_TCK / interval
-                if slice_cores is not None:
-                    cores = max(0.0, slice_cores - white_cores)
+        users: dict[int, _UserState] = {}
+        samples: dict[int, Sample] = {}
+        for uid, state, memory in readings:
+            prev = self._users.get(uid)
+            white_ticks = 0
+            if uid in wanted:
+                white_ticks, state.pids = _whitelisted_ticks(found.get(uid, []), prev)
+                state.pids_uptime = uptime
             users[uid] = state
-            samples[uid] = Sample(uid, cores, cpu_usec, memory, white_cores, interval)
+            samples[uid] = _sample(uid, state, prev, memory, white_ticks)
         self._users = users
         return samples
+
+    def _scan_proc(
+        self, wanted: Mapping[int, frozenset[bytes]]
+    ) -> dict[int, list[tuple[int, ProcStat]]]:
+        """The whitelisted processes of the ``wanted`` uids, in one pass over /proc.
+
+        Only their processes' stat is read. Which slice a process is in is read once
+        in its life, from /proc/PID/cgroup, and remembered.
+        """
+        found: dict[int, list[tuple[int, ProcStat]]] = {}
+        known = self._owners
+        owners: dict[str, tuple[int, int]] = {}
+        proc = self._proc
+        try:
+            listing = os.scandir(proc)
+        except OSError:
+            return found
+        with listing:
+            for entry in listing:
+                name = entry.name
+                inode = entry.inode()  # from the directory listing: no system call
+                owner = known.get(name)
+                if owner is None or owner[0] != inode:
+                    if not name.isdigit():
+                        continue
+                    uid = self._owner(name)
+                    if uid is None:
+                        continue  # exited meanwhile
+                    owner = (inode, uid)
+                owners[name] = owner
+                names = wanted.get(owner[1])
+                if names is None:
+                    continue
+                data = _read(f"{proc}/{name}/stat")
+                if data is None:
+                    continue
+                # Most processes are not whitelisted: look at the name before the rest.
+                closing = data.rfind(b")")
+                comm = data[data.find(b"(") + 1 : closing]
+                if closing < 0 or comm not in names:
+                    continue
+                stat = _parse_after_comm(data, os.fsdecode(comm), closing)
+                if stat is not None:
+                    found.setdefault(owner[1], []).append((int(name), stat))
+        self._owners = owners  # without the pids that exited
+        return found
+
+    def _owner(self, pid: str) -> int | None:
+        """The uid of the user slice the process is in, _NOBODY if none, None if it is gone."""
+        data = _read(f"{self._proc}/{pid}/cgroup")
+        if data is None:
+            return None
+        match = self._owner_line.search(data)
+        return int(match[1]) if match else _NOBODY
 
     def _uptime(self) -> float | None:
         data = _read(f"{self._proc}/uptime")
@@ -274,50 +325,44 @@ class UsageSampler:
             anon, mapped = _stat_value(data, b"total_rss"), _stat_value(data, b"total_mapped_file")
         return None if anon is None or mapped is None else anon + mapped
 
-    def _slice_pids(self, slice_name: str) -> list[int]:
-        """The processes of a slice and of all the cgroups below it."""
-        pids: list[int] = []
-        pending = [f"{self._tasks_dir}/{slice_name}"]
-        while pending:
-            directory = pending.pop()
-            data = _read_list(f"{directory}/cgroup.procs")
-            if data:
-                pids.extend(int(pid) for pid in data.split() if pid.isdigit())
-            try:
-                with os.scandir(directory) as entries:
-                    pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
-            except OSError:
-                continue  # removed while we walk
-        return pids
 
-    def _whitelisted(
-        self, slice_name: str, names: frozenset[str], prev: _UserState | None
-    ) -> tuple[int, dict[int, tuple[int, int]]]:
-        """Clock ticks the slice's whitelisted processes used since ``prev``, and their totals.
+def _whitelisted_ticks(
+    procs: list[tuple[int, ProcStat]], prev: _UserState | None
+) -> tuple[int, dict[int, tuple[int, int]]]:
+    """Clock ticks a slice's whitelisted processes used since ``prev``, and their totals.
 
-        A process seen before (same pid and start time) counts its growth. A new one
-        counts all its CPU if it started after the previous read, since all of it
-        falls in the interval; otherwise none, as its earlier share is unknown.
-        Processes that exited are dropped by not being carried over.
-        """
-        known = prev.pids if prev is not None else {}
-        since = None
-        if prev is not None:
-            since = prev.pids_uptime if prev.pids_uptime is not None else prev.uptime
-        since_ticks = None if since is None else since * CLK_TCK
-        ticks = 0
-        seen: dict[int, tuple[int, int]] = {}
-        for pid in self._slice_pids(slice_name):
-            if pid in seen:
-                continue  # moved between two cgroups while we walked
-            data = _read(f"{self._proc}/{pid}/stat")
-            stat = None if data is None else parse_proc_stat(data)
-            if stat is None or stat.comm not in names:
-                continue
-            seen[pid] = (stat.start_ticks, stat.cpu_ticks)
-            old = known.get(pid)
-            if old is not None and old[0] == stat.start_ticks:
-                ticks += max(0, stat.cpu_ticks - old[1])
-            elif since_ticks is not None and stat.start_ticks >= since_ticks:
-                ticks += stat.cpu_ticks  # started within the interval (a reused pid too)
-        return ticks, seen
+    A process seen before (same pid and start time) counts its growth. A new one
+    counts all its CPU if it started after the previous read, since all of it falls
+    in the interval; otherwise none, as its earlier share is unknown. Processes that
+    exited are dropped by not being carried over.
+    """
+    known = prev.pids if prev is not None else {}
+    since = None
+    if prev is not None:
+        since = prev.pids_uptime if prev.pids_uptime is not None else prev.uptime
+    since_ticks = None if since is None else since * CLK_TCK
+    ticks = 0
+    seen: dict[int, tuple[int, int]] = {}
+    for pid, stat in procs:
+        seen[pid] = (stat.start_ticks, stat.cpu_ticks)
+        old = known.get(pid)
+        if old is not None and old[0] == stat.start_ticks:
+            ticks += max(0, stat.cpu_ticks - old[1])
+        elif since_ticks is not None and stat.start_ticks >= since_ticks:
+            ticks += stat.cpu_ticks  # started within the interval (a reused pid too)
+    return ticks, seen
+
+
+def _sample(
+    uid: int, state: _UserState, prev: _UserState | None, memory: int | None, white_ticks: int
+) -> Sample:
+    if prev is None or state.time <= prev.time:
+        return Sample(uid, None, state.cpu_usec, memory, None, None)
+    interval = state.time - prev.time
+    white_cores = white_ticks / CLK_TCK / interval
+    cores = None
+    # A total that went down belongs to a new slice of the same name.
+    if state.cpu_usec is not None and prev.cpu_usec is not None and state.cpu_usec >= prev.cpu_usec:
+        slice_cores = (state.cpu_usec - prev.cpu_usec) / 1e6 / interval
+        cores = max(0.0, slice_cores - white_cores)
+    return Sample(uid, cores, state.cpu_usec, memory, white_cores, interval)

@@ -83,14 +83,21 @@ class Node:
         start: int = 100,
         cgroup: str = "session-1.scope",
     ) -> None:
-        """A process in a cgroup below the slice, started ``start`` ticks after boot."""
-        group = self.tasks_dir(uid) / cgroup
-        group.mkdir(parents=True, exist_ok=True)
-        procs = group / "cgroup.procs"
-        listed = procs.read_text().split() if procs.exists() else []
-        if str(pid) not in listed:
-            procs.write_text("".join(f"{p}\n" for p in [*listed, str(pid)]))
+        """A process in a cgroup below a slice (``uid`` -1: none), started ``start`` ticks
+        after boot."""
+        path = (
+            f"/user.slice/user-{uid}.slice/{cgroup}" if uid >= 0 else "/system.slice/cron.service"
+        )
+        if self.mode == "unified":
+            text = f"0::{path}\n"
+        else:  # a controller without a cgroup for the slice shows the nearest above it
+            text = (
+                f"12:pids:{path}\n11:memory:/user.slice\n"
+                f"10:freezer:/cgpolicy/user-{uid + 1}.slice\n2:cpu,cpuacct:/user.slice\n"
+                f"1:name=systemd:{path}\n0::{path}\n"
+            )
         self.stat(pid, comm, ticks, start)
+        (self.proc / str(pid) / "cgroup").write_text(text)
 
     def stat(self, pid: int, comm: str, ticks: int, start: int = 100) -> None:
         directory = self.proc / str(pid)
@@ -104,10 +111,17 @@ class Node:
         (directory / "comm").write_text(f"{comm}\n")
 
     def exit(self, pid: int) -> None:
-        """The process is gone from /proc; its cgroup still lists it, as in a race."""
-        for name in ("stat", "comm"):
-            (self.proc / str(pid) / name).unlink()
+        for path in (self.proc / str(pid)).iterdir():
+            path.unlink()
         (self.proc / str(pid)).rmdir()
+
+    def reuse(self, pid: int, uid: int, comm: str, ticks: int, start: int) -> None:
+        """Pid ``pid`` exits and a new process gets the number, with a new /proc/PID inode."""
+        new = self.proc / "new"
+        new.mkdir()  # before the old one goes, so that no file system can recycle its inode
+        self.exit(pid)
+        new.rename(self.proc / str(pid))
+        self.process(uid, pid, comm, ticks, start)
 
 
 @pytest.fixture(params=["unified", "hybrid"])
@@ -311,16 +325,46 @@ def test_a_name_longer_than_the_kernel_keeps_still_matches(node: Node) -> None:
     assert sampler.sample([UID], whitelist, now=10.0)[UID].cores == pytest.approx(0.75)
 
 
-def test_a_process_seen_in_two_cgroups_counts_once(node: Node) -> None:
+def test_processes_outside_the_slices_and_of_other_users_are_not_counted(node: Node) -> None:
     node.add_slice(UID)
     node.cpu(UID, 0)
-    node.process(UID, 10, "rsync", 0, cgroup="session-1.scope")
-    node.process(UID, 10, "rsync", 0, cgroup="session-2.scope")  # moved while we walked
+    node.process(UID + 1, 10, "rsync", 0)
+    node.process(-1, 11, "rsync", 0)
     sampler = node.sampler()
     sampler.sample([UID], SSH, now=0.0)
     node.cpu(UID, 10_000_000)
     node.stat(10, "rsync", ticks(0.5))
+    node.stat(11, "rsync", ticks(0.5))
+    assert sampler.sample([UID], SSH, now=10.0)[UID].cores == pytest.approx(1.0)
+
+
+def test_a_process_is_placed_in_its_slice_once(node: Node) -> None:
+    node.add_slice(UID)
+    node.cpu(UID, 0)
+    node.process(UID, 10, "rsync", 0)
+    sampler = node.sampler()
+    sampler.sample([UID], SSH, now=0.0)
+    (node.proc / "10" / "cgroup").unlink()  # not read again
+    node.cpu(UID, 10_000_000)
+    node.stat(10, "rsync", ticks(0.5))
     assert sampler.sample([UID], SSH, now=10.0)[UID].whitelisted_cores == pytest.approx(0.5)
+
+
+def test_a_pid_reused_by_another_users_process_moves_to_that_user(node: Node) -> None:
+    for uid in (UID, UID + 1):
+        node.add_slice(uid)
+        node.cpu(uid, 0)
+    node.process(UID, 10, "rsync", 0)
+    sampler = node.sampler()
+    sampler.sample([UID, UID + 1], SSH, now=0.0)
+
+    node.uptime(BOOT + 10)
+    node.reuse(10, UID + 1, "rsync", ticks(0.5), start=int((BOOT + 2) * CLK_TCK))
+    node.cpu(UID, 10_000_000)
+    node.cpu(UID + 1, 10_000_000)
+    samples = sampler.sample([UID, UID + 1], SSH, now=10.0)
+    assert samples[UID].whitelisted_cores == 0.0
+    assert samples[UID + 1].whitelisted_cores == pytest.approx(0.5)
 
 
 def test_a_process_that_exits_between_samples_is_dropped(node: Node) -> None:
@@ -331,12 +375,13 @@ def test_a_process_that_exits_between_samples_is_dropped(node: Node) -> None:
     sampler = node.sampler()
     sampler.sample([UID], SSH, now=0.0)
 
-    node.exit(11)  # still listed in cgroup.procs: it exited while we read
+    node.exit(11)
     node.process(UID, 10, "sshd", 100 + ticks(0.1))
     node.cpu(UID, 10_000_000)
     sample = sampler.sample([UID], SSH, now=10.0)[UID]
     assert sample.whitelisted_cores == pytest.approx(0.1)
     assert set(sampler._users[UID].pids) == {10}
+    assert set(sampler._owners) == {"10"}
 
 
 def test_a_new_process_counts_all_its_cpu_if_it_started_within_the_interval(node: Node) -> None:
