@@ -85,6 +85,7 @@ class Policy:
                     "gids": group.gids,
                     "exempt": group.exempt,
                     "limits": dict(group.limits),
+                    "whitelist": group.whitelist,
                     "properties": tuple(
                         (p.name, p.signature, p.value)
                         for p in limits_mod.properties_for(group.limits, managed)

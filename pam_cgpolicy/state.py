@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -274,15 +274,28 @@ class StateStore:
         reconcile, never one applied and forgotten. ``actor`` names an admin who
         asked; None is the daemon. ``now`` defaults to the clock.
         """
-        if change is not None and (
-            change.new_tier != state.tier or change.new_occurrences != state.occurrences
-        ):
-            raise ValueError(f"{change} does not lead to {state}")
+        self.record_many([(uid, user, state, change)], actor, now=now)
+
+    def record_many(
+        self,
+        entries: Sequence[tuple[int, str, UserScore, Change | None]],
+        actor: str | None = None,
+        *,
+        now: float | None = None,
+    ) -> None:
+        """``record`` for many users in one transaction: a whole evaluation cycle."""
+        for _uid, _user, state, change in entries:
+            if change is not None and (
+                change.new_tier != state.tier or change.new_occurrences != state.occurrences
+            ):
+                raise ValueError(f"{change} does not lead to {state}")
         when = time.time() if now is None else now
-        with self._errors(f"cannot record uid {uid}"), self._transaction():
-            self._write_user(uid, user, state, when)
-            if change is not None:
-                self._write_event(uid, user, change, actor, when)
+        uids = ", ".join(str(uid) for uid, _, _, _ in entries[:5])
+        with self._errors(f"cannot record uid {uids}"), self._transaction():
+            for uid, user, state, change in entries:
+                self._write_user(uid, user, state, when)
+                if change is not None:
+                    self._write_event(uid, user, change, actor, when)
 
     def _write_user(self, uid: int, user: str, state: UserScore, when: float) -> None:
         self._conn.execute(

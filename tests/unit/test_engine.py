@@ -1,0 +1,154 @@
+import pytest
+from policyfiles import GROUPS, MAIN, write_policy
+
+from pam_cgpolicy.accounts import Account
+from pam_cgpolicy.badness import UserScore
+from pam_cgpolicy.engine import Engine, group_quotas
+from pam_cgpolicy.errors import UnknownTier
+from pam_cgpolicy.policy import load_policy
+from pam_cgpolicy.state import StateStore
+from pam_cgpolicy.usage import Sample
+
+PENALTY = """
+[badness]
+cpu_threshold = 0.8
+memory_threshold = 0.5
+time_to_max_bad = 300
+time_to_min_bad = 1800
+
+[processes]
+whitelist = ["sshd"]
+
+[penalty]
+order = ["penalty1", "penalty2"]
+occurrence_timeout = 10800
+
+[penalty.penalty1]
+timeout = 1800
+cpu_factor = 0.8
+memory_factor = 0.8
+
+[penalty.penalty2]
+timeout = 3600
+cpu_factor = 0.5
+memory_factor = 0.5
+"""
+GiB = 1024**3
+ACCOUNTS = {
+    2002: Account("bob", 2002, frozenset({2002})),  # students: 100%, 2G, MemoryHigh 1800M
+    5000: Account("carol", 5000, frozenset({5000})),  # normal: 200%, 4G
+    5001: Account("root2", 5001, frozenset({5001})),  # admins: exempt
+}
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def engine(tmp_path):
+    policy = load_policy(write_policy(tmp_path / "etc", main=MAIN + PENALTY))
+    store = StateStore.open(tmp_path / "state.db")
+    yield Engine(policy, store, memory_total=16 * GiB, lookup=ACCOUNTS.__getitem__)
+    store.close()
+
+
+def hog(uid, cores=1.0, memory=0):
+    return {uid: Sample(uid, cores, None, memory, 0.0, 10.0)}
+
+
+def props(action):
+    return {name: value for name, _, value in action.properties}
+
+
+def run_until_action(engine, samples, start, limit=400):
+    for step in range(1, limit):
+        actions = engine.cycle(samples, start + step * 10)
+        if actions:
+            return step, actions
+    raise AssertionError("no action")
+
+
+def test_a_full_quota_hog_is_penalized_after_t_times_time_to_max_bad(engine):
+    step, (action,) = run_until_action(engine, hog(2002), T0)
+    assert step == 24  # 0.8 * 300 s at full quota, 10 s a step
+    assert action.change.kind == "penalized" and action.change.new_tier == "penalty1"
+    assert props(action)["CPUQuotaPerSecUSec"] == 800_000  # 80% of one core
+    assert props(action)["MemoryMax"] == int(2 * GiB * 0.8)
+    assert props(action)["MemoryHigh"] == int(1800 * 1024**2 * 0.8)
+    assert props(action)["TasksMax"] == 512  # the group's other limits stay
+    stored = engine.store.get(2002)
+    assert stored.tier == "penalty1" and stored.tier_expiry == T0 + 240 + 1800
+    (event,) = engine.store.history(2002)
+    assert event.new_tier == "penalty1" and event.actor is None
+
+
+def test_penalty_ends_at_expiry_then_a_second_offence_escalates(engine):
+    run_until_action(engine, hog(2002), T0)
+    idle = hog(2002, cores=0.0)
+    step, (released,) = run_until_action(engine, idle, T0 + 240)
+    assert released.change.kind == "released"
+    assert T0 + 240 + step * 10 >= T0 + 240 + 1800
+    assert props(released)["CPUQuotaPerSecUSec"] == 1_000_000  # the group's own again
+    _, (again,) = run_until_action(engine, hog(2002), T0 + 240 + step * 10)
+    assert again.change.new_tier == "penalty2"
+    assert props(again)["CPUQuotaPerSecUSec"] == 500_000
+
+
+def test_exempt_users_are_never_judged(engine):
+    for step in range(1, 100):
+        assert engine.cycle(hog(5001, cores=8.0), T0 + step * 10) == []
+    assert engine.store.get(5001) is None
+
+
+def test_percentage_memory_limits_are_resolved_against_ram(tmp_path):
+    groups = dict(GROUPS, normal='[limits]\nMemoryMax = "25%"\n')
+    policy = load_policy(write_policy(tmp_path, groups=groups)).compile()
+    quotas = group_quotas(policy["groups"]["normal"], memory_total=16 * GiB)
+    assert abs(quotas.memory_max - 4 * GiB) < 16
+    assert quotas.cpu_usec is None and quotas.cores is None
+
+
+def test_reconcile_reapplies_penalties_and_ends_expired_ones(engine):
+    engine.store.record(
+        2002, "bob", UserScore(tier="penalty1", tier_expiry=T0 + 100, occurrences=1), None, now=T0
+    )
+    engine.store.record(
+        5000,
+        "carol",
+        UserScore(tier="penalty2", tier_expiry=T0 - 5, occurrences=2),
+        None,
+        now=T0 - 4000,
+    )
+    actions = {a.user: a for a in engine.reconcile(T0)}
+    assert actions["bob"].change is None
+    assert props(actions["bob"])["CPUQuotaPerSecUSec"] == 800_000
+    assert actions["carol"].change.kind == "released"
+    assert props(actions["carol"])["CPUQuotaPerSecUSec"] == 2_000_000
+    assert engine.store.get(5000).tier is None
+    assert engine.store.get(5000).occurrences == 2  # forgiven only by time, not by reboot
+
+
+def test_logged_out_users_are_released_at_expiry(engine):
+    engine.store.record(
+        5000, "carol", UserScore(tier="penalty1", tier_expiry=T0 + 5, occurrences=1), None, now=T0
+    )
+    (action,) = engine.cycle({}, T0 + 10)
+    assert action.user == "carol" and action.change.kind == "released"
+
+
+def test_admin_penalize_and_release_are_recorded_with_the_actor(engine):
+    action = engine.penalize(5000, "penalty2", "uid 0 (root)", T0)
+    assert props(action)["CPUQuotaPerSecUSec"] == 1_000_000  # half of 200%
+    assert engine.store.get(5000).occurrences == 2
+    released = engine.release(5000, "uid 0 (root)", T0 + 60)
+    assert released.change.kind == "released"
+    assert [e.actor for e in engine.store.history(5000)] == ["uid 0 (root)"] * 2
+    with pytest.raises(UnknownTier, match="penalty1, penalty2"):
+        engine.penalize(5000, "penalty9", "uid 0 (root)", T0)
+
+
+def test_whitelist_joins_policy_and_group(engine):
+    assert engine.whitelist(ACCOUNTS[2002]) == frozenset({"sshd"})
+
+
+def test_first_samples_are_not_judged(engine):
+    assert engine.cycle({2002: Sample(2002, None, 5, 0, None, None)}, T0) == []
+    assert engine.store.get(2002) is None
