@@ -66,15 +66,20 @@ def _read(cache_file: str) -> tuple[list[tuple[Any, ...]], Compiled] | None:
 
 
 def save(cache_file: str, compiled: Compiled, marks: list[tuple[Any, ...]]) -> None:
-    """Write atomically: a reader sees the old copy or the new one, never half."""
-    os.makedirs(os.path.dirname(cache_file) or ".", mode=0o755, exist_ok=True)
-    payload = marshal.dumps({"format": FORMAT, "fingerprint": marks, "policy": compiled})
-    tmp = f"{cache_file}.{os.getpid()}.tmp"
+    _write_atomically(
+        cache_file, marshal.dumps({"format": FORMAT, "fingerprint": marks, "policy": compiled})
+    )
+
+
+def _write_atomically(path: str, payload: bytes) -> None:
+    """A reader sees the old file or the new one, never half."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(payload)
-        os.replace(tmp, cache_file)
+        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
@@ -113,3 +118,27 @@ def load_in_force(config_dir: str, cache_file: str) -> Loaded:
     except OSError as err:  # a cache we cannot write must not stop a valid policy
         return Loaded(compiled, f"files (not saved: {err.strerror})")
     return Loaded(compiled, "files")
+
+
+def save_penalties(path: str, penalties: dict[int, tuple[float, tuple[Any, ...]]]) -> None:
+    """cgpolicyd's penalties in force: uid -> (expiry, the slice's properties).
+
+    The daemon keeps its state in SQLite; this copy of the part the login hook
+    needs is what the hook reads, without importing sqlite3 at every login.
+    """
+    _write_atomically(path, marshal.dumps({"format": FORMAT, "penalties": penalties}))
+
+
+def read_penalty(path: str, uid: int, now: float) -> tuple[Any, ...] | None:
+    """The properties of ``uid``'s penalty if one is in force; None otherwise."""
+    try:
+        with open(path, "rb") as source:
+            data = marshal.load(source)
+        if data["format"] != FORMAT:
+            return None
+        entry = data["penalties"].get(uid)
+    except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if entry is None or entry[0] <= now:
+        return None  # an expired entry: the daemon releases it at its next cycle
+    return tuple(entry[1])

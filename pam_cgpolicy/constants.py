@@ -13,6 +13,8 @@ STATE_DIR_ENV = "CGPOLICY_STATE_DIR"
 DEFAULT_CONFIG_DIR = "/etc/cgpolicy"
 DEFAULT_STATE_DIR = "/var/lib/cgpolicy"
 COMPILED_POLICY = "policy.compiled"
+PENALTIES = "penalties.compiled"  # cgpolicyd's penalties in force, for the hook
+STATE_DB = "state.db"
 MAIN_FILE = "cgpolicy.toml"
 GROUPS_DIR = "groups.d"
 
@@ -34,8 +36,20 @@ def config_dir(override: str | None = None) -> str:
     return override or os.environ.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR
 
 
+def state_dir() -> str:
+    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+
+
 def compiled_policy_file() -> str:
-    return os.path.join(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR, COMPILED_POLICY)
+    return os.path.join(state_dir(), COMPILED_POLICY)
+
+
+def penalties_file() -> str:
+    return os.path.join(state_dir(), PENALTIES)
+
+
+def state_db_file() -> str:
+    return os.path.join(state_dir(), STATE_DB)
 
 
 def policy_files(config_dir: str) -> list[str]:

@@ -20,8 +20,8 @@ import time
 
 from . import log
 from .accounts import lookup_account
-from .compiled import load_in_force
-from .constants import compiled_policy_file, config_dir
+from .compiled import load_in_force, read_penalty
+from .constants import compiled_policy_file, config_dir, penalties_file
 from .errors import CgpolicyError
 from .setprops import apply_limits, kill_pending
 
@@ -69,7 +69,8 @@ def _open_session(clock: _Clock, user: str) -> str:
         return f'user={user} uid={account.uid} action=skipped reason="no valid policy"'
     timeout = policy["hook_timeout"]
     clock.arm(timeout)
-    return apply_limits(policy, account, clock.remaining(timeout)).log_line()
+    penalty = read_penalty(penalties_file(), account.uid, time.time())
+    return apply_limits(policy, account, clock.remaining(timeout), penalty).log_line()
 
 
 def main() -> int:

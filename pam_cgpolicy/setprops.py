@@ -112,9 +112,20 @@ def set_slice_properties(uid: int, props: Iterable[tuple[str, str, Any]], timeou
         )
 
 
-def apply_limits(policy: dict[str, Any], account: Account, timeout: float) -> Decision:
-    """What happens at login: decide for the user, then set the group's properties."""
+def apply_limits(
+    policy: dict[str, Any],
+    account: Account,
+    timeout: float,
+    penalty: tuple[tuple[str, str, Any], ...] | None = None,
+) -> Decision:
+    """What happens at login: decide for the user, then set the group's properties.
+
+    ``penalty`` are the properties of a penalty cgpolicyd has the user in: they
+    take the group's place, so logging in again does not end a penalty.
+    """
     decision = decide(policy, account)
     if decision.action == "applied":
-        set_slice_properties(account.uid, decision.properties, timeout)
+        if penalty is not None:
+            decision.reason = "in a cgpolicyd penalty"
+        set_slice_properties(account.uid, penalty or decision.properties, timeout)
     return decision

@@ -1,0 +1,301 @@
+"""cgpolicyd: re-evaluates every user's usage and moves repeat offenders through penalties.
+
+Every ``interval`` it samples each user slice (usage.py), lets the engine judge
+the samples (engine.py: badness, tiers, recorded in SQLite before acting), sets
+the resulting limits through systemd, and keeps the hook's copy of the
+penalties in force up to date. It answers admins and users on the system bus
+(dbusapi.py). A slice that appears without the PAM hook (cron, systemd-run,
+lingering) gets its limits at the next sample. SIGHUP reloads the policy; a
+policy with errors is refused and the old one stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import BusType
+from dbus_fast.aio import MessageBus
+
+from . import control, log
+from .accounts import Account, lookup_account, lookup_uid
+from .classify import decide
+from .compiled import save_penalties
+from .constants import config_dir, penalties_file, state_db_file
+from .engine import Action, Engine
+from .errors import CgpolicyError, PolicyError
+from .policy import Policy, load_policy
+from .setprops import set_slice_properties
+from .state import StateStore
+from .systemd import Systemd
+from .usage import UsageSampler
+
+BUS_TIMEOUT = 10.0
+
+
+def memory_total(meminfo: str = "/proc/meminfo") -> int:
+    with open(meminfo) as source:
+        for line in source:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise CgpolicyError(f"{meminfo} has no MemTotal")
+
+
+class Daemon:
+    """The daemon's state and the ManagerCore behind its D-Bus API."""
+
+    def __init__(
+        self, policy: Policy, store: StateStore, systemd: Systemd, sampler: UsageSampler
+    ) -> None:
+        self.store = store
+        self.systemd = systemd
+        self.sampler = sampler
+        self.engine = Engine(policy, store, memory_total(), self._account)
+        self.known: set[int] = set()  # slices that have had their limits from us
+        self.service: Any = None  # the D-Bus service, once serving
+
+    @property
+    def policy(self) -> Policy:
+        return self.engine.policy
+
+    @staticmethod
+    @functools.lru_cache(maxsize=65536)
+    def _account(uid: int) -> Account:
+        return lookup_uid(uid)
+
+    def _emit_tier(self, action: Action) -> None:
+        if self.service is not None and action.change is not None:
+            self.service.emit_tier_changed(
+                action.user, action.change.old_tier, action.change.new_tier, action.change.reason
+            )
+
+    async def apply(self, actions: list[Action], actor: str | None = None) -> None:
+        """Set each action's limits, log it, tell the bus, and refresh the hook's copy."""
+        for action in actions:
+            try:
+                if action.properties:
+                    await asyncio.to_thread(
+                        set_slice_properties, action.uid, action.properties, BUS_TIMEOUT
+                    )
+            except CgpolicyError as err:
+                log.error(f"user={action.user} uid={action.uid} cannot set limits: {err}")
+            change = action.change
+            if change is None:
+                log.info(
+                    f"user={action.user} uid={action.uid} event=reapplied "
+                    f"tier={self._tier_of(action.uid)}"
+                )
+                continue
+            by = f' actor="{actor}"' if actor else ""
+            expiry = self._expiry_of(action.uid)
+            log.info(
+                f"user={action.user} uid={action.uid} event={change.kind} "
+                f"tier={change.new_tier or '-'} expiry={expiry} "
+                f'reason="{change.reason}"{by}'
+            )
+            self._emit_tier(action)
+        if actions:
+            self.write_penalties()
+
+    def _tier_of(self, uid: int) -> str:
+        state = self.store.get(uid)
+        return state.tier if state and state.tier else "-"
+
+    def _expiry_of(self, uid: int) -> str:
+        state = self.store.get(uid)
+        return f"{state.tier_expiry:.1f}" if state and state.tier_expiry else "-"
+
+    def write_penalties(self) -> None:
+        """The login hook's copy of the penalties in force (uid -> expiry, properties)."""
+        now = time.time()
+        penalties: dict[int, tuple[float, tuple[Any, ...]]] = {}
+        for row in self.store.in_penalty(now):
+            try:
+                props = self.engine.properties(self._account(row.uid), row.state)
+            except CgpolicyError:
+                continue
+            if row.state.tier_expiry is not None and props:
+                penalties[row.uid] = (row.state.tier_expiry, props)
+        try:
+            save_penalties(penalties_file(), penalties)
+        except OSError as err:
+            log.error(f"cannot write {penalties_file()}: {err}")
+
+    async def cycle(self) -> None:
+        uids = self.sampler.active_uids(self.policy.general.min_uid)
+        await self._limit_new_slices(uids)
+        whitelists: dict[int, frozenset[str]] = {}
+        for uid in uids:
+            with contextlib.suppress(CgpolicyError):
+                whitelists[uid] = self.engine.whitelist(self._account(uid))
+        samples = self.sampler.sample(uids, whitelists, time.monotonic())
+        await self.apply(self.engine.cycle(samples, time.time()))
+
+    async def _limit_new_slices(self, uids: list[int]) -> None:
+        """Slices that came without a login through the hook get their limits too."""
+        fresh = [uid for uid in uids if uid not in self.known]
+        self.known = set(uids)
+        actions = []
+        for uid in fresh:
+            try:
+                account = self._account(uid)
+            except CgpolicyError:
+                continue
+            props = self.engine.properties(account, self.store.get(uid))
+            if props:
+                actions.append(Action(uid, account.name, props, None))
+        for action in actions:
+            try:
+                await asyncio.to_thread(
+                    set_slice_properties, action.uid, action.properties, BUS_TIMEOUT
+                )
+            except CgpolicyError as err:
+                log.error(f"user={action.user} uid={action.uid} cannot set limits: {err}")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.cycle()
+            except CgpolicyError as err:
+                log.error(f"cycle failed: {err}")
+            except Exception as err:  # one bad cycle must not end the daemon
+                log.error(f"cycle failed: internal: {type(err).__name__}: {err}")
+            wait = self.policy.general.interval - (time.monotonic() - started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(wait, 0.1))
+
+    # --- ManagerCore: what the D-Bus API calls ---
+
+    async def get_user(self, name: str) -> dict[str, Any]:
+        account = lookup_account(name)
+        decision = decide(self.engine.compiled, account)
+        state = self.store.get(account.uid)
+        info: dict[str, Any] = {
+            "user": account.name,
+            "uid": account.uid,
+            "group": decision.group["name"] if decision.group else None,
+        }
+        if state is not None:
+            info.update(
+                tier=state.tier,
+                tier_expiry=state.tier_expiry,
+                occurrences=state.occurrences,
+                cpu_badness=state.cpu_badness,
+                memory_badness=state.memory_badness,
+            )
+        status = await control.slice_status(self.systemd, account.uid)
+        if status.get("active"):
+            info["limits"] = {k: str(v) for k, v in status["limits"].items()}
+            info["frozen"] = status["freezer"] == "frozen"
+        return info
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        uids = set(self.store.all()) | set(self.sampler.active_uids(self.policy.general.min_uid))
+        users = []
+        for uid in sorted(uids):
+            with contextlib.suppress(CgpolicyError):
+                users.append(await self.get_user(self._account(uid).name))
+        return users
+
+    async def freeze(self, name: str, actor: str) -> None:
+        await self._freezer(name, actor, control.freeze_user, "frozen")
+
+    async def thaw(self, name: str, actor: str) -> None:
+        await self._freezer(name, actor, control.thaw_user, "running")
+
+    async def _freezer(self, name: str, actor: str, act: Any, state: str) -> None:
+        account = lookup_account(name)
+        if account.uid == 0:
+            raise CgpolicyError("root's session is never frozen")
+        how = await act(self.systemd, account.uid)
+        log.info(
+            f"user={name} uid={account.uid} event={state} via={how.replace(' ', '-')} "
+            f'actor="{actor}"'
+        )
+        if self.service is not None:
+            self.service.emit_freezer_changed(name, state)
+
+    async def penalize(self, name: str, tier: str, actor: str) -> None:
+        account = lookup_account(name)
+        await self.apply([self.engine.penalize(account.uid, tier, actor, time.time())], actor)
+
+    async def release(self, name: str, actor: str) -> None:
+        account = lookup_account(name)
+        await self.apply([self.engine.release(account.uid, actor, time.time())], actor)
+
+    async def reload(self, actor: str) -> list[str]:
+        try:
+            policy = load_policy(Path(config_dir()))
+        except PolicyError as err:
+            problems = [str(p) for p in err.problems]
+            log.error(
+                f"reload by {actor} refused, the old policy stays in force: " + "; ".join(problems)
+            )
+            return problems
+        self.engine.set_policy(policy)
+        self._account.cache_clear()
+        self.known = set()  # every slice gets the new policy's limits at the next cycle
+        self.write_penalties()
+        log.info(f"reload by {actor}: policy in force, {len(policy.groups)} groups")
+        return []
+
+    async def is_admin(self, uid: int) -> bool:
+        group = self.policy.general.admin_group
+        if not group:
+            return False
+        try:
+            return group in self._account(uid).group_names
+        except CgpolicyError:
+            return False
+
+
+async def serve_forever() -> int:
+    log.open_log("cgpolicyd")
+    try:
+        policy = load_policy(Path(config_dir()))
+    except PolicyError as err:
+        log.error("cannot start, the policy is invalid: " + "; ".join(str(p) for p in err.problems))
+        return 1
+    store = StateStore.open(state_db_file())
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    daemon = Daemon(policy, store, Systemd(bus, BUS_TIMEOUT), UsageSampler())
+    actions = daemon.engine.reconcile(time.time())
+    await daemon.apply(actions)
+    daemon.write_penalties()
+    log.info(
+        f"started: {len(policy.groups)} groups, interval {policy.general.interval:g}s, "
+        f"{sum(1 for a in actions if a.change is None)} penalties in force re-applied, "
+        f"{sum(1 for a in actions if a.change is not None)} expired ones ended"
+    )
+
+    from .dbusapi import serve  # after start-up work: the name is taken last
+
+    daemon.service = await serve(bus, daemon)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(daemon.reload("SIGHUP")))
+    try:
+        await daemon.run(stop)
+    finally:
+        daemon.service.stop()
+        bus.disconnect()
+        store.close()
+        log.info("stopped")
+    return 0
+
+
+def main() -> int:
+    return asyncio.run(serve_forever())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
