@@ -3,17 +3,17 @@
 systemd owns the user slices' cgroups, so limits and freezing go through it.
 The one write, SetUnitProperties, is in setprops.py (the login hook's path).
 Every call has a timeout; an error reply becomes SystemdError with systemd's
-error name. Calls are plain messages, without an introspection round trip.
+error name (bus.py does both, for client.py too).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
+from . import bus
 from .constants import (
     PROPERTIES,
     SYSTEMD_BUS_NAME,
@@ -25,7 +25,7 @@ from .errors import SystemdError
 
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 NOT_SUPPORTED = "org.freedesktop.DBus.Error.NotSupported"
-TIMEOUT = "org.cgpolicy1.Error.Timeout"
+TIMEOUT = bus.TIMEOUT
 
 
 def _unwrap(value: Any) -> Any:
@@ -41,17 +41,7 @@ class Systemd:
 
     @classmethod
     async def connect(cls, timeout: float, address: str | None = None) -> Systemd:
-        bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM, auth_timeout=timeout)
-        try:
-            await asyncio.wait_for(bus.connect(), timeout)
-        except TimeoutError:
-            bus.disconnect()
-            raise SystemdError(TIMEOUT, f"no answer from the system bus in {timeout:g}s") from None
-        except OSError as err:
-            raise SystemdError(
-                "org.freedesktop.DBus.Error.NoServer", f"cannot reach the system bus: {err}"
-            ) from None
-        return cls(bus, timeout)
+        return cls(await bus.connect(timeout, SystemdError, address), timeout)
 
     def close(self) -> None:
         self._bus.disconnect()
@@ -73,18 +63,7 @@ class Systemd:
             signature=signature,
             body=body or [],
         )
-        try:
-            reply = await asyncio.wait_for(self._bus.call(message), self.timeout)
-        except TimeoutError:
-            raise SystemdError(
-                TIMEOUT, f"systemd did not answer {member} in {self.timeout:g}s"
-            ) from None
-        if reply is None:
-            raise SystemdError("org.freedesktop.DBus.Error.NoReply", f"no reply to {member}")
-        if reply.message_type == MessageType.ERROR:
-            text = reply.body[0] if reply.body else ""
-            raise SystemdError(reply.error_name or "unknown", str(text))
-        return list(reply.body)
+        return await bus.call(self._bus, message, self.timeout, SystemdError, "systemd")
 
     async def freeze_slice(self, uid: int) -> None:
         await self.call("FreezeUnit", "s", [slice_name(uid)])
