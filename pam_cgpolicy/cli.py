@@ -1,5 +1,10 @@
 """cgpolicyctl: the admin's command line.
 
+When cgpolicyd runs, freeze, thaw and status go through it (so it records and
+announces what changed, and status shows its tiers and badness); when it does
+not, they go straight to systemd as before. penalize, release and reload need
+cgpolicyd; history reads its state database, read-only.
+
 Exit codes: 0 success, 1 the action failed or the policy is invalid, 2 usage.
 """
 
@@ -10,26 +15,32 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import control, log
+from . import bus, control, log
 from .accounts import Account, lookup_account, lookup_uid
 from .cgroups import CGROUP_ROOT, V1Freezer, cgroup_mode
 from .classify import decide, describe_limits
+from .client import Daemon, DaemonError, daemon_running
 from .compiled import load_in_force
-from .constants import HOOK_PATH, compiled_policy_file, config_dir
-from .errors import CgpolicyError, PolicyError
+from .constants import HOOK_PATH, compiled_policy_file, config_dir, state_db_file
+from .errors import CgpolicyError, PolicyError, SystemdError
 from .limits import format_size
 from .pamconfig import hook_wiring
 from .policy import Policy, load_policy
 from .setprops import apply_limits
+from .state import Event, StateStore
 from .systemd import Systemd
 
 if TYPE_CHECKING:
     from .compiled import Compiled
 
 BUS_TIMEOUT = 10.0
+NOT_RUNNING = "cgpolicyd is not running (start it with: systemctl start cgpolicyd)"
+
+T = TypeVar("T")
 
 
 class _Failed(Exception):
@@ -67,6 +78,36 @@ def _with_systemd(work: Callable[[Systemd], Awaitable[Any]]) -> Any:
             return await work(systemd)
         finally:
             systemd.close()
+
+    return asyncio.run(run())
+
+
+def _on_bus(work: Callable[[Systemd, Daemon | None], Awaitable[T]]) -> T:
+    """Run ``work`` with systemd, and with cgpolicyd when it runs (else None), on one connection."""
+
+    async def run() -> T:
+        connection = await bus.connect(BUS_TIMEOUT, SystemdError)
+        try:
+            daemon = Daemon(connection) if await daemon_running(connection, BUS_TIMEOUT) else None
+            return await work(Systemd(connection, BUS_TIMEOUT), daemon)
+        finally:
+            connection.disconnect()
+
+    return asyncio.run(run())
+
+
+def _with_daemon(work: Callable[[Daemon], Awaitable[T]]) -> T:
+    """Run ``work`` with cgpolicyd; a clear error when it does not run."""
+
+    async def run() -> T:
+        connection = await bus.connect(BUS_TIMEOUT, DaemonError)
+        try:
+            if not await daemon_running(connection, BUS_TIMEOUT):
+                print(f"error: {NOT_RUNNING}", file=sys.stderr)
+                raise _Failed
+            return await work(Daemon(connection))
+        finally:
+            connection.disconnect()
 
     return asyncio.run(run())
 
@@ -109,12 +150,32 @@ def _managed_uid(args: argparse.Namespace) -> int:
     return account.uid
 
 
+def _mechanism(uid: int, action: str) -> str:
+    """What control.freeze_user or thaw_user uses on this node; cgpolicyd calls them too.
+
+    Asked before the call: thawing through the v1 freezer removes the group it looks at.
+    """
+    if action == "thawed":
+        return "v1 freezer" if V1Freezer().group_dir(uid).is_dir() else "systemd"
+    return "systemd" if cgroup_mode() == "unified" else "v1 freezer"
+
+
 def _freezer_command(args: argparse.Namespace, action: str) -> None:
     uid = _managed_uid(args)
-    act = control.freeze_user if action == "frozen" else control.thaw_user
-    how = _with_systemd(lambda sd: act(sd, uid))
+    freezing = action == "frozen"
+
+    async def work(systemd: Systemd, daemon: Daemon | None) -> tuple[str, str]:
+        if daemon is None:
+            act = control.freeze_user if freezing else control.thaw_user
+            return await act(systemd, uid), ""
+        # Through cgpolicyd, which records it and announces UserFreezerChanged.
+        how = _mechanism(uid, action)
+        await (daemon.freeze if freezing else daemon.thaw)(args.user)
+        return how, " through=cgpolicyd"
+
+    how, through = _on_bus(work)
     log.open_log("cgpolicyctl")
-    log.info(f"user={args.user} uid={uid} action={action} via={how.replace(' ', '-')}")
+    log.info(f"user={args.user} uid={uid} action={action} via={how.replace(' ', '-')}{through}")
     print(f"{args.user}: {action} ({how})")
 
 
@@ -134,6 +195,26 @@ def _user_row(policy: Compiled | None, account: Account, status: dict[str, Any])
         row["rule"] = decision.rule or decision.reason
         row["exempt"] = decision.action == "exempt"
     return row
+
+
+# What status adds from cgpolicyd when it runs; None when it has no value.
+DAEMON_KEYS = ("tier", "tier_expiry", "occurrences", "cpu_badness", "memory_badness")
+
+
+async def _merge_daemon(daemon: Daemon, rows: list[dict[str, Any]], user: str | None) -> bool:
+    """Add cgpolicyd's view of each row's user; False (and a warning) when it cannot."""
+    try:
+        if user is not None:
+            known = {row["uid"]: await daemon.get_user(row["user"]) for row in rows}
+        else:
+            known = {info.get("uid"): info for info in await daemon.list_users()}
+    except DaemonError as err:
+        print(f"warning: {err}; showing systemd's view only", file=sys.stderr)
+        return False
+    for row in rows:
+        info = known.get(row["uid"], {})
+        row.update({key: info.get(key) for key in DAEMON_KEYS})
+    return True
 
 
 async def _status_rows(
@@ -160,8 +241,18 @@ def _human_bytes(value: int | None) -> str:
     return "-" if value is None else format_size(value)
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
+def _badness(row: dict[str, Any]) -> str:
+    """CPU/memory badness, 0 to 100 each."""
+    cpu, memory = row.get("cpu_badness"), row.get("memory_badness")
+    if cpu is None and memory is None:
+        return "-"
+    return "/".join("-" if value is None else f"{value:.1f}" for value in (cpu, memory))
+
+
+def _print_table(rows: list[dict[str, Any]], daemon: bool = False) -> None:
     header = ["USER", "UID", "GROUP", *_COLUMNS, "CPU-TIME", "MEMORY", "TASKS", "FREEZER"]
+    if daemon:
+        header += ["TIER", "BADNESS"]
     table = [header]
     for row in rows:
         limits = row.get("limits", {})
@@ -179,6 +270,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
                 row.get("freezer", "-") if row.get("active") else "not logged in",
             ]
         )
+        if daemon:
+            table[-1] += [row.get("tier") or "-", _badness(row)]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
@@ -186,13 +279,103 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     policy = load_in_force(config_dir(args.config_dir), compiled_policy_file()).policy
-    rows = _with_systemd(lambda sd: _status_rows(sd, policy, args.user))
+
+    async def work(systemd: Systemd, daemon: Daemon | None) -> tuple[list[dict[str, Any]], bool]:
+        rows = await _status_rows(systemd, policy, args.user)
+        merged = daemon is not None and await _merge_daemon(daemon, rows, args.user)
+        return rows, merged
+
+    rows, merged = _on_bus(work)
     if args.json:
         print(json.dumps(rows if args.user is None else rows[0], indent=2))
     elif not rows:
         print("no user slices")
     else:
-        _print_table(rows)
+        _print_table(rows, daemon=merged)
+
+
+def cmd_penalize(args: argparse.Namespace) -> None:
+    _with_daemon(lambda daemon: daemon.penalize(args.user, args.tier))
+    print(f"{args.user}: penalized ({args.tier})")
+
+
+def cmd_release(args: argparse.Namespace) -> None:
+    _with_daemon(lambda daemon: daemon.release(args.user))
+    print(f"{args.user}: released")
+
+
+def cmd_reload(args: argparse.Namespace) -> None:
+    problems = _with_daemon(lambda daemon: daemon.reload())
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print("cgpolicyd keeps the policy it had", file=sys.stderr)
+        raise _Failed
+    print("policy reloaded")
+
+
+def _local_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def _event_dict(event: Event) -> dict[str, Any]:
+    return {
+        "time": _local_time(event.time),
+        "timestamp": event.time,
+        "user": event.user,
+        "uid": event.uid,
+        "kind": event.kind,
+        "old_tier": event.old_tier,
+        "new_tier": event.new_tier,
+        "old_occurrences": event.old_occurrences,
+        "new_occurrences": event.new_occurrences,
+        "reason": event.reason,
+        "actor": event.actor or "cgpolicyd",
+    }
+
+
+def _history_uid(user: str) -> int:
+    """A name through NSS; a number as a uid, for accounts deleted since."""
+    return int(user) if user.isdigit() else lookup_account(user).uid
+
+
+def cmd_history(args: argparse.Namespace) -> None:
+    uid = None if args.user is None else _history_uid(args.user)
+    path = state_db_file()
+    store = StateStore.open_readonly(path)
+    if store is None:
+        print("[]" if args.json else "no history yet")
+        return
+    with store:
+        events = store.history(uid, args.limit)
+    if args.json:
+        print(json.dumps([_event_dict(event) for event in events], indent=2))
+        return
+    if not events:
+        print("no history yet" if uid is None else f"no history for {args.user}")
+        return
+    table = [["TIME", "USER", "TIER", "OCCURRENCES", "REASON", "BY"]]
+    for event in events:
+        table.append(
+            [
+                _local_time(event.time),
+                event.user,
+                f"{event.old_tier or '-'} -> {event.new_tier or '-'}",
+                f"{event.old_occurrences} -> {event.new_occurrences}",
+                event.reason,
+                event.actor or "cgpolicyd",
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise ValueError(text)
+    return number
 
 
 def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
@@ -296,8 +479,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("apply", cmd_apply, "set a user's limits now, as the login hook does", "required")
     add("freeze", cmd_freeze, "freeze all of a user's processes", "required")
     add("thaw", cmd_thaw, "thaw a frozen user", "required")
-    status = add("status", cmd_status, "limits in force, usage and freezer state", "optional")
+    status = add(
+        "status",
+        cmd_status,
+        "limits in force, usage and freezer state; with cgpolicyd running, "
+        "also the penalty tier and badness (CPU/memory, 0 to 100)",
+        "optional",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    penalize = add("penalize", cmd_penalize, "put a user in a penalty tier now (cgpolicyd)")
+    penalize.add_argument("user")
+    penalize.add_argument("tier")
+    add("release", cmd_release, "end a user's penalty tier now (cgpolicyd)", "required")
+    add("reload", cmd_reload, "make cgpolicyd read the policy files again; list every error")
+    history = add(
+        "history", cmd_history, "tier changes cgpolicyd recorded, newest first", "optional"
+    )
+    history.add_argument(
+        "--limit", type=_positive, default=20, metavar="N", help="at most N events (default 20)"
+    )
+    history.add_argument("--json", action="store_true", help="machine-readable output")
     add("doctor", cmd_doctor, "check that this node is set up for cgpolicy")
     add(
         "selftest",
