@@ -283,14 +283,26 @@ async def serve_forever() -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(daemon.reload("SIGHUP")))
+    lost = asyncio.Event()
+
+    async def watch_bus() -> None:
+        # Without the bus there is no API and no systemd: exit, and let systemd
+        # (Restart=always) start a daemon that reconnects.
+        with contextlib.suppress(Exception):
+            await bus.wait_for_disconnect()
+        lost.set()
+        stop.set()
+
+    watcher = asyncio.create_task(watch_bus())
     try:
         await daemon.run(stop)
     finally:
+        watcher.cancel()
         daemon.service.stop()
         bus.disconnect()
         store.close()
-        log.info("stopped")
-    return 0
+        log.info("lost the system bus; exiting to be restarted" if lost.is_set() else "stopped")
+    return 1 if lost.is_set() else 0
 
 
 def main() -> int:
