@@ -289,7 +289,7 @@ async def serve_forever() -> int:
         # Without the bus there is no API and no systemd: exit, and let systemd
         # (Restart=always) start a daemon that reconnects.
         with contextlib.suppress(Exception):
-            await bus.wait_for_disconnect()
+            await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
         lost.set()
         stop.set()
 
