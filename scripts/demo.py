@@ -1,4 +1,4 @@
-"""The demo behind scripts/demo: a login node, three users, their limits, a freeze."""
+"""The demo behind scripts/demo: a login node, three users, limits, a penalty, a freeze."""
 
 from __future__ import annotations
 
@@ -66,6 +66,25 @@ def main() -> None:
         time.sleep(10)
         after = int(vm.ssh("systemctl show -P CPUUsageNSec user-2002.slice").stdout)
         print(f"bob used {(after - before) / 10e9:.2f} cores over 10 s (quota: 100% = 1 core)")
+
+        say("bob keeps at it: cgpolicyd's badness rises until he lands in a penalty tier")
+        print("(the demo shortens the model's timings: interval 2 s, time_to_max_bad 20 s)")
+        show(
+            vm,
+            "sed -i -e 's/^interval = .*/interval = 2/' "
+            "-e 's/^time_to_max_bad = .*/time_to_max_bad = 20/' "
+            "-e 's/^timeout = 1800 .*/timeout = 120/' /etc/cgpolicy/cgpolicy.toml "
+            "&& cgpolicyctl reload",
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if "event=penalized" in vm.ssh("journalctl -t cgpolicyd -o cat --no-pager").stdout:
+                break
+            time.sleep(3)
+        show(vm, "journalctl -t cgpolicyd -o cat --no-pager | grep user=bob")
+        show(vm, "systemctl show user-2002.slice -p CPUQuotaPerSecUSec -p MemoryMax")
+        show(vm, "cgpolicyctl history bob")
+        show(vm, "busctl call org.cgpolicy1 /org/cgpolicy1 org.cgpolicy1.Manager GetUser s bob")
         vm.ssh("pkill -u bob -f 'while :'", check=False)
 
         say("carol runs a counter; an admin freezes her whole session, then thaws it")
