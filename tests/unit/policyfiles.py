@@ -24,6 +24,33 @@ GROUPS = {
     "normal": '[limits]\nCPUQuota = "200%"\nMemoryMax = "4G"\n',
 }
 
+# cgpolicyd's sections of the main file, after MAIN.
+DAEMON_SECTIONS = """
+[badness]
+cpu_threshold = 0.8
+memory_threshold = 0.5
+time_to_max_bad = 300
+time_to_min_bad = 1800
+
+[processes]
+whitelist = ["sshd", "scp", "sftp-server", "rsync"]
+
+[penalty]
+order = ["penalty1", "penalty2"]
+occurrence_timeout = 10800
+
+[penalty.penalty1]
+timeout = 1800
+cpu_factor = 0.8
+memory_factor = 0.8
+message = "new"
+
+[penalty.penalty2]
+timeout = 3600
+cpu_factor = 0.5
+memory_factor = 0.5
+"""
+
 
 def write_policy(root: Path, main: str = MAIN, groups: dict[str, str] | None = None) -> Path:
     (root / "groups.d").mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 import pytest
-from policyfiles import GROUPS, MAIN, write_policy
+from policyfiles import DAEMON_SECTIONS, GROUPS, MAIN, write_policy
 
 from pam_cgpolicy.accounts import Account
 from pam_cgpolicy.badness import UserScore
@@ -9,30 +9,6 @@ from pam_cgpolicy.policy import load_policy
 from pam_cgpolicy.state import StateStore
 from pam_cgpolicy.usage import Sample
 
-PENALTY = """
-[badness]
-cpu_threshold = 0.8
-memory_threshold = 0.5
-time_to_max_bad = 300
-time_to_min_bad = 1800
-
-[processes]
-whitelist = ["sshd"]
-
-[penalty]
-order = ["penalty1", "penalty2"]
-occurrence_timeout = 10800
-
-[penalty.penalty1]
-timeout = 1800
-cpu_factor = 0.8
-memory_factor = 0.8
-
-[penalty.penalty2]
-timeout = 3600
-cpu_factor = 0.5
-memory_factor = 0.5
-"""
 GiB = 1024**3
 ACCOUNTS = {
     2002: Account("bob", 2002, frozenset({2002})),  # students: 100%, 2G, MemoryHigh 1800M
@@ -44,7 +20,7 @@ T0 = 1_700_000_000.0
 
 @pytest.fixture
 def engine(tmp_path):
-    policy = load_policy(write_policy(tmp_path / "etc", main=MAIN + PENALTY))
+    policy = load_policy(write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS))
     store = StateStore.open(tmp_path / "state.db")
     yield Engine(policy, store, memory_total=16 * GiB, lookup=ACCOUNTS.__getitem__)
     store.close()
@@ -146,7 +122,7 @@ def test_admin_penalize_and_release_are_recorded_with_the_actor(engine):
 
 
 def test_whitelist_joins_policy_and_group(engine):
-    assert engine.whitelist(ACCOUNTS[2002]) == frozenset({"sshd"})
+    assert engine.whitelist(ACCOUNTS[2002]) == frozenset({"sshd", "scp", "sftp-server", "rsync"})
 
 
 def test_first_samples_are_not_judged(engine):

@@ -1,7 +1,7 @@
 import os
 
 import pytest
-from policyfiles import GROUPS, MAIN, write_policy
+from policyfiles import DAEMON_SECTIONS, GROUPS, MAIN, write_policy
 
 from pam_cgpolicy.errors import PolicyError
 from pam_cgpolicy.policy import load_policy
@@ -129,37 +129,6 @@ def test_file_owned_by_another_user_is_unsafe(tmp_path):
         load_policy(root, trusted_uids={os.geteuid() + 1})
 
 
-PENALTY = """
-[general]
-interval = 5
-admin_group = "hpcadmin"
-
-[badness]
-cpu_threshold = 0.8
-memory_threshold = 0.5
-time_to_max_bad = 300
-time_to_min_bad = 1800
-
-[processes]
-whitelist = ["sshd", "scp", "sftp-server", "rsync"]
-
-[penalty]
-order = ["penalty1", "penalty2"]
-occurrence_timeout = 10800
-
-[penalty.penalty1]
-timeout = 1800
-cpu_factor = 0.8
-memory_factor = 0.8
-message = "new"
-
-[penalty.penalty2]
-timeout = 3600
-cpu_factor = 0.5
-memory_factor = 0.5
-"""
-
-
 def test_daemon_sections(tmp_path):
     groups = dict(
         GROUPS, students=GROUPS["students"].replace("[limits]", 'whitelist = ["matlab"]\n[limits]')
@@ -168,7 +137,7 @@ def test_daemon_sections(tmp_path):
         MAIN.replace(
             "hook_timeout = 1.5", 'hook_timeout = 1.5\ninterval = 5\nadmin_group = "hpcadmin"'
         )
-        + PENALTY.split("\n", 4)[4]
+        + DAEMON_SECTIONS
     )
     policy = load_policy(write_policy(tmp_path, main=main, groups=groups))
     assert policy.general.interval == 5.0 and policy.general.admin_group == "hpcadmin"
@@ -205,10 +174,7 @@ def test_no_penalty_table_means_no_penalties(tmp_path):
     ],
 )
 def test_daemon_section_errors(tmp_path, edit, message):
-    main = (
-        MAIN.replace("hook_timeout = 1.5", "hook_timeout = 1.5\ninterval = 5")
-        + PENALTY.split("\n", 4)[4]
-    )
+    main = MAIN.replace("hook_timeout = 1.5", "hook_timeout = 1.5\ninterval = 5") + DAEMON_SECTIONS
     found = problems(tmp_path, main=main.replace(*edit))
     assert any(message in p for p in found), found
     assert all(":" in p.split(" ")[0] for p in found)  # every problem names file and line
