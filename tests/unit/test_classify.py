@@ -19,17 +19,17 @@ def policy(tmp_path):
 @pytest.mark.parametrize(
     ("account", "group", "rule"),
     [
-        (NamedAccount("bob", 1500), "students", 'users: bob'),
+        (NamedAccount("bob", 1500), "students", "users: bob"),
         (NamedAccount("eve", 2002), "students", "uids: 2002"),
-        (NamedAccount("eve", 3500), "students", 'uids: 3000-3999'),
+        (NamedAccount("eve", 3500), "students", "uids: 3000-3999"),
         (NamedAccount("eve", 1500, gids=[3001]), "students", "gids: 3001"),
         (
             NamedAccount("eve", 1500, gids=[50], names=["students"]),
             "students",
-            'groups: students',
+            "groups: students",
         ),
-        (NamedAccount("eve", 1500, names=["wheel", "students"]), "admins", 'groups: wheel'),
-        (NamedAccount("root2", 3500), "admins", 'users: root2'),
+        (NamedAccount("eve", 1500, names=["wheel", "students"]), "admins", "groups: wheel"),
+        (NamedAccount("root2", 3500), "admins", "users: root2"),
         (NamedAccount("eve", 4000), "normal", "fallback"),
     ],
 )
