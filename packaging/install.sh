@@ -3,12 +3,14 @@
 #
 #   packaging/install.sh                 install (needs PyPI for dbus-fast and python-pam)
 #   packaging/install.sh --wheels DIR    install offline from wheels built elsewhere
-#   packaging/install.sh --uninstall     remove the PAM line first, then the program
+#   packaging/install.sh --uninstall     remove the PAM line first, then the daemon and program
 #
 # It installs into a virtual environment (PREFIX, default /opt/cgpolicy), links
 # the commands into /usr/sbin, installs the default policy in /etc/cgpolicy
 # unless one is there, and wires the PAM hook with pam-auth-update when the
-# system has it (Debian, Ubuntu). Elsewhere it prints the line to add.
+# system has it (Debian, Ubuntu). Elsewhere it prints the line to add. Then it
+# installs cgpolicyd's unit and D-Bus files, and enables and (re)starts it.
+# Running it again upgrades in place.
 set -eu
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,6 +32,16 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 PAM_LINE="session optional pam_exec.so quiet /usr/sbin/cgpolicy-pam-hook"
+UNIT=/etc/systemd/system/cgpolicyd.service
+BUS_POLICY=/usr/share/dbus-1/system.d/org.cgpolicy1.conf
+BUS_ACTIVATION=/usr/share/dbus-1/system-services/org.cgpolicy1.service
+BUS_INTERFACE=/usr/share/dbus-1/interfaces/org.cgpolicy1.Manager.xml
+
+# systemctl can only reload and start things when systemd runs (not in a chroot
+# or an image being built); the files are installed either way.
+systemd_running() {
+    [ -d /run/systemd/system ]
+}
 
 if [ "$ACTION" = uninstall ]; then
     # The PAM line goes first, so no login ever calls a hook that is gone.
@@ -37,7 +49,16 @@ if [ "$ACTION" = uninstall ]; then
         DEBIAN_FRONTEND=noninteractive pam-auth-update --package --remove cgpolicy
         rm -f /usr/share/pam-configs/cgpolicy
     fi
-    rm -f /usr/sbin/cgpolicyctl /usr/sbin/cgpolicy-pam-hook /etc/pam.d/cgpolicy-selftest
+    if systemd_running && [ -e "$UNIT" ]; then
+        systemctl disable --now cgpolicyd.service || true
+    fi
+    rm -f "$UNIT" "$BUS_POLICY" "$BUS_ACTIVATION" "$BUS_INTERFACE"
+    if systemd_running; then
+        systemctl daemon-reload
+        systemctl reload dbus.service || true
+    fi
+    rm -f /usr/sbin/cgpolicyd /usr/sbin/cgpolicyctl /usr/sbin/cgpolicy-pam-hook \
+        /etc/pam.d/cgpolicy-selftest
     rm -rf "$PREFIX"
     echo "cgpolicy removed; /etc/cgpolicy and /var/lib/cgpolicy are kept"
     exit 0
@@ -50,6 +71,7 @@ else
     "$PREFIX/bin/pip" install --quiet --force-reinstall "$SRC"
 fi
 ln -sf "$PREFIX/bin/cgpolicyctl" /usr/sbin/cgpolicyctl
+ln -sf "$PREFIX/bin/cgpolicyd" /usr/sbin/cgpolicyd
 # The hook runs at every login, as root, with an environment PAM modules may
 # have filled from users' files. -I: ignore PYTHONPATH and the like. -S: skip
 # site, the slowest part of a start; the one directory needed is named here.
@@ -92,4 +114,32 @@ for stack in common-session password-auth; do
 done
 
 /usr/sbin/cgpolicyctl check
+
+# cgpolicyd: who may own and call org.cgpolicy1 on the system bus, bus
+# activation, the interface for introspection tools, and the unit.
+install -D -o root -g root -m 0644 "$SRC/dbus/org.cgpolicy1.conf" "$BUS_POLICY"
+install -D -o root -g root -m 0644 "$SRC/dbus/org.cgpolicy1.service" "$BUS_ACTIVATION"
+install -D -o root -g root -m 0644 "$SRC/dbus/org.cgpolicy1.Manager.xml" "$BUS_INTERFACE"
+install -D -o root -g root -m 0644 "$SRC/packaging/systemd/cgpolicyd.service" "$UNIT"
+if ! systemd_running; then
+    echo "cgpolicyd: systemd is not running here; enable it later: systemctl enable --now cgpolicyd"
+elif ! "$PREFIX/bin/python3" -I -c 'import pam_cgpolicy.daemon' 2>/dev/null; then
+    # -I: the installed package, never a pam_cgpolicy in the current directory.
+    systemctl daemon-reload
+    systemctl reload dbus.service
+    echo "cgpolicyd: NOT started: this cgpolicy has no working daemon (pam_cgpolicy.daemon" \
+        "does not import); logins still get their group's limits" >&2
+else
+    systemctl daemon-reload
+    # Before cgpolicyd starts: the bus must know it may own org.cgpolicy1.
+    systemctl reload dbus.service
+    systemctl enable cgpolicyd.service
+    # restart, not start: a re-run (an upgrade) must run the new code.
+    if ! systemctl restart cgpolicyd.service; then
+        echo "cgpolicyd: failed to start; see: journalctl -u cgpolicyd" >&2
+        exit 1
+    fi
+    echo "cgpolicyd: enabled and running"
+fi
+
 echo "cgpolicy installed in $PREFIX; run 'cgpolicyctl doctor' to check this node"

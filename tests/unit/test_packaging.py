@@ -1,0 +1,78 @@
+"""cgpolicyd's unit and install.sh, read as text: what the daemon needs from them."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pam_cgpolicy.constants import CGPOLICY_BUS_NAME
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "packaging" / "systemd" / "cgpolicyd.service"
+INSTALL = ROOT / "packaging" / "install.sh"
+
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def test_the_unit_is_a_restarting_dbus_service_of_our_name() -> None:
+    service = unit()["Service"]
+    assert service["Type"] == "dbus"
+    assert service["BusName"] == CGPOLICY_BUS_NAME
+    assert service["ExecStart"] == "/usr/sbin/cgpolicyd"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert (service["Restart"], service["RestartSec"]) == ("always", "1s")
+    assert service["StateDirectory"] == "cgpolicy"
+    install = unit()["Install"]
+    assert install["WantedBy"] == "multi-user.target"
+    assert install["Alias"] == f"dbus-{CGPOLICY_BUS_NAME}.service"
+
+
+def test_the_hardening_leaves_what_the_daemon_needs() -> None:
+    service = unit()["Service"]
+    # It writes the cgroup v1 freezer hierarchy and moves other users' tasks into it.
+    for setting in ("ProtectControlGroups", "ProtectKernelTunables", "CapabilityBoundingSet"):
+        assert setting not in service
+    assert service["ProtectSystem"] == "strict"
+    assert "AF_UNIX" in service["RestrictAddressFamilies"].split()
+
+
+def test_install_sh_installs_every_file_of_the_daemon() -> None:
+    script = INSTALL.read_text()
+    for source, target in [
+        ("dbus/org.cgpolicy1.conf", "/usr/share/dbus-1/system.d/org.cgpolicy1.conf"),
+        ("dbus/org.cgpolicy1.service", "/usr/share/dbus-1/system-services/org.cgpolicy1.service"),
+        (
+            "dbus/org.cgpolicy1.Manager.xml",
+            "/usr/share/dbus-1/interfaces/org.cgpolicy1.Manager.xml",
+        ),
+        ("packaging/systemd/cgpolicyd.service", "/etc/systemd/system/cgpolicyd.service"),
+    ]:
+        assert (ROOT / source).is_file()
+        assert f'"$SRC/{source}"' in script
+        assert target in script
+    assert 'ln -sf "$PREFIX/bin/cgpolicyd" /usr/sbin/cgpolicyd' in script
+
+
+def test_install_sh_starts_the_daemon_only_when_it_imports() -> None:
+    script = INSTALL.read_text()
+    guard = script.index("import pam_cgpolicy.daemon")
+    assert guard < script.index("systemctl enable cgpolicyd") < script.index("systemctl restart")
+    uninstall = script[script.index('if [ "$ACTION" = uninstall ]') :]
+    # The PAM line still goes first.
+    assert uninstall.index("pam-auth-update") < uninstall.index("disable --now cgpolicyd")
+    assert re.search(r"rm -f [^\n]*/usr/sbin/cgpolicyd ", uninstall)
+
+
+@pytest.mark.skipif(shutil.which("dash") is None, reason="no dash to check POSIX syntax with")
+def test_install_sh_is_posix_sh() -> None:
+    assert subprocess.run(["dash", "-n", str(INSTALL)], check=False).returncode == 0
