@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -342,6 +343,8 @@ def _history_uid(user: str) -> int:
 def cmd_history(args: argparse.Namespace) -> None:
     uid = None if args.user is None else _history_uid(args.user)
     path = state_db_file()
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        raise PermissionError(f"cannot read {path}")  # main() adds: run as root
     store = StateStore.open_readonly(path)
     if store is None:
         print("[]" if args.json else "no history yet")
