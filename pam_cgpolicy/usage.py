@@ -39,6 +39,14 @@ _CHUNK = 16384  # every single-value cgroup or /proc file we read is smaller
 _CPUACCT_DIRS = ("cpu,cpuacct", "cpuacct,cpu", "cpuacct")
 _NO_NAMES: frozenset[str] = frozenset()
 
+# A process whose name is not whitelisted is looked at again only every this
+# many scans: most processes never change their name, and reading every one's
+# stat each cycle was most of a busy node's cycle. The error is conservative: a
+# process that execs a whitelisted program is charged to its user for at most
+# this many cycles. A whitelisted one is read every scan, so a process that
+# leaves the whitelist by exec is charged again at once.
+RECHECK_SCANS = 6
+
 
 @dataclass(frozen=True, slots=True)
 class Sample:
@@ -169,9 +177,11 @@ class UsageSampler:
             raise ValueError(f"unknown cgroup mode {self.mode!r}")
         self._proc = str(proc)
         self._users: dict[int, _UserState] = {}
-        # /proc entry name (the pid) -> (its inode, uid of its slice). The inode tells a
-        # reused pid apart: a new process gets a new /proc/PID inode.
-        self._owners: dict[str, tuple[int, int]] = {}
+        # /proc entry name (the pid) -> (its inode, uid of its slice, the scan before
+        # which its name need not be read again). The inode tells a reused pid
+        # apart: a new process gets a new /proc/PID inode.
+        self._owners: dict[str, tuple[int, int, int]] = {}
+        self._scans = 0
 
     def active_uids(self, min_uid: int) -> list[int]:
         """The uids of the user-UID.slice cgroups with uid >= min_uid, in order."""
@@ -254,7 +264,9 @@ class UsageSampler:
         """
         found: dict[int, list[tuple[int, ProcStat]]] = {}
         known = self._owners
-        owners: dict[str, tuple[int, int]] = {}
+        owners: dict[str, tuple[int, int, int]] = {}
+        self._scans += 1
+        scan = self._scans
         proc = self._proc
         try:
             listing = os.scandir(proc)
@@ -271,11 +283,11 @@ class UsageSampler:
                     uid = self._owner(name)
                     if uid is None:
                         continue  # exited meanwhile
-                    owner = (inode, uid)
+                    owner = (inode, uid, 0)
                 owners[name] = owner
                 names = wanted.get(owner[1])
-                if names is None:
-                    continue
+                if names is None or owner[2] > scan:
+                    continue  # not whitelisted when last looked at: see RECHECK_SCANS
                 data = _read(f"{proc}/{name}/stat")
                 if data is None:
                     continue
@@ -283,6 +295,7 @@ class UsageSampler:
                 closing = data.rfind(b")")
                 comm = data[data.find(b"(") + 1 : closing]
                 if closing < 0 or comm not in names:
+                    owners[name] = (owner[0], owner[1], scan + RECHECK_SCANS)
                     continue
                 stat = _parse_after_comm(data, os.fsdecode(comm), closing)
                 if stat is not None:

@@ -519,3 +519,30 @@ def test_the_sampler_reads_this_hosts_slices() -> None:
         assert sample.interval == 0.5
         assert sample.cores is None or sample.cores >= 0
         assert sample.memory_bytes is None or sample.memory_bytes >= 0
+
+
+def test_a_process_that_execs_a_whitelisted_program_is_found_within_the_recheck(
+    node: Node,
+) -> None:
+    """Non-whitelisted names are re-read only every RECHECK_SCANS scans: a bounded delay."""
+    from pam_cgpolicy.usage import RECHECK_SCANS
+
+    node.add_slice(UID)
+    node.process(UID, 10, "bash", 0)
+    sampler = node.sampler()
+    used = 0
+    node.cpu(UID, used)
+    sampler.sample([UID], SSH, now=0.0)
+    node.stat(10, "rsync", 0)  # bash execs rsync: same pid, same /proc inode
+    found_at = None
+    for scan in range(1, RECHECK_SCANS + 2):
+        used += 10_000_000
+        node.uptime(BOOT + 10 * scan)
+        node.cpu(UID, used)
+        node.stat(10, "rsync", ticks(1.0, 10 * scan))
+        sample = sampler.sample([UID], SSH, now=10.0 * scan)[UID]
+        if found_at is None and sample.whitelisted_cores:
+            found_at = scan
+    assert found_at is not None and found_at <= RECHECK_SCANS + 1
+    assert sample.whitelisted_cores == pytest.approx(1.0)
+    assert sample.cores == pytest.approx(0.0)
