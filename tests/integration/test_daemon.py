@@ -120,6 +120,8 @@ STUDENT_MEMORY = {
 
 HOG = "for i in 1 2; do nohup sh -c 'while :; do :; done' >/dev/null 2>&1 & done"
 HOG_PATTERN = "while :; do :; done"
+# yes(1) under the name of a whitelisted program: its comm is "rsync".
+BURNER = "cp /usr/bin/yes ~/rsync && { nohup ~/rsync </dev/null >/dev/null 2>&1 & }"
 
 T = TypeVar("T")
 
@@ -243,24 +245,32 @@ def name_owner_pid(vm) -> int | None:
 # --- the journal --------------------------------------------------------
 
 
-def journal_cursor(vm) -> str | None:
-    out = root(vm, "journalctl -n 1 -o cat --no-pager --show-cursor", check=False).stdout
-    found = re.search(r"^-- cursor: (\S+)", out, re.M)
-    return found.group(1) if found else None
+def daemon_log(vm, after: int = 0) -> list[str]:
+    """cgpolicyd's journal lines of this boot, from line ``after`` on (see log_mark)."""
+    cmd = "journalctl -b -t cgpolicyd -o cat --no-pager"
+    return root(vm, cmd, check=False).stdout.splitlines()[after:]
 
 
-def daemon_log(vm, after: str | None = None, this_boot: bool = False) -> list[str]:
-    """cgpolicyd's journal lines, after a cursor if given."""
-    cmd = "journalctl -t cgpolicyd -o cat --no-pager"
-    if after:
-        cmd += f" --after-cursor={shlex.quote(after)}"
-    if this_boot:
-        cmd += " -b"
-    return root(vm, cmd, check=False).stdout.splitlines()
+def log_mark(vm) -> int:
+    """Where cgpolicyd's log of this boot ends now."""
+    return len(daemon_log(vm))
 
 
 def events(lines: list[str], user: str, event: str) -> list[str]:
     return [line for line in lines if line.startswith(f"user={user} ") and f"event={event}" in line]
+
+
+def logged(vm, user: str, event: str, after: int = 0) -> list[str]:
+    """The user's lines of this event, waited for: the daemon records a change (which
+    GetUser shows at once) before it sets the limits and logs it."""
+    return poll(
+        f"a cgpolicyd line user={user} ... event={event}",
+        lambda: events(daemon_log(vm, after), user, event),
+        bool,
+        30,
+        lambda: diagnostics(vm, user),
+        every=1.0,
+    )
 
 
 def diagnostics(vm, *users: str) -> str:
@@ -419,7 +429,7 @@ def test_daemon_is_active_owns_its_name_and_serves_the_interface(node):
     for method in METHODS:
         assert re.search(rf"^\.{method}\s+method\s", intro, re.M), f"{method} missing:\n{intro}"
     assert re.search(r"^\.UserTierChanged\s+signal\s+ssss\s", intro, re.M), intro
-    started = [line for line in daemon_log(node, this_boot=True) if line.startswith("started:")]
+    started = [line for line in daemon_log(node) if line.startswith("started:")]
     assert started and "interval 2s" in started[-1], (
         f"no start-up line with this policy's interval: {started}\n{diagnostics(node)}"
     )
@@ -427,7 +437,7 @@ def test_daemon_is_active_owns_its_name_and_serves_the_interface(node):
 
 def test_cpu_hog_is_penalized_then_released(node):
     """Two busy loops at bob's 50% quota: badness rises, penalty1 halves it, expiry ends it."""
-    mark = journal_cursor(node)
+    mark = log_mark(node)
     wait_for_cpu(node, "bob", "students", None)
     login(node, "bob", HOG)
     try:
@@ -448,7 +458,7 @@ def test_cpu_hog_is_penalized_then_released(node):
         )
         assert info["tier"] == "penalty1", f"first violation put bob in {info['tier']}: {info}"
         assert info.get("occurrences") == 1, info
-        penalized = events(daemon_log(node, mark), "bob", "penalized")
+        penalized = logged(node, "bob", "penalized", mark)
         assert len(penalized) == 1 and "tier=penalty1 " in penalized[0], (
             f"penalized lines: {penalized}\n{diagnostics(node, 'bob')}"
         )
@@ -459,8 +469,8 @@ def test_cpu_hog_is_penalized_then_released(node):
             f"cpu_badness never seen above 0 ({seen}), nor in {penalized[0]}"
         )
         expiry = info["tier_expiry"]
-        logged = re.search(r" expiry=([\d.]+) ", penalized[0])
-        assert logged and abs(float(logged.group(1)) - expiry) < 0.1, (penalized[0], expiry)
+        in_line = re.search(r" expiry=([\d.]+) ", penalized[0])
+        assert in_line and abs(float(in_line.group(1)) - expiry) < 0.1, (penalized[0], expiry)
         left = expiry - guest_now(node)
         assert TIMEOUT["penalty1"] - 15 < left <= TIMEOUT["penalty1"], (
             f"penalty1 ends in {left:.1f}s, its timeout is {TIMEOUT['penalty1']:.0f}s"
@@ -475,7 +485,7 @@ def test_cpu_hog_is_penalized_then_released(node):
     info = wait_for_tier(node, "bob", None, expiry - guest_now(node) + 30)
     now = guest_now(node)
     assert now >= expiry, f"bob released at {now:.1f}, before his expiry {expiry:.1f}"
-    released = events(daemon_log(node, mark), "bob", "released")
+    released = logged(node, "bob", "released", mark)
     assert len(released) == 1, f"released lines: {released}\n{diagnostics(node, 'bob')}"
     assert info.get("occurrences") == 1, f"occurrences after release: {info}"
     wait_for_cpu(node, "bob", "students", None)
@@ -483,14 +493,14 @@ def test_cpu_hog_is_penalized_then_released(node):
 
 
 def test_second_violation_goes_to_the_next_tier(node):
-    mark = journal_cursor(node)
+    mark = log_mark(node)
     login(node, "bob", HOG)
     try:
         info = wait_for_tier(node, "bob", "penalty2", 90)
         assert info.get("occurrences") == 2, info
         wait_for_cpu(node, "bob", "students", "penalty2")
         assert slice_prop(node, 2002, "MemoryMax") == STUDENT_MEMORY["penalty2"]
-        penalized = events(daemon_log(node, mark), "bob", "penalized")
+        penalized = logged(node, "bob", "penalized", mark)
         assert len(penalized) == 1 and "tier=penalty2 " in penalized[0], (
             f"penalized lines: {penalized}\n{diagnostics(node, 'bob')}"
         )
@@ -522,7 +532,7 @@ def test_sigkilled_daemon_restarts_and_keeps_the_penalty(node):
     tier, expiry = info["tier"], info["tier_expiry"]
     old_pid = main_pid(node)
     restarts = int(root(node, "systemctl show -p NRestarts --value cgpolicyd").stdout)
-    mark = journal_cursor(node)
+    mark = log_mark(node)
     root(node, "systemctl kill -s KILL cgpolicyd")
     new_pid = wait_until_serving(node, timeout=60, other_than=old_pid)
     assert new_pid != old_pid
@@ -532,9 +542,9 @@ def test_sigkilled_daemon_restarts_and_keeps_the_penalty(node):
         f"before SIGKILL: {tier} until {expiry}; after: {after}\n{diagnostics(node, 'bob')}"
     )
     wait_for_cpu(node, "bob", "students", tier, timeout=10)
+    logged(node, "bob", "reapplied", mark)
     lines = daemon_log(node, mark)
     assert any(line.startswith("started:") for line in lines), lines
-    assert events(lines, "bob", "reapplied"), f"no reapplied line for bob: {lines}"
 
 
 def test_reboot_keeps_the_penalty_with_its_recorded_expiry(node):
@@ -556,8 +566,7 @@ def test_reboot_keeps_the_penalty_with_its_recorded_expiry(node):
         f"before the reboot: penalty2 until {expiry}; after ({took:.0f}s later): {after}\n"
         + diagnostics(node, "bob")
     )
-    lines = daemon_log(node, this_boot=True)
-    assert events(lines, "bob", "reapplied"), f"no reapplied line for bob this boot: {lines}"
+    logged(node, "bob", "reapplied")
     keep_logged_in(node, "bob")
     shown = slice_prop(node, 2002, "CPUQuotaPerSecUSec")
     kernel = cpu_kernel(node, 2002)
@@ -575,8 +584,8 @@ def test_reboot_keeps_the_penalty_with_its_recorded_expiry(node):
 def test_whitelisted_process_raises_no_badness(node):
     """A CPU burner named rsync (yes, renamed) is not held against wendy."""
     uid = USERS["wendy"][0]
-    mark = journal_cursor(node)
-    login(node, "wendy", "cp /usr/bin/yes ~/rsync && nohup ~/rsync >/dev/null 2>&1 &")
+    mark = log_mark(node)
+    login(node, "wendy", BURNER)
     try:
         comm = root(node, "pgrep -u wendy -x rsync", check=False)
         assert comm.returncode == 0, "wendy's rsync is not running"
@@ -641,17 +650,16 @@ def test_access_ordinary_users_only_read_themselves_admins_do_everything(node):
     mine = get_user(node, "carol", as_user="carol")
     assert mine["user"] == "carol" and mine["uid"] == 2003 and mine["group"] == "normal", mine
 
-    mark = journal_cursor(node)
+    mark = log_mark(node)
     call_ok(node, "Penalize", "ss", "carol", "penalty1", as_user="ann")
     assert get_user(node, "carol", as_user="ann").get("tier") == "penalty1"
     wait_for_cpu(node, "carol", "normal", "penalty1")
     call_ok(node, "Release", "s", "carol", as_user="ann")
     assert get_user(node, "carol").get("tier") is None
     wait_for_cpu(node, "carol", "normal", None)
-    lines = daemon_log(node, mark)
     for event in ("penalized", "released"):
-        found = events(lines, "carol", event)
-        assert found and "ann" in found[-1], f"no {event} line naming ann as actor: {lines}"
+        found = logged(node, "carol", event, mark)
+        assert "ann" in found[-1], f"the {event} line does not name ann as the actor: {found}"
 
 
 def test_cgpolicyctl_penalize_status_history_release(node):
@@ -701,7 +709,7 @@ def broken_policy(vm) -> Iterator[None]:
 def test_reload_of_a_broken_policy_is_refused_and_the_old_one_kept(node):
     pid = main_pid(node)
     with broken_policy(node):
-        mark = journal_cursor(node)
+        mark = log_mark(node)
         done = root(node, busctl("Reload"), check=False)
         assert done.returncode == 0, f"Reload: {done.stdout}{done.stderr}\n{diagnostics(node)}"
         (problems,) = json.loads(done.stdout)["data"]
@@ -721,7 +729,7 @@ def test_reload_of_a_broken_policy_is_refused_and_the_old_one_kept(node):
 def test_systemctl_reload_and_cgpolicyctl_reload_refuse_a_broken_policy(node):
     pid = main_pid(node)
     with broken_policy(node):
-        mark = journal_cursor(node)
+        mark = log_mark(node)
         done = root(node, "systemctl reload cgpolicyd", check=False)
         assert done.returncode == 0, f"systemctl reload: {done.stderr}"
         refused = poll(
