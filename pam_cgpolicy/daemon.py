@@ -5,8 +5,9 @@ the samples (engine.py: badness, tiers, recorded in SQLite before acting), sets
 the resulting limits through systemd, and keeps the hook's copy of the
 penalties in force up to date. It answers admins and users on the system bus
 (dbusapi.py). A slice that appears without the PAM hook (cron, systemd-run,
-lingering) gets its limits at the next sample. SIGHUP reloads the policy; a
-policy with errors is refused and the old one stays in force.
+lingering) gets its limits at the next sample. SIGHUP reloads the policy, and
+so does an edit of the policy files; a policy with errors is refused and the
+old one stays in force.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dbus_fast.aio import MessageBus
 from . import control, log
 from .accounts import Account, lookup_account, lookup_uid
 from .classify import decide
-from .compiled import save_penalties
+from .compiled import fingerprint, save_penalties
 from .constants import config_dir, penalties_file, state_db_file
 from .engine import Action, Engine
 from .errors import CgpolicyError, PolicyError
@@ -59,6 +60,7 @@ class Daemon:
         self.engine = Engine(policy, store, memory_total(), self._account)
         self.known: set[int] = set()  # slices that have had their limits from us
         self.service: Any = None  # the D-Bus service, once serving
+        self.marks = fingerprint(config_dir())  # the policy files as last loaded
 
     @property
     def policy(self) -> Policy:
@@ -128,6 +130,12 @@ class Daemon:
             log.error(f"cannot write {penalties_file()}: {err}")
 
     async def cycle(self) -> None:
+        marks = fingerprint(config_dir())
+        if marks != self.marks:
+            # The hook reads the files at every login: follow an edit at once, so
+            # that a slice never gets the old policy's limits over the new one's.
+            self.marks = marks
+            await self.reload("policy files changed")
         uids = self.sampler.active_uids(self.policy.general.min_uid)
         await self._limit_new_slices(uids)
         whitelists: dict[int, frozenset[str]] = {}
@@ -231,6 +239,7 @@ class Daemon:
         await self.apply([self.engine.release(account.uid, actor, time.time())], actor)
 
     async def reload(self, actor: str) -> list[str]:
+        self.marks = fingerprint(config_dir())
         try:
             policy = load_policy(Path(config_dir()))
         except PolicyError as err:

@@ -106,13 +106,16 @@ def node(vm):
     from vmharness.install import install_cgpolicy
 
     install_cgpolicy(vm, REPO)
+    # A fresh node: no cgpolicyd standings left by other tests on this VM.
+    root(vm, "systemctl stop cgpolicyd; rm -f /var/lib/cgpolicy/state.db* "
+         "/var/lib/cgpolicy/penalties.compiled")
     for name, (uid, groups, _) in USERS.items():
         for group, gid in groups:
             root(vm, f"getent group {group} >/dev/null || groupadd -g {gid} {group}")
         vm.add_user(name, uid, groups=[group for group, _ in groups])
     root(vm, "rm -f /etc/cgpolicy/groups.d/*.toml")
     write_policy(vm, POLICY)
-    root(vm, "cgpolicyctl check")
+    root(vm, "cgpolicyctl check && systemctl start cgpolicyd")
     for name in USERS:
         keep_logged_in(vm, name)
     vm.ssh("true", new_login=True)  # root logs in once through PAM too
