@@ -780,15 +780,32 @@ def test_cgpolicyctl_penalize_status_history_release(node):
 BROKEN = re.compile(r"students\.toml:\d+: limits\.CPUQuota: ")
 
 
+def refusals(vm, after: int) -> list[str]:
+    return [line for line in daemon_log(vm, after) if "refused" in line]
+
+
 @contextlib.contextmanager
 def broken_policy(vm) -> Iterator[None]:
-    """students.toml invalid; normal.toml validly changed, to see which policy is used."""
+    """students.toml invalid; normal.toml validly changed, to see which policy is used.
+
+    cgpolicyd follows edits of the policy files by itself, at its next cycle: that
+    refusal is waited for first, so that any refusal after it is the test's own.
+    """
     d = "/etc/cgpolicy/groups.d"
     root(vm, f"cp {d}/students.toml /root/students.good && cp {d}/normal.toml /root/normal.good")
     try:
+        mark = log_mark(vm)
         root(vm, f'sed -i \'s/CPUQuota = "50%"/CPUQuota = "lots"/\' {d}/students.toml')
         root(vm, f'sed -i \'s/CPUQuota = "100%"/CPUQuota = "200%"/\' {d}/normal.toml')
         assert root(vm, "cgpolicyctl check", check=False).returncode == 1
+        own = poll(
+            "cgpolicyd refusing the edited files by itself",
+            lambda: refusals(vm, mark),
+            bool,
+            20,
+            lambda: diagnostics(vm),
+        )
+        assert BROKEN.search(own[-1]), own
         yield
     finally:
         root(vm, f"cp /root/students.good {d}/students.toml")
@@ -803,7 +820,7 @@ def test_reload_of_a_broken_policy_is_refused_and_the_old_one_kept(node):
         assert done.returncode == 0, f"Reload: {done.stdout}{done.stderr}\n{diagnostics(node)}"
         (problems,) = json.loads(done.stdout)["data"]
         assert any(BROKEN.search(p) for p in problems), f"Reload's problems: {problems}"
-        refused = [line for line in daemon_log(node, mark) if "refused" in line]
+        refused = refusals(node, mark)
         assert refused and BROKEN.search(refused[-1]), daemon_log(node, mark)
         assert main_pid(node) == pid and name_owner_pid(node) == pid, diagnostics(node)
         # The old policy judges: normal's 100% halved, not the new file's 200%.
@@ -823,7 +840,7 @@ def test_systemctl_reload_and_cgpolicyctl_reload_refuse_a_broken_policy(node):
         assert done.returncode == 0, f"systemctl reload: {done.stderr}"
         refused = poll(
             "SIGHUP reload refused in the log",
-            lambda: [line for line in daemon_log(node, mark) if "refused" in line],
+            lambda: refusals(node, mark),
             bool,
             20,
             lambda: diagnostics(node),
