@@ -64,8 +64,13 @@ class Policy:
     penalty: PenaltyParams | None = None  # no [penalty] table: nobody is ever penalized
 
     def managed_keys(self) -> set[str]:
-        """The limits some group sets: the ones cgpolicy owns on every user slice."""
-        return {key for group in self.groups.values() for key in group.limits}
+        """The limits some group sets: the ones cgpolicy owns on every user slice.
+
+        With penalties, also the ones a tier lowers, so that a group's limits
+        lift a tier's MemoryHigh even when no group sets one.
+        """
+        keys = {key for group in self.groups.values() for key in group.limits}
+        return keys | ({"CPUQuota", "MemoryMax", "MemoryHigh"} if self.penalty else set())
 
     def compile(self) -> dict[str, Any]:
         """The compiled form the hook and the CLI act on: plain data, D-Bus values ready."""

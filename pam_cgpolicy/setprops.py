@@ -88,7 +88,7 @@ def set_slice_properties(uid: int, props: Iterable[tuple[str, str, Any]], timeou
     read_end, write_end = os.pipe()
     try:
         with open(os.devnull, "rb") as null:
-            _Child.pid = os.posix_spawn(
+            pid = os.posix_spawn(
                 argv[0],
                 argv,
                 os.environ,
@@ -101,9 +101,10 @@ def set_slice_properties(uid: int, props: Iterable[tuple[str, str, Any]], timeou
             )
     finally:
         os.close(write_end)
+    _Child.pid = pid  # for the hook's deadline; the daemon may run several at once
     with os.fdopen(read_end, "rb") as output:
         said = output.read().decode(errors="replace").strip()
-    _, status = os.waitpid(_Child.pid, 0)
+    _, status = os.waitpid(pid, 0)
     _Child.pid = 0
     code = os.waitstatus_to_exitcode(status)
     if code != 0:

@@ -128,3 +128,15 @@ def test_whitelist_joins_policy_and_group(engine):
 def test_first_samples_are_not_judged(engine):
     assert engine.cycle({2002: Sample(2002, None, 5, 0, None, None)}, T0) == []
     assert engine.store.get(2002) is None
+
+
+def test_a_released_user_gets_every_tier_limit_lifted(tmp_path):
+    """No group sets MemoryHigh, a tier does: the group's limits must lift it again."""
+    groups = dict(GROUPS, students=GROUPS["students"].replace('MemoryHigh = "1800M"\n', ""))
+    policy = load_policy(write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS, groups=groups))
+    with StateStore.open(tmp_path / "state.db") as store:
+        engine = Engine(policy, store, memory_total=16 * GiB, lookup=ACCOUNTS.__getitem__)
+        engine.penalize(2002, "penalty1", "uid 0 (root)", T0)
+        released = engine.release(2002, "uid 0 (root)", T0 + 1)
+    assert props(released)["MemoryHigh"] == 2**64 - 1
+    assert props(released)["MemoryMax"] == 2 * GiB
