@@ -582,9 +582,6 @@ def test_reboot_keeps_the_penalty_with_its_recorded_expiry(node):
     write_policy(node, {"cgpolicy.toml": long_tier})
     try:
         reload_ok(node)
-        # Reload has the next cycle set every slice's limits again; let that pass
-        # before bob's penalty is set (see test_concurrent_admin_calls_all_succeed).
-        time.sleep(5)
         done = root(node, "cgpolicyctl penalize bob penalty2", check=False)
         assert done.returncode == 0, f"cgpolicyctl penalize: {done.stdout}{done.stderr}"
     finally:
