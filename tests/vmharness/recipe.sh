@@ -9,7 +9,7 @@ MIRROR=${CGPOLICY_VM_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,openssh-server,linux-image-amd64,\
 initramfs-tools,python3,python3-venv,sudo,procps,iproute2,kmod,udev,ca-certificates,\
-psmisc,zstd,less
+psmisc,zstd,less,acl,rsync
 
 step() { echo "recipe: $*" >&2; }
 in_root() { chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
