@@ -7,6 +7,8 @@ login hook and the CLI decide with the same code; imports nothing heavy.
 
 from __future__ import annotations
 
+from .log import fields
+
 TYPE_CHECKING = False  # typing itself is too slow an import for the hook
 if TYPE_CHECKING:
     from typing import Any, TypeAlias
@@ -17,10 +19,7 @@ if TYPE_CHECKING:
 
 
 def matching_rule(group: Group, account: Account) -> str | None:
-    """The rule of ``group`` that matches the account, for the admin to read; or None.
-
-    Plain words without quotes, since the rule goes inside a quoted log field.
-    """
+    """The rule of ``group`` that matches the account, for the admin to read; or None."""
     if account.name in group["users"]:
         return f"users: {account.name}"
     for low, high in group["uids"]:
@@ -75,17 +74,16 @@ class Decision:
         return self.group["properties"] if self.group and self.action == "applied" else ()
 
     def log_line(self) -> str:
-        parts = [f"user={self.account.name}", f"uid={self.account.uid}"]
-        if self.group:
-            parts += [
-                f"group={self.group['name']}",
-                f'rule="{self.rule}"',
-                f'limits="{describe_limits(self.group["limits"])}"',
-            ]
-        parts.append(f"action={self.action}")
-        if self.reason:
-            parts.append(f'reason="{self.reason}"')
-        return " ".join(parts)
+        group = self.group
+        return fields(
+            user=self.account.name,
+            uid=self.account.uid,
+            group=group["name"] if group else None,
+            rule=self.rule if group else None,
+            limits=describe_limits(group["limits"]) if group else None,
+            action=self.action,
+            reason=self.reason or None,
+        )
 
 
 def decide(policy: dict[str, Any], account: Account) -> Decision:
