@@ -35,7 +35,7 @@ from .constants import (
 )
 from .errors import CgpolicyError, PolicyError, SystemdError
 from .limits import format_size
-from .pamconfig import hook_wiring
+from .pamconfig import hook_wiring, user_env_before_hook
 from .policy import Policy, load_policy
 from .setprops import apply_limits
 from .state import Event, StateStore
@@ -433,6 +433,15 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         )
     wired, detail = hook_wiring("sshd", "cgpolicy-pam-hook")
     checks.append(("ok" if wired else "FAIL", "PAM line (sshd)", detail))
+    for line in user_env_before_hook("sshd", "cgpolicy-pam-hook"):
+        checks.append(
+            (
+                "warn",
+                "PAM environment",
+                f"{line.file}:{line.line}: {line.module} {' '.join(line.args)} runs before the "
+                "hook: users' own variables reach it (it ignores them); put the hook above it",
+            )
+        )
     hook_ok = Path(HOOK_PATH).exists()
     checks.append(
         ("ok" if hook_ok else "FAIL", "hook", HOOK_PATH + ("" if hook_ok else " is missing"))
