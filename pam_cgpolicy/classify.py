@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeAlias
 
     from .accounts import Account
+    from .errors import SystemdError
 
     Group: TypeAlias = dict[str, Any]
 
@@ -52,7 +53,7 @@ def describe_limits(limits: dict[str, Any]) -> str:
 class Decision:
     """What is done for one user at login: applied, exempt or skipped, and why."""
 
-    __slots__ = ("account", "action", "group", "reason", "rule")
+    __slots__ = ("account", "action", "error", "group", "reason", "rule")
 
     def __init__(
         self,
@@ -63,10 +64,14 @@ class Decision:
         rule: str = "",
     ) -> None:
         self.account = account
-        self.action = action  # "applied", "exempt" or "skipped"
+        self.action = action  # "applied", "exempt", "skipped", or "failed" when systemd refused
         self.reason = reason
         self.group = group
         self.rule = rule
+        self.error: SystemdError | None = None
+
+    def fail(self, error: SystemdError) -> None:
+        self.action, self.error = "failed", error
 
     @property
     def properties(self) -> tuple[tuple[str, str, Any], ...]:
@@ -83,6 +88,7 @@ class Decision:
             limits=describe_limits(group["limits"]) if group else None,
             action=self.action,
             reason=self.reason or None,
+            error=self.error,
         )
 
 

@@ -146,6 +146,8 @@ def cmd_apply(args: argparse.Namespace) -> None:
     decision = apply_limits(policy, account, BUS_TIMEOUT, bus=system_bus_address())
     log.open_log("cgpolicyctl")
     log.info(decision.log_line() + " " + log.fields(by="cgpolicyctl"))
+    if decision.error:
+        raise decision.error
     print(decision.log_line())
 
 

@@ -134,11 +134,16 @@ def apply_limits(
     """What happens at login: decide for the user, then set the group's properties.
 
     ``penalty`` are the properties of a penalty cgpolicyd has the user in: they
-    take the group's place, so logging in again does not end a penalty.
+    take the group's place, so logging in again does not end a penalty. When
+    systemd refuses, the decision says "failed" with systemd's error, so its
+    log line still tells which group and limits were meant.
     """
     decision = decide(policy, account)
     if decision.action == "applied":
         if penalty is not None:
             decision.reason = "in a cgpolicyd penalty"
-        set_slice_properties(account.uid, penalty or decision.properties, timeout, bus)
+        try:
+            set_slice_properties(account.uid, penalty or decision.properties, timeout, bus)
+        except SystemdError as err:
+            decision.fail(err)
     return decision
