@@ -13,7 +13,6 @@ from test_hook_fails_open import run_hook
 
 from pam_cgpolicy.compiled import save, save_penalties
 from pam_cgpolicy.constants import COMPILED_POLICY, PENALTIES
-from pam_cgpolicy.hook import parse_options
 
 NOBODY = 65534  # pam_exec's PAM_USER below; in the fallback group "normal"
 EXEMPT_ALL = 'description = "everyone"\nuids = ["1-4000000000"]\nexempt = true\n'
@@ -166,6 +165,7 @@ def test_writes_never_go_through_a_planted_link(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("keep\n")
     (state / PENALTIES).symlink_to(victim)
+    (state / f"{PENALTIES}.{os.getpid()}.tmp").symlink_to(victim)  # a guessable name
     save_penalties(str(state / PENALTIES), {})
     assert victim.read_text() == "keep\n"
     assert not (state / PENALTIES).is_symlink()
@@ -181,6 +181,8 @@ def test_writes_refuse_a_directory_others_may_write(tmp_path: Path) -> None:
 
 
 def test_pam_line_options() -> None:
+    from pam_cgpolicy.hook import parse_options
+
     options, problems = parse_options(["--config-dir=/srv/policy", "--state-dir", "rel", "-x"])
     assert options["--config-dir"] == "/srv/policy"
     assert options["--state-dir"] == "/var/lib/cgpolicy"

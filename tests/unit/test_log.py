@@ -2,9 +2,9 @@
 
 import pytest
 
+from pam_cgpolicy import log
 from pam_cgpolicy.accounts import Account
 from pam_cgpolicy.classify import Decision
-from pam_cgpolicy.log import fields, quote
 
 
 def parse(line: str) -> list[tuple[str, str]]:
@@ -48,7 +48,7 @@ FORGERIES = [
 
 @pytest.mark.parametrize("name", FORGERIES)
 def test_a_forged_value_stays_one_field_on_one_line(name: str) -> None:
-    line = fields(user=name, action="applied")
+    line = log.fields(user=name, action="applied")
     assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
     keys = [key for key, _ in parse(line)]
     assert keys == ["user", "action"]
@@ -56,10 +56,10 @@ def test_a_forged_value_stays_one_field_on_one_line(name: str) -> None:
 
 
 def test_plain_values_stay_bare_and_none_is_left_out() -> None:
-    assert fields(user="bob", uid=2002, rule="groups: students", reason=None) == (
+    assert log.fields(user="bob", uid=2002, rule="groups: students", reason=None) == (
         'user=bob uid=2002 rule="groups: students"'
     )
-    assert quote('say "hi"\n') == '"say \\"hi\\"\\n"'
+    assert log.quote('say "hi"\n') == '"say \\"hi\\"\\n"'
 
 
 def test_the_login_line_quotes_a_hostile_user_name() -> None:
