@@ -194,6 +194,8 @@ def load_in_force(config_dir: str, cache_file: str) -> Loaded:
         cached, refused = _read(cache_file), None
     except Untrusted as err:  # only the policy files then
         cached, refused = None, err
+    except OSError:  # not root (cgpolicyctl run by an admin): the files
+        cached, refused = None, None
     if cached is not None and cached[0] == marks:
         return Loaded(cached[1], "compiled")
     from pathlib import Path
