@@ -91,7 +91,9 @@ if [ ! -e /etc/cgpolicy/cgpolicy.toml ]; then
     install -o root -g root -m 0644 "$SRC/etc/cgpolicy/cgpolicy.toml" /etc/cgpolicy/
     install -o root -g root -m 0644 "$SRC"/etc/cgpolicy/groups.d/*.toml /etc/cgpolicy/groups.d/
 fi
-install -d -o root -g root -m 0755 /var/lib/cgpolicy
+# Root's alone (also on an upgrade): the hook and cgpolicyd refuse a state
+# directory others may write, and no user may read another's tier from it.
+install -d -o root -g root -m 0700 /var/lib/cgpolicy
 
 if command -v pam-auth-update >/dev/null; then
     install -o root -g root -m 0644 "$SRC/packaging/pam-configs/cgpolicy" /usr/share/pam-configs/

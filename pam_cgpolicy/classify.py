@@ -7,20 +7,20 @@ login hook and the CLI decide with the same code; imports nothing heavy.
 
 from __future__ import annotations
 
+from .log import fields
+
 TYPE_CHECKING = False  # typing itself is too slow an import for the hook
 if TYPE_CHECKING:
     from typing import Any, TypeAlias
 
     from .accounts import Account
+    from .errors import SystemdError
 
     Group: TypeAlias = dict[str, Any]
 
 
 def matching_rule(group: Group, account: Account) -> str | None:
-    """The rule of ``group`` that matches the account, for the admin to read; or None.
-
-    Plain words without quotes, since the rule goes inside a quoted log field.
-    """
+    """The rule of ``group`` that matches the account, for the admin to read; or None."""
     if account.name in group["users"]:
         return f"users: {account.name}"
     for low, high in group["uids"]:
@@ -53,7 +53,7 @@ def describe_limits(limits: dict[str, Any]) -> str:
 class Decision:
     """What is done for one user at login: applied, exempt or skipped, and why."""
 
-    __slots__ = ("account", "action", "group", "reason", "rule")
+    __slots__ = ("account", "action", "error", "group", "reason", "rule")
 
     def __init__(
         self,
@@ -64,10 +64,14 @@ class Decision:
         rule: str = "",
     ) -> None:
         self.account = account
-        self.action = action  # "applied", "exempt" or "skipped"
+        self.action = action  # "applied", "exempt", "skipped", or "failed" when systemd refused
         self.reason = reason
         self.group = group
         self.rule = rule
+        self.error: SystemdError | None = None
+
+    def fail(self, error: SystemdError) -> None:
+        self.action, self.error = "failed", error
 
     @property
     def properties(self) -> tuple[tuple[str, str, Any], ...]:
@@ -75,17 +79,17 @@ class Decision:
         return self.group["properties"] if self.group and self.action == "applied" else ()
 
     def log_line(self) -> str:
-        parts = [f"user={self.account.name}", f"uid={self.account.uid}"]
-        if self.group:
-            parts += [
-                f"group={self.group['name']}",
-                f'rule="{self.rule}"',
-                f'limits="{describe_limits(self.group["limits"])}"',
-            ]
-        parts.append(f"action={self.action}")
-        if self.reason:
-            parts.append(f'reason="{self.reason}"')
-        return " ".join(parts)
+        group = self.group
+        return fields(
+            user=self.account.name,
+            uid=self.account.uid,
+            group=group["name"] if group else None,
+            rule=self.rule if group else None,
+            limits=describe_limits(group["limits"]) if group else None,
+            action=self.action,
+            reason=self.reason or None,
+            error=self.error,
+        )
 
 
 def decide(policy: dict[str, Any], account: Account) -> Decision:

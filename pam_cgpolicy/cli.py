@@ -26,10 +26,16 @@ from .cgroups import CGROUP_ROOT, V1Freezer, cgroup_mode
 from .classify import decide, describe_limits
 from .client import Daemon, DaemonError, daemon_running
 from .compiled import load_in_force
-from .constants import HOOK_PATH, compiled_policy_file, config_dir, state_db_file
+from .constants import (
+    HOOK_PATH,
+    compiled_policy_file,
+    config_dir,
+    state_db_file,
+    system_bus_address,
+)
 from .errors import CgpolicyError, PolicyError, SystemdError
 from .limits import format_size
-from .pamconfig import hook_wiring
+from .pamconfig import hook_wiring, user_env_before_hook
 from .policy import Policy, load_policy
 from .setprops import apply_limits
 from .state import Event, StateStore
@@ -137,9 +143,11 @@ def cmd_classify(args: argparse.Namespace) -> None:
 def cmd_apply(args: argparse.Namespace) -> None:
     policy = _policy_in_force(args)
     account = lookup_account(args.user)
-    decision = apply_limits(policy, account, BUS_TIMEOUT)
+    decision = apply_limits(policy, account, BUS_TIMEOUT, bus=system_bus_address())
     log.open_log("cgpolicyctl")
-    log.info(decision.log_line() + " by=cgpolicyctl")
+    log.info(decision.log_line() + " " + log.fields(by="cgpolicyctl"))
+    if decision.error:
+        raise decision.error
     print(decision.log_line())
 
 
@@ -165,18 +173,26 @@ def _freezer_command(args: argparse.Namespace, action: str) -> None:
     uid = _managed_uid(args)
     freezing = action == "frozen"
 
-    async def work(systemd: Systemd, daemon: Daemon | None) -> tuple[str, str]:
+    async def work(systemd: Systemd, daemon: Daemon | None) -> tuple[str, str | None]:
         if daemon is None:
             act = control.freeze_user if freezing else control.thaw_user
-            return await act(systemd, uid), ""
+            return await act(systemd, uid), None
         # Through cgpolicyd, which records it and announces UserFreezerChanged.
         how = _mechanism(uid, action)
         await (daemon.freeze if freezing else daemon.thaw)(args.user)
-        return how, " through=cgpolicyd"
+        return how, "cgpolicyd"
 
     how, through = _on_bus(work)
     log.open_log("cgpolicyctl")
-    log.info(f"user={args.user} uid={uid} action={action} via={how.replace(' ', '-')}{through}")
+    log.info(
+        log.fields(
+            user=args.user,
+            uid=uid,
+            action=action,
+            via=how.replace(" ", "-"),
+            through=through,
+        )
+    )
     print(f"{args.user}: {action} ({how})")
 
 
@@ -419,6 +435,15 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         )
     wired, detail = hook_wiring("sshd", "cgpolicy-pam-hook")
     checks.append(("ok" if wired else "FAIL", "PAM line (sshd)", detail))
+    for line in user_env_before_hook("sshd", "cgpolicy-pam-hook"):
+        checks.append(
+            (
+                "warn",
+                "PAM environment",
+                f"{line.file}:{line.line}: {line.module} {' '.join(line.args)} runs before the "
+                "hook: users' own variables reach it (it ignores them); put the hook above it",
+            )
+        )
     hook_ok = Path(HOOK_PATH).exists()
     checks.append(
         ("ok" if hook_ok else "FAIL", "hook", HOOK_PATH + ("" if hook_ok else " is missing"))

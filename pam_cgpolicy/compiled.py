@@ -13,6 +13,7 @@ module loads only builtin modules.
 
 from __future__ import annotations
 
+import errno
 import marshal
 import os
 import sys
@@ -54,15 +55,112 @@ def fingerprint(config_dir: str) -> list[tuple[Any, ...]]:
     return marks
 
 
-def _read(cache_file: str) -> tuple[list[tuple[Any, ...]], Compiled] | None:
+class Untrusted(OSError):
+    """A state directory or file root must not trust: a link, or not root's alone to write."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _check_trusted(fd: int, path: str, directory: bool) -> None:
+    """Refuse what the opened ``fd`` is, not what the path names now (no race)."""
+    info = os.fstat(fd)
+    kind = "directory" if directory else "regular file"
+    if (info.st_mode & 0o170000) != (0o040000 if directory else 0o100000):
+        raise Untrusted(f"{path}: not a {kind}")
+    # Root, or whoever runs this (root, for the hook and cgpolicyd).
+    if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
+        raise Untrusted(
+            f"{path}: owned by uid {info.st_uid}, mode {info.st_mode & 0o7777:04o}: "
+            "it must be owned by root and writable by root only"
+        )
+
+
+def _open_state_dir(path: str, create: bool) -> int:
+    """An fd of the state directory, made 0700 if ``create`` and missing; checked."""
+    if create:
+        try:  # noqa: SIM105 (contextlib is no builtin module)
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
     try:
-        with open(cache_file, "rb") as source:
-            data = marshal.load(source)
-        if data["format"] != FORMAT:
-            return None
-        return data["fingerprint"], data["policy"]
-    except (OSError, EOFError, ValueError, TypeError, KeyError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Untrusted(f"{path}: not a directory (a symbolic link?)") from None
+        raise
+    try:
+        _check_trusted(fd, path, directory=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_state_file(path: str) -> bytes | None:
+    """A state file's content; None if there is none; Untrusted if root must not read it."""
+    directory, name = os.path.split(path)
+    try:
+        dir_fd = _open_state_dir(directory or ".", create=False)
+    except FileNotFoundError:
         return None
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise Untrusted(f"{path}: a symbolic link") from None
+        raise
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "rb") as source:
+        _check_trusted(source.fileno(), path, directory=False)
+        return source.read()
+
+
+def _write_atomically(path: str, payload: bytes) -> None:
+    """A reader sees the old file or the new one, never half; 0600, in a checked directory.
+
+    The new file is created under a fresh name with O_EXCL|O_NOFOLLOW and
+    renamed over the old one, so no planted link or file is ever written through.
+    """
+    directory, name = os.path.split(path)
+    dir_fd = _open_state_dir(directory or ".", create=True)
+    try:
+        tmp = f".{name}.{os.urandom(8).hex()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(payload)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
+
+
+def _unmarshal(payload: bytes | None, key: str) -> Any:
+    """The ``key`` part of a saved copy; None if absent, from another interpreter or corrupt."""
+    if payload is None:
+        return None
+    try:
+        data = marshal.loads(payload)
+        return data[key] if data["format"] == FORMAT else None
+    except (EOFError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _read(cache_file: str) -> tuple[list[tuple[Any, ...]], Compiled] | None:
+    payload = read_state_file(cache_file)
+    marks, policy = _unmarshal(payload, "fingerprint"), _unmarshal(payload, "policy")
+    return None if marks is None or policy is None else (marks, policy)
 
 
 def save(cache_file: str, compiled: Compiled, marks: list[tuple[Any, ...]]) -> None:
@@ -71,37 +169,33 @@ def save(cache_file: str, compiled: Compiled, marks: list[tuple[Any, ...]]) -> N
     )
 
 
-def _write_atomically(path: str, payload: bytes) -> None:
-    """A reader sees the old file or the new one, never half."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 class Loaded:
     """The policy in force, where it came from, and why the files were not used."""
 
-    __slots__ = ("error", "policy", "source")
+    __slots__ = ("error", "policy", "refused", "source")
 
     def __init__(
-        self, policy: Compiled | None, source: str, error: PolicyError | None = None
+        self,
+        policy: Compiled | None,
+        source: str,
+        error: PolicyError | None = None,
+        refused: Untrusted | None = None,
     ) -> None:
         self.policy = policy
         self.source = source  # "compiled", "files", "last good" or "none"
         self.error = error
+        self.refused = refused  # why the compiled copy was not trusted
 
 
 def load_in_force(config_dir: str, cache_file: str) -> Loaded:
     """The policy to act on: the files when valid, else the last good compiled copy."""
     marks = fingerprint(config_dir)
-    cached = _read(cache_file)
+    try:
+        cached, refused = _read(cache_file), None
+    except Untrusted as err:  # only the policy files then
+        cached, refused = None, err
+    except OSError:  # not root (cgpolicyctl run by an admin): the files
+        cached, refused = None, None
     if cached is not None and cached[0] == marks:
         return Loaded(cached[1], "compiled")
     from pathlib import Path
@@ -112,12 +206,13 @@ def load_in_force(config_dir: str, cache_file: str) -> Loaded:
     try:
         compiled = load_policy(Path(config_dir)).compile()
     except PolicyError as err:
-        return Loaded(cached[1] if cached else None, "last good" if cached else "none", err)
-    try:
+        source = "last good" if cached else "none"
+        return Loaded(cached[1] if cached else None, source, err, refused)
+    try:  # over a refused file too, when its directory is sound
         save(cache_file, compiled, marks)
     except OSError as err:  # a cache we cannot write must not stop a valid policy
-        return Loaded(compiled, f"files (not saved: {err.strerror})")
-    return Loaded(compiled, "files")
+        return Loaded(compiled, f"files (not saved: {err.strerror})", refused=refused)
+    return Loaded(compiled, "files", refused=refused)
 
 
 def save_penalties(path: str, penalties: dict[int, tuple[float, tuple[Any, ...]]]) -> None:
@@ -130,15 +225,18 @@ def save_penalties(path: str, penalties: dict[int, tuple[float, tuple[Any, ...]]
 
 
 def read_penalty(path: str, uid: int, now: float) -> tuple[Any, ...] | None:
-    """The properties of ``uid``'s penalty if one is in force; None otherwise."""
-    try:
-        with open(path, "rb") as source:
-            data = marshal.load(source)
-        if data["format"] != FORMAT:
-            return None
-        entry = data["penalties"].get(uid)
-    except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError):
-        return None
+    """The properties of ``uid``'s penalty if one is in force; None otherwise.
+
+    OSError (Untrusted among them) or ValueError when the copy cannot be used:
+    the caller says so, since then no penalty is known.
+    """
+    payload = read_state_file(path)
+    if payload is None:
+        return None  # cgpolicyd never ran
+    penalties = _unmarshal(payload, "penalties")
+    if not isinstance(penalties, dict):
+        raise ValueError(f"{path}: not a penalties copy of this cgpolicy")
+    entry = penalties.get(uid)
     if entry is None or entry[0] <= now:
         return None  # an expired entry: the daemon releases it at its next cycle
     return tuple(entry[1])

@@ -1,7 +1,9 @@
 """Paths, environment variables and bus names, in one place.
 
 Imported by the login hook, so it uses plain strings (no pathlib) and only
-modules the interpreter has loaded already.
+modules the interpreter has loaded already. The functions that read the
+environment are for the CLI and cgpolicyd: the hook's environment is partly
+the user's (see hook.py), so it never calls them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 
 CONFIG_DIR_ENV = "CGPOLICY_CONFIG_DIR"
 STATE_DIR_ENV = "CGPOLICY_STATE_DIR"
+BUS_ADDRESS_ENV = "DBUS_SYSTEM_BUS_ADDRESS"  # where the D-Bus library finds the system bus
 DEFAULT_CONFIG_DIR = "/etc/cgpolicy"
 DEFAULT_STATE_DIR = "/var/lib/cgpolicy"
 COMPILED_POLICY = "policy.compiled"
@@ -38,6 +41,11 @@ def config_dir(override: str | None = None) -> str:
 
 def state_dir() -> str:
     return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+
+
+def system_bus_address() -> str | None:
+    """The CLI's and cgpolicyd's system bus, the one their D-Bus library uses too."""
+    return os.environ.get(BUS_ADDRESS_ENV) or None
 
 
 def compiled_policy_file() -> str:

@@ -28,7 +28,7 @@ from . import control, log
 from .accounts import Account, lookup_account, lookup_uid
 from .classify import decide
 from .compiled import fingerprint, save_penalties
-from .constants import config_dir, penalties_file, state_db_file
+from .constants import config_dir, penalties_file, state_db_file, system_bus_address
 from .engine import Action, Engine
 from .errors import CgpolicyError, PolicyError
 from .policy import Policy, load_policy
@@ -83,23 +83,35 @@ class Daemon:
             try:
                 if action.properties:
                     await asyncio.to_thread(
-                        set_slice_properties, action.uid, action.properties, BUS_TIMEOUT
+                        set_slice_properties,
+                        action.uid,
+                        action.properties,
+                        BUS_TIMEOUT,
+                        system_bus_address(),
                     )
             except CgpolicyError as err:
-                log.error(f"user={action.user} uid={action.uid} cannot set limits: {err}")
+                log.error(log.fields(user=action.user, uid=action.uid, action="failed", error=err))
             change = action.change
             if change is None:
                 log.info(
-                    f"user={action.user} uid={action.uid} event=reapplied "
-                    f"tier={self._tier_of(action.uid)}"
+                    log.fields(
+                        user=action.user,
+                        uid=action.uid,
+                        event="reapplied",
+                        tier=self._tier_of(action.uid),
+                    )
                 )
                 continue
-            by = f' actor="{actor}"' if actor else ""
-            expiry = self._expiry_of(action.uid)
             log.info(
-                f"user={action.user} uid={action.uid} event={change.kind} "
-                f"tier={change.new_tier or '-'} expiry={expiry} "
-                f'reason="{change.reason}"{by}'
+                log.fields(
+                    user=action.user,
+                    uid=action.uid,
+                    event=change.kind,
+                    tier=change.new_tier or "-",
+                    expiry=self._expiry_of(action.uid),
+                    reason=change.reason,
+                    actor=actor or None,
+                )
             )
             self._emit_tier(action)
         if actions:
@@ -161,10 +173,14 @@ class Daemon:
         for action in actions:
             try:
                 await asyncio.to_thread(
-                    set_slice_properties, action.uid, action.properties, BUS_TIMEOUT
+                    set_slice_properties,
+                    action.uid,
+                    action.properties,
+                    BUS_TIMEOUT,
+                    system_bus_address(),
                 )
             except CgpolicyError as err:
-                log.error(f"user={action.user} uid={action.uid} cannot set limits: {err}")
+                log.error(log.fields(user=action.user, uid=action.uid, action="failed", error=err))
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -172,9 +188,11 @@ class Daemon:
             try:
                 await self.cycle()
             except CgpolicyError as err:
-                log.error(f"cycle failed: {err}")
+                log.error(log.fields(event="cycle-failed", error=err))
             except Exception as err:  # one bad cycle must not end the daemon
-                log.error(f"cycle failed: internal: {type(err).__name__}: {err}")
+                log.error(
+                    log.fields(event="cycle-failed", error=f"internal: {type(err).__name__}: {err}")
+                )
             wait = self.policy.general.interval - (time.monotonic() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(wait, 0.1))
@@ -224,8 +242,9 @@ class Daemon:
             raise CgpolicyError("root's session is never frozen")
         how = await act(self.systemd, account.uid)
         log.info(
-            f"user={name} uid={account.uid} event={state} via={how.replace(' ', '-')} "
-            f'actor="{actor}"'
+            log.fields(
+                user=name, uid=account.uid, event=state, via=how.replace(" ", "-"), actor=actor
+            )
         )
         if self.service is not None:
             self.service.emit_freezer_changed(name, state)
@@ -245,14 +264,16 @@ class Daemon:
         except PolicyError as err:
             problems = [str(p) for p in err.problems]
             log.error(
-                f"reload by {actor} refused, the old policy stays in force: " + "; ".join(problems)
+                log.fields(
+                    event="reload-refused", actor=actor, policy="old", errors="; ".join(problems)
+                )
             )
             return problems
         self.engine.set_policy(policy)
         self._account.cache_clear()
         self.known = set()  # every slice gets the new policy's limits at the next cycle
         self.write_penalties()
-        log.info(f"reload by {actor}: policy in force, {len(policy.groups)} groups")
+        log.info(log.fields(event="reloaded", actor=actor, groups=len(policy.groups)))
         return []
 
     async def is_admin(self, uid: int) -> bool:

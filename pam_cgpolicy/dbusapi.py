@@ -303,7 +303,11 @@ class ManagerService:
         try:
             self._bus.send(reply)
         except Exception:  # the core's value would not marshal; answer all the same
-            log.error(f"{member}: cannot send the reply\n{traceback.format_exc()}")
+            log.error(
+                log.fields(
+                    call=member, error="cannot send the reply", traceback=traceback.format_exc()
+                )
+            )
             self._bus.send(Message.new_error(msg, FAILED, f"{member} failed; see cgpolicyd's log"))
 
     async def _call(self, msg: Message, method: Method) -> Message:
@@ -322,15 +326,24 @@ class ManagerService:
     def _error(self, member: str, who: str, err: Exception, expired: bool) -> tuple[str, str]:
         """The D-Bus error for what a call raised; the unexpected ones go to the log."""
         if isinstance(err, Denied):
-            log.info(f"denied {member} to {who}: {err}")
+            log.info(log.fields(event="denied", call=member, caller=who, error=err))
             return ACCESS_DENIED, str(err)
         if expired and isinstance(err, TimeoutError):
-            log.error(f"{member} for {who} did not finish in {self.timeout:g}s")
+            log.error(
+                log.fields(call=member, caller=who, error=f"did not finish in {self.timeout:g}s")
+            )
             return TIMEOUT, f"cgpolicyd did not finish {member} in {self.timeout:g}s"
         for error_type, name in ERRORS:
             if isinstance(err, error_type):
                 return name, str(err)
-        log.error(f"{member} for {who} failed\n{''.join(traceback.format_exception(err))}")
+        log.error(
+            log.fields(
+                call=member,
+                caller=who,
+                error="internal",
+                traceback="".join(traceback.format_exception(err)),
+            )
+        )
         return FAILED, f"{member} failed unexpectedly; cgpolicyd's log has the details"
 
     async def _caller(self, msg: Message) -> Caller:

@@ -7,6 +7,16 @@ up by cgpolicy. Every decision is one log line.
 
 It runs at every login, so it imports only builtin modules and the project's
 small hot-path modules: compiled policy, accounts, classify, setprops.
+
+It runs as root with an environment that is partly the user's: pam_exec
+hands its child the PAM environment (which pam_env fills from the user's
+~/.pam_environment when user_readenv=1, and sshd from AcceptEnv) followed
+by pam_exec's own PAM_SERVICE, PAM_USER, PAM_TTY, PAM_RHOST, PAM_RUSER and,
+last, PAM_TYPE. Nothing stops the PAM environment from holding its own
+PAM_USER or PAM_TYPE, and getenv (so os.environ) returns the first of two
+entries: the user's. So the hook reads no variable but those two, and each
+from the environment block's last entry of that name, pam_exec's. Its paths
+are fixed here or given on the root-owned PAM line.
 """
 
 from __future__ import annotations
@@ -21,11 +31,17 @@ import time
 from . import log
 from .accounts import lookup_account
 from .compiled import load_in_force, read_penalty
-from .constants import compiled_policy_file, config_dir, penalties_file
+from .constants import COMPILED_POLICY, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR, PENALTIES
 from .errors import CgpolicyError
 from .setprops import apply_limits, kill_pending
 
 DEFAULT_TIMEOUT = 2.0  # until the policy says otherwise
+# The hook's options, all on the PAM line; --bus-address is for tests.
+OPTIONS = {
+    "--config-dir": DEFAULT_CONFIG_DIR,
+    "--state-dir": DEFAULT_STATE_DIR,
+    "--bus-address": "",
+}
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -50,15 +66,52 @@ class _Clock:
     def expire(self, _signum: int, _frame: FrameType | None) -> None:
         kill_pending()
         log.error(
-            f"user={self.user} action=timeout elapsed_ms={self.elapsed_ms()} "
-            "login let through without limits"
+            log.fields(
+                user=self.user,
+                action="timeout",
+                elapsed_ms=self.elapsed_ms(),
+                result="login let through without limits",
+            )
         )
         os._exit(0)
 
 
-def _open_session(clock: _Clock, user: str) -> str:
+def pam_items(environ_file: str = "/proc/self/environ") -> dict[str, str]:
+    """PAM_TYPE and PAM_USER as pam_exec set them: the last entry of each name."""
+    with open(environ_file, "rb") as source:
+        block = source.read()
+    items: dict[str, str] = {}
+    for entry in block.split(b"\0"):
+        name, equals, value = entry.partition(b"=")
+        if equals and name in (b"PAM_TYPE", b"PAM_USER"):
+            items[name.decode()] = value.decode(errors="replace")
+    return items
+
+
+def parse_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The PAM line's options over the defaults, and what was wrong with the line."""
+    options, problems = dict(OPTIONS), []
+    words = iter(argv)
+    for word in words:
+        name, equals, value = word.partition("=")
+        if name not in OPTIONS:
+            problems.append(f"unknown option {word!r} ignored")
+            continue
+        if not equals:
+            value = next(words, "")
+        if name.endswith("-dir") and not value.startswith("/"):
+            problems.append(f"{name} needs an absolute path; {value!r} ignored")
+            continue
+        options[name] = value
+    return options, problems
+
+
+def _open_session(clock: _Clock, user: str, options: dict[str, str]) -> str:
     account = lookup_account(user)
-    loaded = load_in_force(config_dir(), compiled_policy_file())
+    state_dir = options["--state-dir"]
+    loaded = load_in_force(options["--config-dir"], os.path.join(state_dir, COMPILED_POLICY))
+    if loaded.refused:
+        log.error(f"{loaded.refused}; the last good policy is not used")
     if loaded.error:
         log.error(
             f"policy error, using the {loaded.source} policy: "
@@ -66,30 +119,47 @@ def _open_session(clock: _Clock, user: str) -> str:
         )
     policy = loaded.policy
     if policy is None:
-        return f'user={user} uid={account.uid} action=skipped reason="no valid policy"'
+        return log.fields(user=user, uid=account.uid, action="skipped", reason="no valid policy")
     timeout = policy["hook_timeout"]
     clock.arm(timeout)
-    penalty = read_penalty(penalties_file(), account.uid, time.time())
-    return apply_limits(policy, account, clock.remaining(timeout), penalty).log_line()
+    penalties = os.path.join(state_dir, PENALTIES)
+    try:
+        penalty = read_penalty(penalties, account.uid, time.time())
+    except (OSError, ValueError) as err:
+        log.error(f"{err}; no cgpolicyd penalty is known for {log.quote(user)}")
+        penalty = None
+    bus = options["--bus-address"] or None
+    return apply_limits(policy, account, clock.remaining(timeout), penalty, bus).log_line()
 
 
-def main() -> int:
-    if os.environ.get("PAM_TYPE") != "open_session":
+def main(argv: list[str] | None = None) -> int:
+    try:
+        items = pam_items()
+    except OSError:
+        items = {}  # no /proc: nothing to go by, so nothing to do
+    if items.get("PAM_TYPE") != "open_session":
         return 0  # close_session and the rest: nothing to undo
     clock = _Clock()
     log.open_log("cgpolicy-pam-hook", echo=True)  # pam_exec discards stderr
-    clock.user = user = os.environ.get("PAM_USER", "")
+    clock.user = user = items.get("PAM_USER", "")
     _signal.signal(_signal.SIGALRM, clock.expire)
     clock.arm(DEFAULT_TIMEOUT)
     try:
-        line = _open_session(clock, user)
-        log.info(f"{line} elapsed_ms={clock.elapsed_ms()}")
+        options, problems = parse_options(sys.argv[1:] if argv is None else argv)
+        for problem in problems:
+            log.error(f"PAM line: {problem}")
+        line = _open_session(clock, user, options)
+        log.info(f"{line} {log.fields(elapsed_ms=clock.elapsed_ms())}")
     except CgpolicyError as err:
-        log.error(f'user={user} action=failed elapsed_ms={clock.elapsed_ms()} error="{err}"')
+        log.error(log.fields(user=user, action="failed", elapsed_ms=clock.elapsed_ms(), error=err))
     except Exception as err:  # a bug must not lock anyone out
         log.error(
-            f"user={user} action=failed elapsed_ms={clock.elapsed_ms()} "
-            f'error="internal: {type(err).__name__}: {err}"'
+            log.fields(
+                user=user,
+                action="failed",
+                elapsed_ms=clock.elapsed_ms(),
+                error=f"internal: {type(err).__name__}: {err}",
+            )
         )
     finally:
         _signal.setitimer(_signal.ITIMER_REAL, 0)

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from .accounts import Account
 
 BUSCTL_PATHS = ("/usr/bin/busctl", "/bin/busctl")
+# busctl's whole environment, whoever calls: the hook's own is partly the
+# user's, and a DBUS_SYSTEM_BUS_ADDRESS (or SYSTEMD_*) there would steer it.
+BUSCTL_ENV = {"LC_ALL": "C"}
 
 
 def _busctl() -> str:
@@ -45,12 +48,18 @@ def _value_words(signature: str, value: Any) -> list[str]:
     raise ValueError(f"no busctl form for D-Bus signature {signature!r}")
 
 
-def busctl_argv(uid: int, props: Iterable[tuple[str, str, Any]], timeout: float) -> list[str]:
-    """The busctl command line for one SetUnitProperties call, at runtime only."""
+def busctl_argv(
+    uid: int, props: Iterable[tuple[str, str, Any]], timeout: float, bus: str | None = None
+) -> list[str]:
+    """The busctl command line for one SetUnitProperties call, at runtime only.
+
+    ``bus``: the address of the system bus when not the standard one; only
+    ever a caller's own setting (an argument or the CLI's environment).
+    """
     props = list(props)
     argv = [
         _busctl(),
-        "--system",
+        f"--address={bus}" if bus else "--system",
         "--quiet",
         f"--timeout={max(timeout, 0.1):.3f}s",
         "call",
@@ -82,16 +91,18 @@ def kill_pending() -> None:
             return  # it finished meanwhile
 
 
-def set_slice_properties(uid: int, props: Iterable[tuple[str, str, Any]], timeout: float) -> None:
+def set_slice_properties(
+    uid: int, props: Iterable[tuple[str, str, Any]], timeout: float, bus: str | None = None
+) -> None:
     """Set runtime properties on user-UID.slice; SystemdError with systemd's words on failure."""
-    argv = busctl_argv(uid, props, timeout)
+    argv = busctl_argv(uid, props, timeout, bus)
     read_end, write_end = os.pipe()
     try:
         with open(os.devnull, "rb") as null:
             pid = os.posix_spawn(
                 argv[0],
                 argv,
-                os.environ,
+                BUSCTL_ENV,
                 file_actions=[
                     (os.POSIX_SPAWN_DUP2, null.fileno(), 0),
                     (os.POSIX_SPAWN_DUP2, write_end, 1),
@@ -118,15 +129,21 @@ def apply_limits(
     account: Account,
     timeout: float,
     penalty: tuple[tuple[str, str, Any], ...] | None = None,
+    bus: str | None = None,
 ) -> Decision:
     """What happens at login: decide for the user, then set the group's properties.
 
     ``penalty`` are the properties of a penalty cgpolicyd has the user in: they
-    take the group's place, so logging in again does not end a penalty.
+    take the group's place, so logging in again does not end a penalty. When
+    systemd refuses, the decision says "failed" with systemd's error, so its
+    log line still tells which group and limits were meant.
     """
     decision = decide(policy, account)
     if decision.action == "applied":
         if penalty is not None:
             decision.reason = "in a cgpolicyd penalty"
-        set_slice_properties(account.uid, penalty or decision.properties, timeout)
+        try:
+            set_slice_properties(account.uid, penalty or decision.properties, timeout, bus)
+        except SystemdError as err:
+            decision.fail(err)
     return decision

@@ -1,3 +1,4 @@
+import pytest
 from policyfiles import GROUPS, write_policy
 
 from pam_cgpolicy.compiled import load_in_force
@@ -65,4 +66,5 @@ def test_penalties_copy_for_the_hook(tmp_path):
     assert read_penalty(path, 2002, now=200.0) is None  # expired: the group's limits apply
     assert read_penalty(path, 2003, now=100.0) is None
     (tmp_path / "penalties.compiled").write_bytes(b"garbage")
-    assert read_penalty(path, 2002, now=100.0) is None
+    with pytest.raises(ValueError, match="not a penalties copy"):
+        read_penalty(path, 2002, now=100.0)  # the hook says no penalty is known

@@ -1,5 +1,6 @@
 """The hook as pam_exec runs it, in a real process, when things around it break."""
 
+import json
 import os
 import socket
 import subprocess
@@ -11,21 +12,44 @@ import pytest
 from policyfiles import GROUPS, write_policy
 
 HOOK_TIMEOUT = 1.5  # policyfiles.MAIN
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_hook(tmp_path, bus_address, pam_type="open_session", user="nobody"):
-    env = dict(
-        os.environ,
-        PAM_TYPE=pam_type,
-        PAM_USER=user,
-        CGPOLICY_CONFIG_DIR=str(tmp_path / "etc"),
-        CGPOLICY_STATE_DIR=str(tmp_path / "state"),
-        DBUS_SYSTEM_BUS_ADDRESS=bus_address,
-    )
+# Starts argv with exactly these environment entries, in this order and with
+# repeats, as pam_exec does (a mapping cannot hold two entries of one name).
+LAUNCHER = """
+import ctypes, json, sys
+argv, env = json.load(sys.stdin)
+def strings(words):
+    return (ctypes.c_char_p * (len(words) + 1))(*[w.encode() for w in words], None)
+ctypes.CDLL(None).execve(argv[0].encode(), strings(argv), strings(env))
+sys.exit("execve failed")
+"""
+
+
+def run_hook(
+    tmp_path, bus_address, pam_type="open_session", user="nobody", pam_environment=(), args=None
+):
+    """The hook as pam_exec starts it: the PAM environment, then pam_exec's own items."""
+    if args is None:
+        args = [
+            f"--config-dir={tmp_path / 'etc'}",
+            "--state-dir",
+            str(tmp_path / "state"),
+            f"--bus-address={bus_address}",
+        ]
+    argv = [sys.executable, "-m", "pam_cgpolicy.hook", *args]
+    env = [
+        *(f"{name}={value}" for name, value in os.environ.items()),
+        *pam_environment,
+        f"PAM_USER={user}",
+        f"PAM_TYPE={pam_type}",
+    ]
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pam_cgpolicy.hook"],
-        env=env,
+        [sys.executable, "-c", LAUNCHER],
+        input=json.dumps([argv, env]),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
@@ -102,9 +126,8 @@ def test_root_is_skipped_without_touching_the_bus(tmp_path):
 
 def test_the_hook_imports_nothing_heavy():
     """The login cost depends on it: no D-Bus stack, asyncio, typing, enum or TOML parser."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (
-        f"import sys; sys.path.insert(0, {repo!r}); import pam_cgpolicy.hook; "
+        f"import sys; sys.path.insert(0, {ROOT!r}); import pam_cgpolicy.hook; "
         "print(' '.join(sorted(sys.modules)))"
     )
     loaded = set(

@@ -37,6 +37,11 @@ def test_the_unit_is_a_restarting_dbus_service_of_our_name() -> None:
     assert install["Alias"] == f"dbus-{CGPOLICY_BUS_NAME}.service"
 
 
+def test_the_state_directory_is_roots_alone() -> None:
+    assert unit()["Service"]["StateDirectoryMode"] == "0700"
+    assert "install -d -o root -g root -m 0700 /var/lib/cgpolicy\n" in INSTALL.read_text()
+
+
 def test_the_hardening_leaves_what_the_daemon_needs() -> None:
     service = unit()["Service"]
     # It writes the cgroup v1 freezer hierarchy and moves other users' tasks into it.

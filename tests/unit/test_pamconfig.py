@@ -1,4 +1,4 @@
-from pam_cgpolicy.pamconfig import hook_wiring, session_stack
+from pam_cgpolicy.pamconfig import hook_wiring, session_stack, user_env_before_hook
 
 HOOK = "session optional pam_exec.so quiet /usr/sbin/cgpolicy-pam-hook\n"
 
@@ -49,3 +49,40 @@ def test_missing_hook_and_include_loops(tmp_path):
     write(tmp_path, sshd="@include sshd\nsession optional pam_systemd.so\n")
     ok, detail = hook_wiring("sshd", "cgpolicy-pam-hook", tmp_path)
     assert not ok and "no 'session" in detail
+
+
+# Debian 12's own /etc/pam.d/sshd, session part: its user_readenv comes after the hook.
+DEBIAN_SSHD = """\
+@include common-auth
+session [success=ok ignore=ignore module_unknown=ignore default=bad] pam_selinux.so close
+session    required     pam_loginuid.so
+@include common-session
+session    required     pam_env.so # [1]
+session    required     pam_env.so user_readenv=1 envfile=/etc/default/locale
+"""
+COMMON_SESSION = "session optional pam_systemd.so\n" + HOOK
+
+
+def test_debian_sshd_does_not_warn(tmp_path):
+    write(tmp_path, sshd=DEBIAN_SSHD, common_session=COMMON_SESSION, common_auth="")
+    assert user_env_before_hook("sshd", "cgpolicy-pam-hook", tmp_path) == []
+
+
+def test_user_readenv_before_the_hook_is_found(tmp_path):
+    early = "session required pam_env.so user_readenv=1\n"
+    write(tmp_path, sshd=early + DEBIAN_SSHD, common_session=COMMON_SESSION, common_auth="")
+    found = user_env_before_hook("sshd", "cgpolicy-pam-hook", tmp_path)
+    assert [(line.line, line.args) for line in found] == [(1, ("user_readenv=1",))]
+
+
+def test_user_readenv_in_the_auth_stack_runs_before_every_session(tmp_path):
+    auth = "auth required pam_env.so user_envfile=.env user_readenv=1\nauth required pam_unix.so\n"
+    write(tmp_path, sshd=DEBIAN_SSHD, common_session=COMMON_SESSION, common_auth=auth)
+    found = user_env_before_hook("sshd", "cgpolicy-pam-hook", tmp_path)
+    assert [line.file.rsplit("/", 1)[1] for line in found] == ["common-auth"]
+
+
+def test_user_readenv_0_is_not_a_user_environment(tmp_path):
+    early = "session required pam_env.so user_readenv=0 readenv=1\n"
+    write(tmp_path, sshd=early + DEBIAN_SSHD, common_session=COMMON_SESSION, common_auth="")
+    assert user_env_before_hook("sshd", "cgpolicy-pam-hook", tmp_path) == []
