@@ -51,3 +51,8 @@ def lookup_uid(uid: int) -> Account:
         return lookup_account(pwd.getpwuid(uid).pw_name)
     except KeyError:
         raise UnknownUser(f"no such uid: {uid}") from None
+
+
+def is_admin(account: Account, admin_group: str) -> bool:
+    """Root, or a member of the policy's ``admin_group`` (nobody else when it is empty)."""
+    return account.uid == 0 or (bool(admin_group) and admin_group in account.group_names)

@@ -3,7 +3,8 @@
 When cgpolicyd runs, freeze, thaw and status go through it (so it records and
 announces what changed, and status shows its tiers and badness); when it does
 not, they go straight to systemd as before. penalize, release and reload need
-cgpolicyd; history reads its state database, read-only.
+cgpolicyd; history reads its state database, read-only. classify, status and
+history show another user only to root and the policy's admin group.
 
 Exit codes: 0 success, 1 the action failed or the policy is invalid, 2 usage.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import bus, control, log
-from .accounts import Account, lookup_account, lookup_uid
+from .accounts import Account, is_admin, lookup_account, lookup_uid
 from .cgroups import CGROUP_ROOT, V1Freezer, cgroup_mode
 from .classify import decide, describe_limits
 from .client import Daemon, DaemonError, daemon_running
@@ -119,6 +120,34 @@ def _with_daemon(work: Callable[[Daemon], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
+def _may_see_others() -> bool:
+    """Root and the admin group of the node's own policy (never --config-dir's); if that
+    policy cannot be read, root only."""
+    uid = os.getuid()
+    if uid == 0:
+        return True
+    try:
+        return is_admin(lookup_uid(uid), load_policy(Path(config_dir())).general.admin_group)
+    except CgpolicyError:
+        return False
+
+
+def _visible_uid(uid: int | None, command: str) -> int | None:
+    """Whose standing ``command`` may show: ``uid`` (None: everyone's) to root and admins;
+    anyone else sees their own only, and asking about another user is refused."""
+    own = os.getuid()
+    if uid == own or _may_see_others():
+        return uid
+    if uid is None:
+        return own
+    print(
+        f"error: {command} of another user is for root and the policy's admin group; "
+        f"uid {own} is in neither",
+        file=sys.stderr,
+    )
+    raise _Failed
+
+
 def cmd_check(args: argparse.Namespace) -> None:
     policy = _strict_policy(args)
     print(
@@ -128,8 +157,9 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    policy = _strict_policy(args).compile()
     account = lookup_account(args.user)
+    _visible_uid(account.uid, "classify")
+    policy = _strict_policy(args).compile()
     decision = decide(policy, account)
     if decision.group is None:
         print(f"{account.name} (uid {account.uid}): not managed: {decision.reason}")
@@ -218,10 +248,11 @@ def _user_row(policy: Compiled | None, account: Account, status: dict[str, Any])
 DAEMON_KEYS = ("tier", "tier_expiry", "occurrences", "cpu_badness", "memory_badness")
 
 
-async def _merge_daemon(daemon: Daemon, rows: list[dict[str, Any]], user: str | None) -> bool:
-    """Add cgpolicyd's view of each row's user; False (and a warning) when it cannot."""
+async def _merge_daemon(daemon: Daemon, rows: list[dict[str, Any]], each: bool) -> bool:
+    """Add cgpolicyd's view of each row's user (asked one by one if ``each``, else all at
+    once); False (and a warning) when it cannot."""
     try:
-        if user is not None:
+        if each:
             known = {row["uid"]: await daemon.get_user(row["user"]) for row in rows}
         else:
             known = {info.get("uid"): info for info in await daemon.list_users()}
@@ -235,15 +266,16 @@ async def _merge_daemon(daemon: Daemon, rows: list[dict[str, Any]], user: str | 
 
 
 async def _status_rows(
-    systemd: Systemd, policy: Compiled | None, user: str | None
+    systemd: Systemd, policy: Compiled | None, user: str | None, only: int | None
 ) -> list[dict[str, Any]]:
+    """The named user's row; else every user slice's, or ``only`` that uid's."""
     if user:
         accounts = [lookup_account(user)]
     else:
         min_uid = policy["min_uid"] if policy else 1000
         accounts = []
         for uid in await systemd.user_slices():
-            if uid >= min_uid:
+            if uid >= min_uid and only in (None, uid):
                 try:
                     accounts.append(lookup_uid(uid))
                 except CgpolicyError:
@@ -295,11 +327,13 @@ def _print_table(rows: list[dict[str, Any]], daemon: bool = False) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    only = _visible_uid(None if args.user is None else lookup_account(args.user).uid, "status")
     policy = load_in_force(config_dir(args.config_dir), compiled_policy_file()).policy
 
     async def work(systemd: Systemd, daemon: Daemon | None) -> tuple[list[dict[str, Any]], bool]:
-        rows = await _status_rows(systemd, policy, args.user)
-        merged = daemon is not None and await _merge_daemon(daemon, rows, args.user)
+        rows = await _status_rows(systemd, policy, args.user, only)
+        each = args.user is not None or only is not None
+        merged = daemon is not None and await _merge_daemon(daemon, rows, each)
         return rows, merged
 
     rows, merged = _on_bus(work)
@@ -357,7 +391,7 @@ def _history_uid(user: str) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> None:
-    uid = None if args.user is None else _history_uid(args.user)
+    uid = _visible_uid(None if args.user is None else _history_uid(args.user), "history")
     path = state_db_file()
     if os.path.exists(path) and not os.access(path, os.R_OK):
         raise PermissionError(f"cannot read {path}")  # main() adds: run as root
@@ -371,7 +405,7 @@ def cmd_history(args: argparse.Namespace) -> None:
         print(json.dumps([_event_dict(event) for event in events], indent=2))
         return
     if not events:
-        print("no history yet" if uid is None else f"no history for {args.user}")
+        print("no history yet" if uid is None else f"no history for {args.user or f'uid {uid}'}")
         return
     table = [["TIME", "USER", "TIER", "OCCURRENCES", "REASON", "BY"]]
     for event in events:

@@ -25,12 +25,12 @@ from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from . import control, log
-from .accounts import Account, lookup_account, lookup_uid
+from .accounts import Account, is_admin, lookup_account, lookup_uid
 from .classify import decide
 from .compiled import fingerprint, save_penalties
 from .constants import config_dir, penalties_file, state_db_file, system_bus_address
 from .engine import Action, Engine
-from .errors import CgpolicyError, PolicyError
+from .errors import CgpolicyError, NotManaged, PolicyError
 from .policy import Policy, load_policy
 from .setprops import set_slice_properties
 from .state import StateStore
@@ -71,9 +71,9 @@ class Daemon:
     def _account(uid: int) -> Account:
         return lookup_uid(uid)
 
-    def _emit_tier(self, action: Action) -> None:
+    async def _emit_tier(self, action: Action) -> None:
         if self.service is not None and action.change is not None:
-            self.service.emit_tier_changed(
+            await self.service.emit_tier_changed(
                 action.user, action.change.old_tier, action.change.new_tier, action.change.reason
             )
 
@@ -113,7 +113,7 @@ class Daemon:
                     actor=actor or None,
                 )
             )
-            self._emit_tier(action)
+            await self._emit_tier(action)
         if actions:
             self.write_penalties()
 
@@ -238,8 +238,10 @@ class Daemon:
 
     async def _freezer(self, name: str, actor: str, act: Any, state: str) -> None:
         account = lookup_account(name)
-        if account.uid == 0:
-            raise CgpolicyError("root's session is never frozen")
+        decision = decide(self.engine.compiled, account)
+        # Thaw stays open below min_uid: a session frozen before a policy change is never stranded.
+        if account.uid == 0 or (state == "frozen" and decision.action == "skipped"):
+            raise NotManaged(f"{name} (uid {account.uid}) is never frozen: {decision.reason}")
         how = await act(self.systemd, account.uid)
         log.info(
             log.fields(
@@ -247,7 +249,7 @@ class Daemon:
             )
         )
         if self.service is not None:
-            self.service.emit_freezer_changed(name, state)
+            await self.service.emit_freezer_changed(name, state)
 
     async def penalize(self, name: str, tier: str, actor: str) -> None:
         account = lookup_account(name)
@@ -277,13 +279,12 @@ class Daemon:
         return []
 
     async def is_admin(self, uid: int) -> bool:
-        group = self.policy.general.admin_group
-        if not group:
-            return False
+        # Not the cached account: a member taken out of the group loses the right at once.
         try:
-            return group in self._account(uid).group_names
+            account = await asyncio.to_thread(lookup_uid, uid)
         except CgpolicyError:
             return False
+        return is_admin(account, self.policy.general.admin_group)
 
 
 async def serve_forever() -> int:

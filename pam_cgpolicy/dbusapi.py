@@ -8,7 +8,11 @@ below must serve exactly that, and tests/unit/test_dbusapi.py holds them togethe
 Access is decided from the caller's uid as the bus reports it, never from an
 argument: root and the policy's admin group may call everything; anyone else
 may only call GetUser about themselves. ListUsers is admins only, as it shows
-who is penalized.
+who is penalized. For the same reason the signals are not broadcast: each goes
+to root's and the admins' connections only, addressed to each (dbus-daemon
+delivers a signal with a destination to that connection alone, without a match
+rule; on the system bus only root may eavesdrop on messages meant for others).
+Admin rights are looked up again at each signal.
 
 Why a message handler and not a dbus_fast ServiceInterface: a service method is
 not told who called. A handler added with MessageBus.add_message_handler gets
@@ -18,7 +22,7 @@ public dbus_fast API. The cost is answering Introspect and Properties for our
 object here; dbus_fast still answers Peer.
 
 cgpolicyd starts it with ``service = await serve(bus, core)`` and announces
-changes with ``service.emit_tier_changed(...)`` and ``emit_freezer_changed(...)``.
+changes with ``await service.emit_tier_changed(...)`` and ``emit_freezer_changed(...)``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,14 @@ from dbus_fast.introspection import Arg, Interface, Method, Node, Signal
 
 from . import log
 from .constants import CGPOLICY_BUS_NAME, CGPOLICY_INTERFACE, CGPOLICY_PATH
-from .errors import CgpolicyError, PolicyError, UnknownTier, UnknownUser
+from .errors import (
+    CgpolicyError,
+    NotManaged,
+    NotPenalized,
+    PolicyError,
+    UnknownTier,
+    UnknownUser,
+)
 
 BUS_NAME = CGPOLICY_BUS_NAME
 OBJECT_PATH = CGPOLICY_PATH
@@ -56,6 +67,8 @@ DEFAULT_TIMEOUT = 20.0
 
 NO_SUCH_USER = "org.cgpolicy1.Error.NoSuchUser"
 NO_SUCH_TIER = "org.cgpolicy1.Error.NoSuchTier"
+NOT_MANAGED = "org.cgpolicy1.Error.NotManaged"
+NOT_PENALIZED = "org.cgpolicy1.Error.NotPenalized"
 INVALID_POLICY = "org.cgpolicy1.Error.InvalidPolicy"
 TIMEOUT = "org.cgpolicy1.Error.Timeout"  # the name systemd.py gives its own timeouts
 FAILED = "org.cgpolicy1.Error.Failed"
@@ -90,7 +103,7 @@ class ManagerCore(Protocol):
         ...
 
     async def is_admin(self, uid: int) -> bool:
-        """Whether ``uid`` is in the policy's admin group. Never asked about root."""
+        """Whether ``uid`` is in the policy's admin group now. Never asked about root."""
         ...
 
 
@@ -126,6 +139,8 @@ MANAGER = Interface(
 ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (UnknownUser, NO_SUCH_USER),
     (UnknownTier, NO_SUCH_TIER),
+    (NotManaged, NOT_MANAGED),
+    (NotPenalized, NOT_PENALIZED),
     (PolicyError, INVALID_POLICY),
     (CgpolicyError, FAILED),
 )
@@ -196,6 +211,18 @@ def introspection_xml(path: str) -> str | None:
     return None
 
 
+def _bus_message(member: str, signature: str = "", body: list[Any] | None = None) -> Message:
+    """A call to the bus itself."""
+    return Message(
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member=member,
+        signature=signature,
+        body=body or [],
+    )
+
+
 Handler = Callable[..., Awaitable[list[Any]]]
 
 
@@ -235,18 +262,63 @@ class ManagerService:
 
     # Signals
 
-    def emit_tier_changed(
+    async def emit_tier_changed(
         self, user: str, old_tier: str | None, new_tier: str | None, reason: str
     ) -> None:
         """No tier (None) goes out as ""."""
-        self._emit("UserTierChanged", [user, old_tier or "", new_tier or "", reason])
+        await self._emit("UserTierChanged", [user, old_tier or "", new_tier or "", reason])
 
-    def emit_freezer_changed(self, user: str, state: str) -> None:
-        self._emit("UserFreezerChanged", [user, state])
+    async def emit_freezer_changed(self, user: str, state: str) -> None:
+        await self._emit("UserFreezerChanged", [user, state])
 
-    def _emit(self, member: str, body: list[Any]) -> None:
+    async def _emit(self, member: str, body: list[Any]) -> None:
+        """Send the signal to each connection of root and of an admin; never raises."""
         signature = self._signals[member].signature
-        self._bus.send(Message.new_signal(OBJECT_PATH, INTERFACE, member, signature, body))
+        try:
+            async with asyncio.timeout(self.timeout):
+                recipients = await self._admin_connections()
+            for destination in recipients:
+                self._bus.send(
+                    Message(
+                        message_type=MessageType.SIGNAL,
+                        destination=destination,
+                        path=OBJECT_PATH,
+                        interface=INTERFACE,
+                        member=member,
+                        signature=signature,
+                        body=body,
+                    )
+                )
+        except TimeoutError:
+            log.error(f"{member} not sent: could not tell its recipients in {self.timeout:g}s")
+        except Exception as err:  # a signal lost must not fail what it announces
+            log.error(f"{member} not sent: {type(err).__name__}: {err}")
+
+    async def _admin_connections(self) -> list[str]:
+        """The bus's connections (but ours) whose uid is root's or an admin's at this moment."""
+        reply = await self._bus.call(_bus_message("ListNames"))
+        if reply.message_type == MessageType.ERROR:
+            raise CgpolicyError(f"the bus did not list its connections ({reply.error_name})")
+        names = [n for n in reply.body[0] if n.startswith(":") and n != self._bus.unique_name]
+        uids = await asyncio.gather(*(self._connection_uid(name) for name in names))
+        admins = {uid for uid in set(uids) if uid is not None and await self._admin_uid(uid)}
+        return [name for name, uid in zip(names, uids, strict=True) if uid in admins]
+
+    async def _admin_uid(self, uid: int) -> bool:
+        if uid == 0:
+            return True
+        try:
+            return await self._core.is_admin(uid)
+        except Exception:  # fail closed, as for a method call
+            log.error(f"cannot tell whether uid {uid} is an admin\n{traceback.format_exc()}")
+            return False
+
+    async def _connection_uid(self, sender: str) -> int | None:
+        """The uid the bus knows for a connection; None when it has gone."""
+        reply = await self._bus.call(_bus_message("GetConnectionUnixUser", "s", [sender]))
+        if reply.message_type == MessageType.ERROR:
+            return None
+        return int(reply.body[0])
 
     # Dispatch
 
@@ -349,19 +421,9 @@ class ManagerService:
     async def _caller(self, msg: Message) -> Caller:
         if not msg.sender:
             raise Denied("the call has no sender to check")
-        reply = await self._bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="GetConnectionUnixUser",
-                signature="s",
-                body=[msg.sender],
-            )
-        )
-        if reply.message_type == MessageType.ERROR:
-            raise Denied(f"the bus does not know who {msg.sender} is ({reply.error_name})")
-        uid = int(reply.body[0])
+        uid = await self._connection_uid(msg.sender)
+        if uid is None:
+            raise Denied(f"the bus does not know who {msg.sender} is")
         # NSS may be remote (LDAP, sssd): off the loop, and under the call's timeout.
         return Caller(uid, await asyncio.to_thread(_user_name, uid))
 

@@ -20,7 +20,7 @@ from . import limits
 from .accounts import Account, lookup_uid
 from .badness import Change, Tier, UserScore, evaluate, tier_limits
 from .classify import decide
-from .errors import CgpolicyError, UnknownTier
+from .errors import CgpolicyError, NotManaged, NotPenalized, UnknownTier
 from .policy import Policy
 from .state import StateStore
 from .usage import Sample
@@ -92,15 +92,22 @@ class Engine:
         self.policy = policy
         self.compiled = policy.compile()
 
-    def _judged_group(self, account: Account) -> Group | None:
-        """The user's group if they can be penalized: limited, not exempt, not skipped."""
+    def _judged_group(self, account: Account) -> tuple[Group | None, str]:
+        """The user's group if they can be penalized: limited, not exempt, not skipped.
+
+        Otherwise None, and why not, in words for an admin.
+        """
         decision = decide(self.compiled, account)
-        if decision.action != "applied" or decision.group is None:
-            return None
-        quotas = group_quotas(decision.group, self.memory_total)
+        group = decision.group
+        if group is None:
+            return None, decision.reason
+        if decision.action != "applied":
+            return None, f"group {group['name']} is exempt"
+        quotas = group_quotas(group, self.memory_total)
         if quotas.cpu_usec is None and quotas.memory_max is None:
-            return None  # nothing to measure against
-        return decision.group
+            # nothing to measure against, and nothing a tier could lower
+            return None, f"group {group['name']} sets neither CPUQuota nor MemoryMax"
+        return group, ""
 
     def whitelist(self, account: Account) -> frozenset[str]:
         group = decide(self.compiled, account).group
@@ -134,7 +141,7 @@ class Engine:
                 account = self.lookup(uid)
             except CgpolicyError:
                 continue
-            group = self._judged_group(account)
+            group, _ = self._judged_group(account)
             if group is None:
                 continue
             quotas = group_quotas(group, self.memory_total)
@@ -202,12 +209,20 @@ class Engine:
         return actions
 
     def penalize(self, uid: int, tier_name: str, actor: str, now: float) -> Action:
-        """An admin puts a user in a tier now, for the tier's timeout."""
+        """An admin puts a user in a tier now, for the tier's timeout.
+
+        Refused, with nothing recorded, when the penalty would never be applied.
+        """
         tier = self._tier(tier_name)
         if tier is None or self.policy.penalty is None:
             known = ", ".join(self.policy.penalty.order) if self.policy.penalty else "none"
             raise UnknownTier(f"no penalty tier {tier_name!r}; the tiers are: {known}")
         account = self.lookup(uid)
+        group, why = self._judged_group(account)
+        if group is None:
+            raise NotManaged(
+                f"{account.name} (uid {uid}) cannot be penalized: {why}; nothing was recorded"
+            )
         old = self.store.get(uid) or UserScore()
         occurrences = max(old.occurrences, self.policy.penalty.order.index(tier_name) + 1)
         new = replace(
@@ -226,11 +241,13 @@ class Engine:
         return Action(uid, account.name, self.properties(account, new), change)
 
     def release(self, uid: int, actor: str, now: float) -> Action:
-        """An admin ends a user's penalty now."""
+        """An admin ends a user's penalty now; NotPenalized when there is none."""
         account = self.lookup(uid)
         old = self.store.get(uid) or UserScore()
         if old.tier is None:
-            return Action(uid, account.name, self.properties(account, old), None)
+            raise NotPenalized(
+                f"{account.name} (uid {uid}) is in no penalty tier; nothing to release"
+            )
         new, change = self._released(old, now, f"by {actor}")
         self.store.record(uid, account.name, new, change, actor, now=now)
         return Action(uid, account.name, self.properties(account, new), change)

@@ -44,6 +44,14 @@ class UnknownTier(CgpolicyError):
     """The policy has no penalty tier by that name."""
 
 
+class NotManaged(CgpolicyError):
+    """The user is one cgpolicy never limits (or never freezes): an action would not take effect."""
+
+
+class NotPenalized(CgpolicyError):
+    """The user is in no penalty tier: there is nothing to release."""
+
+
 class SystemdError(CgpolicyError):
     """systemd answered a call with an error, or did not answer in time."""
 

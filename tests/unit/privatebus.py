@@ -1,8 +1,9 @@
-"""A private dbus-daemon for tests, and dbus-send run as another uid against it."""
+"""A private dbus-daemon for tests, and dbus-send or a connection as another uid against it."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import tempfile
@@ -10,6 +11,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from dbus_fast.aio import MessageBus
+from dbus_fast.auth import AuthExternal
 
 # Session-like, but any uid may connect: the tests call in as other users.
 CONFIG = """\
@@ -119,3 +123,16 @@ async def dbus_send(
     # dbus-send's own format: "Error org.example.Name: text"
     first, _, text = stderr.decode().strip().partition(": ")
     return Sent(stdout.decode(), first.removeprefix("Error "), text)
+
+
+async def connect_as(address: str, uid: int) -> MessageBus:
+    """A connection in this process that the bus knows as ``uid`` (the caller is root).
+
+    The bus takes a connection's uid from the socket's credentials, which are the
+    effective uid's when it connects; the uid given to EXTERNAL must match them.
+    """
+    os.seteuid(uid)
+    try:
+        return await MessageBus(bus_address=address, auth=AuthExternal(uid)).connect()
+    finally:
+        os.seteuid(0)

@@ -23,11 +23,13 @@ from fakeservices import FakeCore, cgpolicyd, denying_cgpolicyd, fake_systemd
 from policyfiles import write_policy
 from privatebus import private_bus
 
+from pam_cgpolicy import cli
 from pam_cgpolicy.badness import Change, UserScore
 from pam_cgpolicy.cgroups import cgroup_mode
 from pam_cgpolicy.state import StateStore
 
 T = TypeVar("T")
+NOBODY = 65534
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -339,3 +341,59 @@ def test_history_without_a_database(env: dict[str, str]) -> None:
 @pytest.mark.parametrize("limit", ["0", "-1", "many"])
 def test_history_limit_must_be_a_positive_number(env: dict[str, str], limit: str) -> None:
     assert run(cgpolicyctl(env, "history", "--limit", limit)).returncode == 2
+
+
+# What a user who is not an admin may see of others
+
+
+def cli_as(
+    uid: int, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any, *args: str
+) -> Done:
+    """cgpolicyctl in this process, with the uid the kernel would report for ``uid``."""
+    for name in ("DBUS_SYSTEM_BUS_ADDRESS", "CGPOLICY_CONFIG_DIR", "CGPOLICY_STATE_DIR"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setattr(os, "getuid", lambda: uid)
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return Done(code, out.out, out.err)
+
+
+@pytest.mark.parametrize(
+    "args", [["classify", "daemon"], ["status", "daemon"], ["history", "daemon"], ["history", "1"]]
+)
+def test_another_users_standing_is_refused_to_a_user_who_is_not_an_admin(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any, args: list[str]
+) -> None:
+    record_history(Path(env["CGPOLICY_STATE_DIR"]))
+    done = cli_as(NOBODY, env, monkeypatch, capsys, *args)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        f"error: {args[0]} of another user is for root and the policy's admin group; "
+        f"uid {NOBODY} is in neither\n"
+    )
+
+
+def test_a_user_who_is_not_an_admin_sees_their_own_standing(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    record_history(Path(env["CGPOLICY_STATE_DIR"]))
+    classified = cli_as(NOBODY, env, monkeypatch, capsys, "classify", "nobody")
+    assert classified.returncode == 0 and classified.stdout.startswith("nobody (uid 65534): group")
+    for args in (["history"], ["history", "nobody"]):
+        done = cli_as(NOBODY, env, monkeypatch, capsys, *args, "--json")
+        assert done.returncode == 0, done.stderr
+        assert [event["user"] for event in json.loads(done.stdout)] == ["nobody", "nobody"]
+
+
+def test_the_admin_group_sees_everyone(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    config = Path(env["CGPOLICY_CONFIG_DIR"])
+    main = (config / "cgpolicy.toml").read_text()
+    (config / "cgpolicy.toml").write_text(
+        main.replace("[general]", '[general]\nadmin_group = "nogroup"')
+    )
+    record_history(Path(env["CGPOLICY_STATE_DIR"]))
+    assert cli_as(NOBODY, env, monkeypatch, capsys, "classify", "daemon").returncode == 0
+    done = cli_as(NOBODY, env, monkeypatch, capsys, "history", "--json")
+    assert [event["user"] for event in json.loads(done.stdout)] == ["nobody", "daemon", "nobody"]

@@ -6,6 +6,7 @@ import asyncio
 import configparser
 import os
 import pwd
+import re
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager
@@ -16,18 +17,26 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Node
-from privatebus import Sent, dbus_send, private_bus
+from policyfiles import DAEMON_SECTIONS, GROUPS, MAIN, write_policy
+from privatebus import Sent, connect_as, dbus_send, private_bus
 
 from pam_cgpolicy import log
+from pam_cgpolicy.daemon import Daemon
 from pam_cgpolicy.dbusapi import (
     BUS_NAME,
+    ERRORS,
+    FAILED,
     INTERFACE,
     OBJECT_PATH,
+    TIMEOUT,
     ManagerService,
     serve,
     to_vardict,
 )
 from pam_cgpolicy.errors import FreezeError, UnknownTier, UnknownUser
+from pam_cgpolicy.policy import load_policy
+from pam_cgpolicy.state import StateStore
+from pam_cgpolicy.usage import UsageSampler
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = ROOT / "dbus" / "org.cgpolicy1.Manager.xml"
@@ -246,6 +255,11 @@ def test_the_served_interface_is_the_contract(address: str) -> None:
             ]
 
     run(scenario())
+
+
+def test_the_contract_names_every_error_the_service_gives() -> None:
+    served = {name for _, name in ERRORS} | {TIMEOUT, FAILED}
+    assert set(re.findall(r"org\.cgpolicy1\.Error\.\w+", CONTRACT.read_text())) == served
 
 
 def test_every_contract_method_answers_with_its_signature(address: str) -> None:
@@ -540,32 +554,245 @@ def test_a_stuck_core_answers_timeout_within_the_handler_timeout(address: str) -
 # Signals
 
 
-def test_subscribers_get_the_signals(address: str) -> None:
-    async def scenario() -> list[Message]:
-        async with running(address, FakeCore()) as (service, client):
-            received: asyncio.Queue[Message] = asyncio.Queue()
+SUBSCRIBE = f"type='signal',sender='{BUS_NAME}',interface='{INTERFACE}'"
+BARRIER = "org.cgpolicy1.Test"  # a signal the test itself sends after the service's
 
-            def on_message(msg: Message) -> bool:
-                if msg.message_type == MessageType.SIGNAL and msg.interface == INTERFACE:
-                    received.put_nowait(msg)
-                return False
 
-            client.add_message_handler(on_message)
-            await client.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="AddMatch",
-                    signature="s",
-                    body=[f"type='signal',sender='{BUS_NAME}',interface='{INTERFACE}'"],
-                )
+class Listener:
+    """A connection subscribed to the service's signals, as a client would."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self.signals: list[Message] = []
+        self.barriers: asyncio.Queue[Message] = asyncio.Queue()
+        bus.add_message_handler(self._on_message)
+
+    def _on_message(self, msg: Message) -> bool:
+        if msg.message_type == MessageType.SIGNAL:
+            if msg.interface == INTERFACE:
+                self.signals.append(msg)
+            elif msg.interface == BARRIER:
+                self.barriers.put_nowait(msg)
+        return False
+
+    async def subscribe(self) -> None:
+        reply = await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[SUBSCRIBE],
             )
-            service.emit_tier_changed("alice", None, "penalty1", "badness 103.2 >= 100")
-            service.emit_freezer_changed("alice", "frozen")
-            return [await asyncio.wait_for(received.get(), 5) for _ in range(2)]
+        )
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
 
-    tier, freezer = run(scenario())
-    assert (tier.path, tier.member, tier.signature) == (OBJECT_PATH, "UserTierChanged", "ssss")
-    assert tier.body == ["alice", "", "penalty1", "badness 103.2 >= 100"]
-    assert (freezer.member, freezer.body) == ("UserFreezerChanged", ["alice", "frozen"])
+    async def everything_sent_before(self, sender: MessageBus) -> list[Message]:
+        """The service's signals this listener got, once all ``sender`` sent so far arrived.
+
+        The bus keeps one sender's messages to one receiver in order, so when the
+        barrier arrives, every signal sent to this listener before it has arrived.
+        """
+        sender.send(
+            Message(
+                message_type=MessageType.SIGNAL,
+                destination=self.bus.unique_name,
+                path=OBJECT_PATH,
+                interface=BARRIER,
+                member="Barrier",
+            )
+        )
+        await asyncio.wait_for(self.barriers.get(), 5)
+        signals, self.signals = self.signals, []
+        return signals
+
+
+def bodies(signals: list[Message]) -> list[tuple[str | None, list[Any]]]:
+    return [(signal.member, signal.body) for signal in signals]
+
+
+@as_other_uids
+def test_signals_reach_root_and_admins_but_no_other_user(address: str) -> None:
+    core = FakeCore(admins=frozenset({ADMIN}))
+
+    async def scenario() -> dict[str, list[Message]]:
+        bus = await MessageBus(bus_address=address).connect()
+        service = await serve(bus, core, 5.0)
+        listeners = {
+            "root": Listener(await MessageBus(bus_address=address).connect()),
+            "admin": Listener(await connect_as(address, ADMIN)),
+            "nobody": Listener(await connect_as(address, NOBODY)),
+        }
+        try:
+            for listener in listeners.values():
+                await listener.subscribe()
+            await service.emit_tier_changed("alice", None, "penalty1", "badness 103.2 >= 100")
+            await service.emit_freezer_changed("alice", "frozen")
+            return {
+                who: await listener.everything_sent_before(bus)
+                for who, listener in listeners.items()
+            }
+        finally:
+            service.stop()
+            for listener in listeners.values():
+                listener.bus.disconnect()
+            bus.disconnect()
+
+    got = run(scenario())
+    assert got["nobody"] == []
+    expected = [
+        ("UserTierChanged", ["alice", "", "penalty1", "badness 103.2 >= 100"]),
+        ("UserFreezerChanged", ["alice", "frozen"]),
+    ]
+    assert bodies(got["root"]) == bodies(got["admin"]) == expected
+    tier = got["admin"][0]
+    assert (tier.path, tier.signature, tier.sender) == (OBJECT_PATH, "ssss", got["root"][0].sender)
+    assert NOBODY in core.asked_admin  # it was asked, and said no
+
+
+@as_other_uids
+def test_admin_rights_are_looked_up_at_each_signal(address: str) -> None:
+    core = FakeCore(admins=frozenset())
+
+    async def scenario() -> tuple[list[Message], list[Message], list[Message]]:
+        bus = await MessageBus(bus_address=address).connect()
+        service = await serve(bus, core, 5.0)
+        admin = Listener(await connect_as(address, ADMIN))
+        try:
+            await admin.subscribe()
+            await service.emit_freezer_changed("alice", "frozen")
+            before = await admin.everything_sent_before(bus)
+            core.admins = frozenset({ADMIN})  # added to the admin group meanwhile
+            await service.emit_freezer_changed("alice", "running")
+            after = await admin.everything_sent_before(bus)
+            core.admins = frozenset()  # and taken out again
+            await service.emit_freezer_changed("alice", "frozen")
+            return before, after, await admin.everything_sent_before(bus)
+        finally:
+            service.stop()
+            admin.bus.disconnect()
+            bus.disconnect()
+
+    before, after, removed = run(scenario())
+    assert (before, removed) == ([], [])
+    assert bodies(after) == [("UserFreezerChanged", ["alice", "running"])]
+
+
+@as_other_uids
+def test_a_stuck_admin_check_delays_a_signal_but_never_fails_its_caller(
+    address: str, logged: list[str]
+) -> None:
+    core = FakeCore()
+
+    async def stuck(uid: int) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+    core.is_admin = stuck  # type: ignore[method-assign]
+
+    async def scenario() -> list[Message]:
+        bus = await MessageBus(bus_address=address).connect()
+        service = await serve(bus, core, 0.3)
+        admin = Listener(await connect_as(address, ADMIN))
+        try:
+            await admin.subscribe()
+            await service.emit_freezer_changed("alice", "frozen")  # returns, raises nothing
+            return await admin.everything_sent_before(bus)
+        finally:
+            service.stop()
+            admin.bus.disconnect()
+            bus.disconnect()
+
+    assert run(scenario()) == []
+    assert logged == ["UserFreezerChanged not sent: could not tell its recipients in 0.3s"]
+
+
+# cgpolicyd itself behind the API: actions that would not take effect
+
+
+@pytest.fixture
+def daemon_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    """cgpolicyd's own core; nobody is exempt, daemon (uid 1) is below min_uid."""
+    groups = dict(GROUPS, admins='users = ["nobody"]\nexempt = true\n')
+    config = write_policy(tmp_path / "etc", MAIN + DAEMON_SECTIONS, groups)
+    monkeypatch.setenv("CGPOLICY_CONFIG_DIR", str(config))
+    monkeypatch.setenv("CGPOLICY_STATE_DIR", str(tmp_path))
+    with StateStore.open(tmp_path / "state.db") as store:
+        # Refusals come before systemd is asked anything: there is none to ask.
+        yield Daemon(load_policy(config), store, None, UsageSampler())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("member", "body", "error", "text"),
+    [
+        (
+            "Penalize",
+            ["root", "penalty1"],
+            "NotManaged",
+            "root (uid 0) cannot be penalized: root is never limited; nothing was recorded",
+        ),
+        (
+            "Penalize",
+            ["daemon", "penalty1"],
+            "NotManaged",
+            "daemon (uid 1) cannot be penalized: uid below min_uid 1000; nothing was recorded",
+        ),
+        (
+            "Penalize",
+            ["nobody", "penalty1"],
+            "NotManaged",
+            f"nobody (uid {NOBODY}) cannot be penalized: group admins is exempt; "
+            "nothing was recorded",
+        ),
+        (
+            "Penalize",
+            ["no-such-user-x", "penalty1"],
+            "NoSuchUser",
+            "no such user: 'no-such-user-x'",
+        ),
+        ("Penalize", ["nobody", "penalty9"], "NoSuchTier", None),
+        (
+            "Release",
+            ["nobody"],
+            "NotPenalized",
+            f"nobody (uid {NOBODY}) is in no penalty tier; nothing to release",
+        ),
+        ("Release", ["no-such-user-x"], "NoSuchUser", "no such user: 'no-such-user-x'"),
+        (
+            "FreezeUser",
+            ["root"],
+            "NotManaged",
+            "root (uid 0) is never frozen: root is never limited",
+        ),
+        (
+            "FreezeUser",
+            ["daemon"],
+            "NotManaged",
+            "daemon (uid 1) is never frozen: uid below min_uid 1000",
+        ),
+        ("ThawUser", ["root"], "NotManaged", "root (uid 0) is never frozen: root is never limited"),
+    ],
+)
+def test_cgpolicyd_refuses_actions_that_would_not_take_effect_and_records_nothing(
+    address: str,
+    daemon_core: Daemon,
+    member: str,
+    body: list[str],
+    error: str,
+    text: str | None,
+) -> None:
+    async def scenario() -> tuple[tuple[str | None, str], list[Message]]:
+        async with running(address, daemon_core) as (service, client):  # type: ignore[arg-type]
+            daemon_core.service = service
+            listener = Listener(client)
+            await listener.subscribe()
+            reply = await call(client, member, "s" * len(body), body)
+            return error_of(reply), await listener.everything_sent_before(service._bus)
+
+    (name, said), signals = run(scenario())
+    assert name == f"org.cgpolicy1.Error.{error}"
+    if text is not None:
+        assert said == text
+    assert signals == []
+    assert daemon_core.store.history() == [] and daemon_core.store.all() == {}

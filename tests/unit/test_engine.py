@@ -4,7 +4,7 @@ from policyfiles import DAEMON_SECTIONS, GROUPS, MAIN, write_policy
 from pam_cgpolicy.accounts import Account
 from pam_cgpolicy.badness import UserScore
 from pam_cgpolicy.engine import Engine, group_quotas
-from pam_cgpolicy.errors import UnknownTier
+from pam_cgpolicy.errors import NotManaged, NotPenalized, UnknownTier
 from pam_cgpolicy.policy import load_policy
 from pam_cgpolicy.state import StateStore
 from pam_cgpolicy.usage import Sample
@@ -140,3 +140,42 @@ def test_a_released_user_gets_every_tier_limit_lifted(tmp_path):
         released = engine.release(2002, "uid 0 (root)", T0 + 1)
     assert props(released)["MemoryHigh"] == 2**64 - 1
     assert props(released)["MemoryMax"] == 2 * GiB
+
+
+def test_penalize_refuses_users_it_would_never_limit_and_records_nothing(tmp_path):
+    groups = dict(GROUPS, normal="[limits]\nTasksMax = 100\n")  # nothing a tier lowers
+    policy = load_policy(write_policy(tmp_path / "etc", MAIN + DAEMON_SECTIONS, groups))
+    accounts = {
+        **ACCOUNTS,
+        0: Account("root", 0, frozenset({0})),
+        999: Account("system", 999, frozenset({999})),
+    }
+    with StateStore.open(tmp_path / "state.db") as store:
+        engine = Engine(policy, store, 16 * GiB, lookup=accounts.__getitem__)
+        refusals = {
+            0: "root (uid 0) cannot be penalized: root is never limited",
+            999: "system (uid 999) cannot be penalized: uid below min_uid 1000",
+            5001: "root2 (uid 5001) cannot be penalized: group admins is exempt",
+            5000: "carol (uid 5000) cannot be penalized: group normal sets neither CPUQuota "
+            "nor MemoryMax",
+        }
+        for uid, text in refusals.items():
+            with pytest.raises(NotManaged) as refused:
+                engine.penalize(uid, "penalty1", "uid 0 (root)", T0)
+            assert str(refused.value) == f"{text}; nothing was recorded"
+        with pytest.raises(KeyError):  # the daemon's lookup says UnknownUser
+            engine.penalize(4242, "penalty1", "uid 0 (root)", T0)
+        assert engine.penalize(2002, "penalty1", "uid 0 (root)", T0).change is not None
+        assert {e.uid for e in store.history()} == {2002}
+        assert set(store.all()) == {2002}
+
+
+def test_release_of_a_user_in_no_tier_is_refused_and_records_nothing(engine):
+    with pytest.raises(NotPenalized, match=r"^carol \(uid 5000\) is in no penalty tier"):
+        engine.release(5000, "uid 0 (root)", T0)
+    assert engine.store.history() == [] and engine.store.get(5000) is None
+    engine.penalize(5000, "penalty1", "uid 0 (root)", T0)
+    engine.release(5000, "uid 0 (root)", T0 + 1)
+    with pytest.raises(NotPenalized):
+        engine.release(5000, "uid 0 (root)", T0 + 2)
+    assert [e.kind for e in engine.store.history(5000)] == ["released", "penalized"]
