@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 from . import limits as limits_mod
 from .badness import BadnessParams, PenaltyParams, Tier
 from .constants import GROUPS_DIR, MAIN_FILE, policy_files
-from .errors import PolicyError, Problem
+from .errors import PolicyError, Problem, policy_error
+from .trust import why_unsafe
 
 DEFAULT_BADNESS = BadnessParams(
     cpu_threshold=0.8, memory_threshold=0.5, time_to_max_bad=300, time_to_min_bad=1800
@@ -215,23 +215,9 @@ def _describe(value: object) -> str:
 
 def _check_ownership(path: Path, trusted_uids: set[int], problems: list[Problem]) -> None:
     """Only root may be able to change what the hook, run as root, will do."""
-    try:
-        info = path.stat()
-    except OSError as err:
-        problems.append(Problem(str(path), f"cannot stat: {err}"))
-        return
-    owner_ok = info.st_uid in trusted_uids
-    others_write = bool(info.st_mode & stat.S_IWOTH)
-    group_write = bool(info.st_mode & stat.S_IWGRP) and info.st_gid != 0
-    if not owner_ok or others_write or group_write:
-        problems.append(
-            Problem(
-                str(path),
-                f"unsafe ownership or permissions (owner uid {info.st_uid}, group gid "
-                f"{info.st_gid}, mode {stat.S_IMODE(info.st_mode):04o}): it must be owned by root "
-                "and writable by root only",
-            )
-        )
+    reason = why_unsafe(str(path), trusted_uids)
+    if reason is not None:
+        problems.append(Problem(str(path), f"owner/permissions: {reason}"))
 
 
 def _parse_general(main: _File, data: dict[str, Any]) -> General:
@@ -386,14 +372,24 @@ def _parse_group(path: Path, problems: list[Problem]) -> StatusGroup | None:
 
 
 def load_policy(config_dir: Path, trusted_uids: set[int] | None = None) -> Policy:
-    """Read and validate the whole policy; PolicyError lists every problem found."""
+    """Read and validate the whole policy; PolicyError lists every problem found.
+
+    Total: whatever the files hold, the only exception it raises is PolicyError.
+    """
+    try:
+        return _load_policy(config_dir, trusted_uids)
+    except Exception as err:
+        raise policy_error(err, str(config_dir / MAIN_FILE)) from None
+
+
+def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
     if trusted_uids is None:
         trusted_uids = {0, os.geteuid()}
     problems: list[Problem] = []
     main_path = config_dir / MAIN_FILE
     paths = [Path(p) for p in policy_files(str(config_dir))]
     for path in [config_dir, *paths]:
-        if path.exists():
+        if os.path.lexists(path):
             _check_ownership(path, trusted_uids, problems)
     main = _File(main_path, problems)
     data = main.data or {}

@@ -119,7 +119,7 @@ def test_general_ranges(tmp_path):
 def test_world_writable_file_is_unsafe(tmp_path):
     root = write_policy(tmp_path)
     (root / "groups.d" / "students.toml").chmod(0o666)
-    with pytest.raises(PolicyError, match=r"students.toml: unsafe ownership or permissions"):
+    with pytest.raises(PolicyError, match=r"students.toml: owner/permissions: writable by"):
         load_policy(root)
 
 
