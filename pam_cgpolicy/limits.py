@@ -135,13 +135,14 @@ def _tasks_max(value: object) -> list[BusProperty]:
         return [BusProperty("TasksMax", "t", INFINITY)]
     if isinstance(value, str):
         permyriad = _permyriad(value)
-        if permyriad is not None and 0 < permyriad <= 10000:
+        # systemd takes a scale below UINT32_MAX only: 100% is refused, as is 0%.
+        if permyriad is not None and 0 < permyriad < 10000:
             return [BusProperty("TasksMaxScale", "u", permyriad * UINT32_MAX // 10000)]
         value = _number(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= UINT64_MAX:
         raise LimitError(
             f"invalid task limit {value!r}: use a positive number, a percentage "
-            "of the system's limit such as \"10%\", or 'infinity'"
+            "of the system's limit below 100% such as \"10%\", or 'infinity'"
         )
     return [BusProperty("TasksMax", "t", value)]
 
