@@ -1,9 +1,9 @@
 """The compiled copy of the last good policy: what the hook and the CLI act on.
 
 Each successful load is saved, in the interpreter's own marshal format, with a
-fingerprint of the files it came from (stat data only). While the files are
-unchanged the hook loads that copy, which costs a fraction of a millisecond
-and imports neither the TOML parser nor the validator. When an admin breaks a
+fingerprint of the files it came from (contents, owner, mode, ACL). While the
+files are unchanged the hook loads that copy, which costs a fraction of a
+millisecond and imports neither the TOML parser nor the validator. When an admin breaks a
 file the copy stays in force: a broken policy never unlimits anyone.
 
 The compiled form is plain data (see ``Policy.compile``): per group its match
