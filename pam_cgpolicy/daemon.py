@@ -49,6 +49,9 @@ def memory_total(meminfo: str = "/proc/meminfo") -> int:
     raise CgpolicyError(f"{meminfo} has no MemTotal")
 
 
+RETRY = "retry"  # the actor of a cycle's reload of files it refused before
+
+
 class Daemon:
     """The daemon's state and the ManagerCore behind its D-Bus API."""
 
@@ -137,7 +140,7 @@ class Daemon:
             # The hook reads the files at every login: follow an edit at once, so
             # that a slice never gets the old policy's limits over the new one's.
             # Refused files are retried each cycle: what failed may have been passing.
-            await self.reload("policy files changed" if marks != self.marks else "retry")
+            await self.reload("policy files changed" if marks != self.marks else RETRY)
         uids = self.sampler.active_uids(self.policy.general.min_uid)
         await self._limit_new_slices(uids)
         whitelists: dict[int, frozenset[str]] = {}
@@ -247,7 +250,7 @@ class Daemon:
             self.engine.set_policy(policy)
         except Exception as err:
             problems = [str(p) for p in policy_error(err, main_file()).problems]
-            if problems != self.refused:  # once, not at every retry
+            if actor != RETRY or problems != self.refused:  # not the same at every cycle
                 log.error(
                     f"reload by {actor} refused, the old policy stays in force: "
                     + "; ".join(problems)

@@ -43,10 +43,12 @@ def test_a_bug_while_loading_keeps_the_old_policy_says_it_once_and_retries(node)
     with failing as load:
         for _ in range(3):  # the edit's cycle, then two more with the files unchanged
             asyncio.run(daemon.cycle())
-    assert load.call_count == 3  # retried at each cycle
-    assert daemon.refused == [f"{root}/cgpolicy.toml: cannot be loaded: OverflowError: too big"]
-    assert daemon.policy is good
-    assert len(errors) == 1 and "refused, the old policy stays in force" in errors[0]
+        assert load.call_count == 3  # retried at each cycle
+        assert daemon.refused == [f"{root}/cgpolicy.toml: cannot be loaded: OverflowError: too big"]
+        assert daemon.policy is good
+        assert len(errors) == 1 and "refused, the old policy stays in force" in errors[0]
+        asyncio.run(daemon.reload("SIGHUP"))  # an admin's own reload is always answered
+    assert len(errors) == 2 and errors[1].startswith("reload by SIGHUP refused")
     asyncio.run(daemon.cycle())  # the cause is gone: the edit takes effect
     assert daemon.refused == []
     assert daemon.policy.groups["normal"].limits == {"CPUQuota": "300%"}
