@@ -26,8 +26,9 @@ from .accounts import Account, is_admin, lookup_account, lookup_uid
 from .cgroups import CGROUP_ROOT, V1Freezer, cgroup_mode
 from .classify import decide, describe_limits
 from .client import Daemon, DaemonError, daemon_running
-from .compiled import load_in_force
+from .compiled import Loaded, load_in_force
 from .constants import (
+    DEFAULT_CONFIG_DIR,
     HOOK_PATH,
     compiled_policy_file,
     config_dir,
@@ -64,9 +65,16 @@ def _strict_policy(args: argparse.Namespace) -> Policy:
         raise _Failed from None
 
 
+def _load_in_force(args: argparse.Namespace) -> Loaded:
+    """Only the node's own directory has, and may replace, the node's last good copy."""
+    directory = config_dir(args.config_dir)
+    own = os.path.realpath(directory) == os.path.realpath(DEFAULT_CONFIG_DIR)
+    return load_in_force(directory, compiled_policy_file() if own else None)
+
+
 def _policy_in_force(args: argparse.Namespace) -> Compiled:
     """What the hook would use; says so when the files are broken."""
-    loaded = load_in_force(config_dir(args.config_dir), compiled_policy_file())
+    loaded = _load_in_force(args)
     if loaded.error:
         for problem in loaded.error.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -328,7 +336,7 @@ def _print_table(rows: list[dict[str, Any]], daemon: bool = False) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     only = _visible_uid(None if args.user is None else lookup_account(args.user).uid, "status")
-    policy = load_in_force(config_dir(args.config_dir), compiled_policy_file()).policy
+    policy = _load_in_force(args).policy
 
     async def work(systemd: Systemd, daemon: Daemon | None) -> tuple[list[dict[str, Any]], bool]:
         rows = await _status_rows(systemd, policy, args.user, only)

@@ -1,9 +1,9 @@
 """The compiled copy of the last good policy: what the hook and the CLI act on.
 
 Each successful load is saved, in the interpreter's own marshal format, with a
-fingerprint of the files it came from (stat data only). While the files are
-unchanged the hook loads that copy, which costs a fraction of a millisecond
-and imports neither the TOML parser nor the validator. When an admin breaks a
+fingerprint of the files it came from (contents, owner, mode, ACL). While the
+files are unchanged the hook loads that copy, which costs a fraction of a
+millisecond and imports neither the TOML parser nor the validator. When an admin breaks a
 file the copy stays in force: a broken policy never unlimits anyone.
 
 The compiled form is plain data (see ``Policy.compile``): per group its match
@@ -16,9 +16,11 @@ from __future__ import annotations
 import errno
 import marshal
 import os
+import stat
 import sys
 
-from .constants import policy_files
+from .constants import MAIN_FILE, policy_files
+from .trust import acl_xattr
 
 TYPE_CHECKING = False  # typing itself is too slow an import for the hook
 if TYPE_CHECKING:
@@ -33,26 +35,39 @@ FORMAT = (2, *sys.version_info[:2])
 
 
 def fingerprint(config_dir: str) -> list[tuple[Any, ...]]:
-    """What changes when any policy file is edited, replaced, chowned or chmodded."""
+    """What changes when any policy file is edited, replaced, chowned, chmodded or ACLed.
+
+    The files' contents themselves, not their mtime, which anyone who can write a
+    file can set back: the files are small, and reading them costs less than a
+    stat-only check that misses an edit.
+    """
     marks: list[tuple[Any, ...]] = []
     for path in [config_dir, *policy_files(config_dir)]:
         try:
-            info = os.stat(path)
+            info = os.lstat(path)
+            acl = acl_xattr(path)
+            content = None if stat.S_ISDIR(info.st_mode) else _content(path)
         except OSError:
             marks.append((path, None))
             continue
         marks.append(
             (
                 path,
-                info.st_mtime_ns,
-                info.st_size,
                 info.st_ino,
                 info.st_uid,
                 info.st_gid,
                 info.st_mode,
+                info.st_ctime_ns,
+                acl,
+                content,
             )
         )
     return marks
+
+
+def _content(path: str) -> bytes:
+    with open(path, "rb") as source:
+        return source.read()
 
 
 class Untrusted(OSError):
@@ -187,27 +202,37 @@ class Loaded:
         self.refused = refused  # why the compiled copy was not trusted
 
 
-def load_in_force(config_dir: str, cache_file: str) -> Loaded:
-    """The policy to act on: the files when valid, else the last good compiled copy."""
+def load_in_force(config_dir: str, cache_file: str | None) -> Loaded:
+    """The policy to act on: the files when valid, else the last good compiled copy.
+
+    ``cache_file`` is None for a directory that is not the node's own (a draft
+    an admin checks): a draft neither uses nor replaces the node's last good copy.
+    """
     marks = fingerprint(config_dir)
-    try:
-        cached, refused = _read(cache_file), None
-    except Untrusted as err:  # only the policy files then
-        cached, refused = None, err
-    except OSError:  # not root (cgpolicyctl run by an admin): the files
-        cached, refused = None, None
+    cached, refused = None, None
+    if cache_file:
+        try:
+            cached = _read(cache_file)
+        except Untrusted as err:  # only the policy files then
+            refused = err
+        except OSError:  # not root (cgpolicyctl run by an admin): the files
+            pass
     if cached is not None and cached[0] == marks:
         return Loaded(cached[1], "compiled")
-    from pathlib import Path
+    from .errors import policy_error
 
-    from .errors import PolicyError
-    from .policy import load_policy  # the parser only when the files changed
+    try:  # any failure, even a bug, is an invalid policy: the last good one stays
+        from pathlib import Path
 
-    try:
+        from .policy import load_policy  # the parser only when the files changed
+
         compiled = load_policy(Path(config_dir)).compile()
-    except PolicyError as err:
+    except Exception as err:
+        error = policy_error(err, os.path.join(config_dir, MAIN_FILE))
         source = "last good" if cached else "none"
-        return Loaded(cached[1] if cached else None, source, err, refused)
+        return Loaded(cached[1] if cached else None, source, error, refused)
+    if cache_file is None:
+        return Loaded(compiled, "files", refused=refused)
     try:  # over a refused file too, when its directory is sound
         save(cache_file, compiled, marks)
     except OSError as err:  # a cache we cannot write must not stop a valid policy

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import signal
 import sys
 import time
@@ -28,9 +29,9 @@ from . import control, log
 from .accounts import Account, is_admin, lookup_account, lookup_uid
 from .classify import decide
 from .compiled import fingerprint, save_penalties
-from .constants import config_dir, penalties_file, state_db_file, system_bus_address
+from .constants import MAIN_FILE, config_dir, penalties_file, state_db_file, system_bus_address
 from .engine import Action, Engine
-from .errors import CgpolicyError, NotManaged, PolicyError
+from .errors import CgpolicyError, NotManaged, policy_error
 from .policy import Policy, load_policy
 from .setprops import set_slice_properties
 from .state import StateStore
@@ -48,6 +49,9 @@ def memory_total(meminfo: str = "/proc/meminfo") -> int:
     raise CgpolicyError(f"{meminfo} has no MemTotal")
 
 
+RETRY = "retry"  # the actor of a cycle's reload of files it refused before
+
+
 class Daemon:
     """The daemon's state and the ManagerCore behind its D-Bus API."""
 
@@ -61,6 +65,7 @@ class Daemon:
         self.known: set[int] = set()  # slices that have had their limits from us
         self.service: Any = None  # the D-Bus service, once serving
         self.marks = fingerprint(config_dir())  # the policy files as last loaded
+        self.refused: list[str] = []  # the problems of the files, while they are refused
 
     @property
     def policy(self) -> Policy:
@@ -143,11 +148,11 @@ class Daemon:
 
     async def cycle(self) -> None:
         marks = fingerprint(config_dir())
-        if marks != self.marks:
+        if marks != self.marks or self.refused:
             # The hook reads the files at every login: follow an edit at once, so
             # that a slice never gets the old policy's limits over the new one's.
-            self.marks = marks
-            await self.reload("policy files changed")
+            # Refused files are retried each cycle: what failed may have been passing.
+            await self.reload("policy files changed" if marks != self.marks else RETRY)
         uids = self.sampler.active_uids(self.policy.general.min_uid)
         await self._limit_new_slices(uids)
         whitelists: dict[int, frozenset[str]] = {}
@@ -261,17 +266,23 @@ class Daemon:
 
     async def reload(self, actor: str) -> list[str]:
         self.marks = fingerprint(config_dir())
-        try:
+        try:  # any failure, even a bug, is an invalid policy: the old one stays
             policy = load_policy(Path(config_dir()))
-        except PolicyError as err:
-            problems = [str(p) for p in err.problems]
-            log.error(
-                log.fields(
-                    event="reload-refused", actor=actor, policy="old", errors="; ".join(problems)
+            self.engine.set_policy(policy)
+        except Exception as err:
+            problems = [str(p) for p in policy_error(err, main_file()).problems]
+            if actor != RETRY or problems != self.refused:  # not the same at every cycle
+                log.error(
+                    log.fields(
+                        event="reload-refused",
+                        actor=actor,
+                        policy="old",
+                        errors="; ".join(problems),
+                    )
                 )
-            )
+            self.refused = problems
             return problems
-        self.engine.set_policy(policy)
+        self.refused = []
         self._account.cache_clear()
         self.known = set()  # every slice gets the new policy's limits at the next cycle
         self.write_penalties()
@@ -291,8 +302,10 @@ async def serve_forever() -> int:
     log.open_log("cgpolicyd")
     try:
         policy = load_policy(Path(config_dir()))
-    except PolicyError as err:
-        log.error("cannot start, the policy is invalid: " + "; ".join(str(p) for p in err.problems))
+        policy.compile()
+    except Exception as err:  # even a bug: said in the log, and systemd restarts us
+        problems = policy_error(err, main_file()).problems
+        log.error("cannot start, the policy is invalid: " + "; ".join(str(p) for p in problems))
         return 1
     store = StateStore.open(state_db_file())
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
@@ -334,6 +347,10 @@ async def serve_forever() -> int:
         store.close()
         log.info("lost the system bus; exiting to be restarted" if lost.is_set() else "stopped")
     return 1 if lost.is_set() else 0
+
+
+def main_file() -> str:
+    return os.path.join(config_dir(), MAIN_FILE)
 
 
 def main() -> int:

@@ -89,8 +89,9 @@ class Engine:
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
+        compiled = policy.compile()  # first: a policy that fails to compile changes nothing
         self.policy = policy
-        self.compiled = policy.compile()
+        self.compiled = compiled
 
     def _judged_group(self, account: Account) -> tuple[Group | None, str]:
         """The user's group if they can be penalized: limited, not exempt, not skipped.

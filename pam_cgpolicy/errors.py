@@ -36,6 +36,17 @@ class PolicyError(CgpolicyError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+def policy_error(err: Exception, where: str) -> PolicyError:
+    """Any failure while loading a policy, as the PolicyError it stands for.
+
+    A bug or an input no check foresaw must not crash the hook or the daemon:
+    it is one more reason the policy in ``where`` is not valid.
+    """
+    if isinstance(err, PolicyError):
+        return err
+    return PolicyError([Problem(where, f"cannot be loaded: {type(err).__name__}: {err}")])
+
+
 class UnknownUser(CgpolicyError):
     """The name does not resolve through NSS."""
 

@@ -21,9 +21,13 @@ USEC_PER_SEC = 1_000_000
 INFINITY = UINT64_MAX
 
 _SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([A-Za-z]?)$")
-_PERCENT_RE = re.compile(r"^(\d+(?:\.\d{1,2})?)%$")
-_CPU_LIST_RE = re.compile(r"^\d+(-\d+)?$")
+# ASCII digits only, and few enough that no number is absurd before it is checked.
+_SIZE_RE = re.compile(r"(\d{1,20})(?:\.(\d{1,20}))?\s*([A-Za-z]?)", re.ASCII)
+_PERCENT_RE = re.compile(r"(\d{1,20}(?:\.\d{1,2})?)%", re.ASCII)
+_CPU_LIST_RE = re.compile(r"\d{1,5}(-\d{1,5})?", re.ASCII)
+_NUMBER_RE = re.compile(r"\d{1,20}", re.ASCII)
+# systemctl's own bound for a percentage (an int of permyriad); CPUQuota above it is refused.
+PERMYRIAD_MAX = 2**31 - 1
 
 
 class LimitError(ValueError):
@@ -41,7 +45,7 @@ class BusProperty:
 
 def _permyriad(text: str) -> int | None:
     """'150%' -> 15000, like systemd's parse_permyriad; None if not a percentage."""
-    match = _PERCENT_RE.match(text)
+    match = _PERCENT_RE.fullmatch(text)
     if not match:
         return None
     whole, _, frac = match.group(1).partition(".")
@@ -49,15 +53,23 @@ def _permyriad(text: str) -> int | None:
 
 
 def parse_size(text: str) -> int:
-    """'1800M' -> bytes, with systemd's 1024-based suffixes."""
-    match = _SIZE_RE.match(text.strip())
-    if not match or match.group(2) not in _SIZE_SUFFIXES:
+    """'1800M' -> bytes, with systemd's 1024-based suffixes; exact, without floats."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if not match or match.group(3) not in _SIZE_SUFFIXES:
         raise LimitError(
             f"invalid size {text!r}: use bytes or a number with K, M, G or T "
             "(powers of 1024), a percentage of RAM, or 'infinity'"
         )
-    number, suffix = match.groups()
-    return int(float(number) * _SIZE_SUFFIXES[suffix])
+    whole, fraction = match.group(1), match.group(2) or ""
+    unit = _SIZE_SUFFIXES[match.group(3)]
+    return int(whole + fraction) * unit // int("1" + "0" * len(fraction))
+
+
+def _number(value: object) -> object:
+    """A string of ASCII digits as the number it spells; anything else as it is."""
+    if isinstance(value, str) and _NUMBER_RE.fullmatch(value):
+        return int(value)
+    return value
 
 
 def _is_infinity(value: object) -> bool:
@@ -68,10 +80,10 @@ def _cpu_quota(value: object) -> list[BusProperty]:
     if _is_infinity(value):
         return [BusProperty("CPUQuotaPerSecUSec", "t", INFINITY)]
     permyriad = _permyriad(value) if isinstance(value, str) else None
-    if not permyriad:
+    if not permyriad or permyriad > PERMYRIAD_MAX:
         raise LimitError(
-            f"invalid CPU quota {value!r}: use a percentage of one CPU, "
-            "e.g. \"150%\" for one and a half cores, or 'infinity'"
+            f"invalid CPU quota {value!r}: use a percentage of one CPU from 0.01% to "
+            f"{PERMYRIAD_MAX / 100:.2f}%, e.g. \"150%\" for one and a half cores, or 'infinity'"
         )
     return [BusProperty("CPUQuotaPerSecUSec", "t", permyriad * USEC_PER_SEC // 10000)]
 
@@ -80,8 +92,7 @@ def _weight(name: str, allow_idle: bool) -> Callable[[object], list[BusProperty]
     def convert(value: object) -> list[BusProperty]:
         if allow_idle and value == "idle":
             return [BusProperty(name, "t", 0)]
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000:
             idle = ", or 'idle'" if allow_idle else ""
             raise LimitError(f"invalid weight {value!r}: use a whole number from 1 to 10000{idle}")
@@ -90,24 +101,31 @@ def _weight(name: str, allow_idle: bool) -> Callable[[object], list[BusProperty]
     return convert
 
 
-def _memory(name: str) -> Callable[[object], list[BusProperty]]:
+def _memory(name: str, least: int) -> Callable[[object], list[BusProperty]]:
+    """``least``: the smallest byte count systemd takes for this property (0 or 1)."""
+
     def convert(value: object) -> list[BusProperty]:
         if _is_infinity(value):
             return [BusProperty(name, "t", INFINITY)]
         if isinstance(value, bool):
             raise LimitError(f'invalid size {value!r}: use bytes or a string such as "2G"')
-        if isinstance(value, int):
-            if value < 0:
-                raise LimitError(f"invalid size {value!r}: must not be negative")
-            return [BusProperty(name, "t", value)]
-        if not isinstance(value, str):
+        if isinstance(value, str):
+            permyriad = _permyriad(value)
+            if permyriad is not None:
+                if not 0 < permyriad <= 10000:
+                    raise LimitError(
+                        f"invalid size {value!r}: a percentage of RAM is more than 0% "
+                        "and at most 100%"
+                    )
+                return [BusProperty(name + "Scale", "u", permyriad * UINT32_MAX // 10000)]
+            value = parse_size(value)
+        if not isinstance(value, int):
             raise LimitError(f'invalid size {value!r}: use bytes or a string such as "2G"')
-        permyriad = _permyriad(value)
-        if permyriad is not None:
-            if permyriad > 10000:
-                raise LimitError(f"invalid size {value!r}: a percentage of RAM is at most 100%")
-            return [BusProperty(name + "Scale", "u", permyriad * UINT32_MAX // 10000)]
-        return [BusProperty(name, "t", parse_size(value))]
+        if not least <= value <= UINT64_MAX:
+            raise LimitError(
+                f"invalid size {value!r}: use from {least} bytes to 16E (2^64-1), or 'infinity'"
+            )
+        return [BusProperty(name, "t", value)]
 
     return convert
 
@@ -117,14 +135,14 @@ def _tasks_max(value: object) -> list[BusProperty]:
         return [BusProperty("TasksMax", "t", INFINITY)]
     if isinstance(value, str):
         permyriad = _permyriad(value)
-        if permyriad is not None and 0 < permyriad <= 10000:
+        # systemd takes a scale below UINT32_MAX only: 100% is refused, as is 0%.
+        if permyriad is not None and 0 < permyriad < 10000:
             return [BusProperty("TasksMaxScale", "u", permyriad * UINT32_MAX // 10000)]
-        if value.isdigit():
-            value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        value = _number(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= UINT64_MAX:
         raise LimitError(
             f"invalid task limit {value!r}: use a positive number, a percentage "
-            "of the system's limit such as \"10%\", or 'infinity'"
+            "of the system's limit below 100% such as \"10%\", or 'infinity'"
         )
     return [BusProperty("TasksMax", "t", value)]
 
@@ -133,7 +151,7 @@ def parse_cpu_list(text: str) -> set[int]:
     """'0-3,6' -> {0, 1, 2, 3, 6}, like systemd's parse_cpu_set (commas or spaces)."""
     cpus: set[int] = set()
     for item in re.split(r"[\s,]+", text.strip()):
-        if not _CPU_LIST_RE.match(item):
+        if not _CPU_LIST_RE.fullmatch(item):
             raise LimitError(f'invalid CPU list {text!r}: use numbers and ranges, e.g. "0-3,6"')
         first, _, last = item.partition("-")
         low, high = int(first), int(last or first)
@@ -223,9 +241,9 @@ SPECS: dict[str, LimitSpec] = {
         _spec("CPUQuota", _cpu_quota, "CPUQuotaPerSecUSec", _format_quota),
         _spec("CPUWeight", _weight("CPUWeight", allow_idle=True), "CPUWeight", _format_weight),
         _spec("IOWeight", _weight("IOWeight", allow_idle=False), "IOWeight", _format_weight),
-        _spec("MemoryMax", _memory("MemoryMax"), "MemoryMax", format_size),
-        _spec("MemoryHigh", _memory("MemoryHigh"), "MemoryHigh", format_size),
-        _spec("MemorySwapMax", _memory("MemorySwapMax"), "MemorySwapMax", format_size),
+        _spec("MemoryMax", _memory("MemoryMax", 1), "MemoryMax", format_size),
+        _spec("MemoryHigh", _memory("MemoryHigh", 1), "MemoryHigh", format_size),
+        _spec("MemorySwapMax", _memory("MemorySwapMax", 0), "MemorySwapMax", format_size),
         _spec("TasksMax", _tasks_max, "TasksMax", _format_number),
         _spec("AllowedCPUs", _allowed_cpus, "AllowedCPUs", str, "ay", b""),
     )

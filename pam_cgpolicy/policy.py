@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,13 +17,16 @@ from typing import Any
 from . import limits as limits_mod
 from .badness import BadnessParams, PenaltyParams, Tier
 from .constants import GROUPS_DIR, MAIN_FILE, policy_files
-from .errors import PolicyError, Problem
+from .errors import PolicyError, Problem, policy_error
+from .trust import why_unsafe
 
 DEFAULT_BADNESS = BadnessParams(
     cpu_threshold=0.8, memory_threshold=0.5, time_to_max_bad=300, time_to_min_bad=1800
 )
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # a group's name, its file's stem
+_RANGE_RE = re.compile(r"\s*(\d{1,10})\s*-\s*(\d{1,10})\s*", re.ASCII)
+ID_MAX = 2**32 - 2  # the largest uid or gid; 2^32-1 is the kernel's "no id"
+NAME_RULE = "letters, digits, '_', '-' and '.', not first, at most 64 characters"
 _TOML_LINE_RE = re.compile(r"at line (\d+)")
 _TABLE_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]")
 
@@ -120,19 +122,27 @@ class _File:
             found = _TOML_LINE_RE.search(str(err))
             line = int(found.group(1)) if found else None
             self.problems.append(Problem(str(path), f"not valid TOML: {err}", line=line))
+        except (RecursionError, ValueError) as err:  # nested too deep, a number too long
+            self.report(f"not valid TOML: {type(err).__name__}: {err}")
 
     def line_of(self, key: str) -> int | None:
-        """The line that sets ``key`` ("table.name"), found by reading the text."""
+        """The line that sets ``key`` ("table.name"), found by reading the text.
+
+        Failing that, the line of its table's header: an absent key is missing there.
+        """
         table, _, name = key.rpartition(".")
         current = ""
-        pattern = re.compile(rf"^\s*(\"?){re.escape(name)}\1\s*=")
+        pattern = re.compile(rf"^\s*(\"?){re.escape(name)}\1\s*[=.]")
+        headers: dict[str, int] = {}
         for number, text in enumerate(self.text.splitlines(), start=1):
             header = _TABLE_RE.match(text)
             if header:
-                current = header.group(1)
+                current = header.group(1).replace('"', "")
+                headers.setdefault(current, number)
+                headers.setdefault(current.partition(".")[0], number)
             elif current == table and pattern.match(text):
                 return number
-        return None
+        return headers.get(key) or headers.get(table)
 
     def report(self, message: str, key: str | None = None) -> None:
         line = self.line_of(key) if key else None
@@ -215,23 +225,9 @@ def _describe(value: object) -> str:
 
 def _check_ownership(path: Path, trusted_uids: set[int], problems: list[Problem]) -> None:
     """Only root may be able to change what the hook, run as root, will do."""
-    try:
-        info = path.stat()
-    except OSError as err:
-        problems.append(Problem(str(path), f"cannot stat: {err}"))
-        return
-    owner_ok = info.st_uid in trusted_uids
-    others_write = bool(info.st_mode & stat.S_IWOTH)
-    group_write = bool(info.st_mode & stat.S_IWGRP) and info.st_gid != 0
-    if not owner_ok or others_write or group_write:
-        problems.append(
-            Problem(
-                str(path),
-                f"unsafe ownership or permissions (owner uid {info.st_uid}, group gid "
-                f"{info.st_gid}, mode {stat.S_IMODE(info.st_mode):04o}): it must be owned by root "
-                "and writable by root only",
-            )
-        )
+    reason = why_unsafe(str(path), trusted_uids)
+    if reason is not None:
+        problems.append(Problem(str(path), f"owner/permissions: {reason}"))
 
 
 def _parse_general(main: _File, data: dict[str, Any]) -> General:
@@ -239,16 +235,13 @@ def _parse_general(main: _File, data: dict[str, Any]) -> General:
     main.check_keys(table, {"min_uid", "hook_timeout", "interval", "admin_group"}, "general.")
     defaults = General()
     min_uid = main.get(table, "min_uid", int, defaults.min_uid, "general.")
-    if min_uid < 1:
-        main.report("must be at least 1: root is never limited", "general.min_uid")
+    if not 1 <= min_uid <= ID_MAX:
+        main.report(f"must be from 1 to {ID_MAX}: root is never limited", "general.min_uid")
         min_uid = defaults.min_uid
-    timeout = main.get(table, "hook_timeout", (int, float), defaults.hook_timeout, "general.")
-    if not 0 < timeout <= 30:
-        main.report("must be more than 0 and at most 30 seconds", "general.hook_timeout")
-        timeout = defaults.hook_timeout
+    timeout = main.number(table, "hook_timeout", defaults.hook_timeout, 0.1, 60, "general.")
     interval = main.number(table, "interval", defaults.interval, 1, 3600, "general.")
     admin_group = main.get(table, "admin_group", str, defaults.admin_group, "general.")
-    return General(min_uid, float(timeout), interval, admin_group)
+    return General(min_uid, timeout, interval, admin_group)
 
 
 def _parse_badness(main: _File, data: dict[str, Any]) -> BadnessParams:
@@ -311,14 +304,16 @@ def _parse_penalty(main: _File, data: dict[str, Any]) -> PenaltyParams | None:
 def _parse_uids(gfile: _File, data: dict[str, Any]) -> tuple[tuple[int, int], ...]:
     ranges: list[tuple[int, int]] = []
     for item in gfile.get(data, "uids", list, []):
-        match = _RANGE_RE.match(item) if isinstance(item, str) else None
-        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+        match = _RANGE_RE.fullmatch(item) if isinstance(item, str) else None
+        if isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= ID_MAX:
             ranges.append((item, item))
-        elif match and int(match.group(1)) <= int(match.group(2)):
+        elif match and int(match.group(1)) <= int(match.group(2)) <= ID_MAX:
             ranges.append((int(match.group(1)), int(match.group(2))))
         else:
             gfile.report(
-                f'{item!r} is neither a uid nor an inclusive range like "3000-3999"', "uids"
+                f'{item!r} is neither a uid nor an inclusive range like "3000-3999" '
+                f"(uids are 0 to {ID_MAX})",
+                "uids",
             )
     return tuple(ranges)
 
@@ -326,8 +321,8 @@ def _parse_uids(gfile: _File, data: dict[str, Any]) -> tuple[tuple[int, int], ..
 def _parse_gids(gfile: _File, data: dict[str, Any]) -> tuple[int, ...]:
     gids = gfile.get(data, "gids", list, [])
     for gid in gids:
-        if isinstance(gid, bool) or not isinstance(gid, int) or gid < 0:
-            gfile.report(f"{gid!r} is not a gid: use whole numbers", "gids")
+        if isinstance(gid, bool) or not isinstance(gid, int) or not 0 <= gid <= ID_MAX:
+            gfile.report(f"{gid!r} is not a gid: use whole numbers from 0 to {ID_MAX}", "gids")
             return ()
     return tuple(gids)
 
@@ -386,14 +381,24 @@ def _parse_group(path: Path, problems: list[Problem]) -> StatusGroup | None:
 
 
 def load_policy(config_dir: Path, trusted_uids: set[int] | None = None) -> Policy:
-    """Read and validate the whole policy; PolicyError lists every problem found."""
+    """Read and validate the whole policy; PolicyError lists every problem found.
+
+    Total: whatever the files hold, the only exception it raises is PolicyError.
+    """
+    try:
+        return _load_policy(config_dir, trusted_uids)
+    except Exception as err:
+        raise policy_error(err, str(config_dir / MAIN_FILE)) from None
+
+
+def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
     if trusted_uids is None:
         trusted_uids = {0, os.geteuid()}
     problems: list[Problem] = []
     main_path = config_dir / MAIN_FILE
     paths = [Path(p) for p in policy_files(str(config_dir))]
     for path in [config_dir, *paths]:
-        if path.exists():
+        if os.path.lexists(path):
             _check_ownership(path, trusted_uids, problems)
     main = _File(main_path, problems)
     data = main.data or {}
@@ -406,14 +411,8 @@ def load_policy(config_dir: Path, trusted_uids: set[int] | None = None) -> Polic
 
     groups: dict[str, StatusGroup] = {}
     for path in paths[2:]:
-        if not _NAME_RE.match(path.stem):
-            problems.append(
-                Problem(
-                    str(path),
-                    "a group's name (the file's stem) may only use "
-                    "letters, digits, '_', '-' and '.'",
-                )
-            )
+        if not _NAME_RE.fullmatch(path.stem):
+            problems.append(Problem(str(path), f"a group's name (the file's stem): {NAME_RULE}"))
             continue
         group = _parse_group(path, problems)
         if group is not None:
@@ -443,21 +442,19 @@ def _check_order(
     for name in sorted({n for n in order if order.count(n) > 1}):
         main.report(f"group {name!r} is listed more than once", "status.order")
 
-    def has_file(name: str) -> bool:
+    def check_name(name: str, key: str) -> None:
         # A file that exists but failed to parse was reported already.
-        return name in groups or (groups_dir / f"{name}.toml").exists()
+        if not _NAME_RE.fullmatch(name):
+            main.report(f"{name[:80]!r} is not a group's name: {NAME_RULE}", key)
+        elif name not in groups and not (groups_dir / f"{name}.toml").exists():
+            main.report(f"group {name!r} has no file {groups_dir / (name + '.toml')}", key)
 
     for name in order:
-        if not has_file(name):
-            main.report(
-                f"group {name!r} has no file {groups_dir / (name + '.toml')}", "status.order"
-            )
+        check_name(name, "status.order")
     if not fallback:
         main.report("must name the group for users no other group matches", "status.fallback")
-    elif not has_file(fallback):
-        main.report(
-            f"group {fallback!r} has no file {groups_dir / (fallback + '.toml')}", "status.fallback"
-        )
+    else:
+        check_name(fallback, "status.fallback")
     for name, group in sorted(groups.items()):
         path = str(groups_dir / f"{name}.toml")
         if name not in order and name != fallback:

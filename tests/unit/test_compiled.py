@@ -1,6 +1,10 @@
+import os
+from unittest import mock
+
 import pytest
 from policyfiles import GROUPS, write_policy
 
+from pam_cgpolicy import cli
 from pam_cgpolicy.compiled import load_in_force
 
 
@@ -68,3 +72,52 @@ def test_penalties_copy_for_the_hook(tmp_path):
     (tmp_path / "penalties.compiled").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a penalties copy"):
         read_penalty(path, 2002, now=100.0)  # the hook says no penalty is known
+
+
+def test_same_size_edit_with_the_old_mtime_is_noticed(tmp_path):
+    root = write_policy(tmp_path / "etc")
+    cache = str(tmp_path / "state" / "policy.compiled")
+    load_in_force(str(root), cache)
+    normal = root / "groups.d" / "normal.toml"
+    before = normal.stat()
+    normal.write_text(normal.read_text().replace('"200%"', '"300%"'))  # same size
+    os.utime(normal, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert normal.stat().st_size == before.st_size
+    assert normal.stat().st_mtime_ns == before.st_mtime_ns
+    loaded = load_in_force(str(root), cache)
+    assert loaded.source == "files"
+    assert loaded.policy["groups"]["normal"]["limits"]["CPUQuota"] == "300%"
+
+
+def test_a_draft_directory_never_replaces_the_nodes_last_good_copy(tmp_path, capsys):
+    """cgpolicyctl --config-dir DRAFT reads the draft, but saves nothing of it."""
+    node = write_policy(tmp_path / "etc")
+    draft = write_policy(tmp_path / "draft", groups=dict(GROUPS, normal="exempt = true\n"))
+    cache = tmp_path / "state" / "policy.compiled"
+    good = load_in_force(str(node), str(cache)).policy
+    saved = cache.read_bytes()
+    with (
+        mock.patch.object(cli, "DEFAULT_CONFIG_DIR", str(node)),
+        mock.patch.object(cli, "compiled_policy_file", lambda: str(cache)),
+    ):
+        assert cli.main(["--config-dir", str(draft), "apply", "root"]) == 0
+        assert cache.read_bytes() == saved
+        (node / "groups.d" / "normal.toml").write_text("oops = [\n")
+        # the node's own directory, broken: its own last good copy
+        assert cli.main(["--config-dir", str(node), "apply", "root"]) == 0
+    assert "using the last good policy" in capsys.readouterr().err
+    assert load_in_force(str(node), str(cache)).policy == good
+
+
+def test_any_exception_while_loading_is_an_invalid_policy(tmp_path):
+    root = write_policy(tmp_path / "etc")
+    cache = str(tmp_path / "state" / "policy.compiled")
+    good = load_in_force(str(root), cache).policy
+    (root / "groups.d" / "normal.toml").write_text('[limits]\nCPUQuota = "100%"\n')
+    with mock.patch("pam_cgpolicy.policy.Policy.compile", side_effect=RuntimeError("a bug")):
+        loaded = load_in_force(str(root), cache)
+    assert loaded.source == "last good" and loaded.policy == good
+    assert loaded.error is not None
+    assert [str(p) for p in loaded.error.problems] == [
+        f"{root}/cgpolicy.toml: cannot be loaded: RuntimeError: a bug"
+    ]

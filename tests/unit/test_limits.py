@@ -63,7 +63,7 @@ def test_tasks_max_forms():
     assert one("TasksMax", "512") == BusProperty("TasksMax", "t", 512)
     assert one("TasksMax", "infinity") == BusProperty("TasksMax", "t", INFINITY)
     assert one("TasksMax", "10%") == BusProperty("TasksMaxScale", "u", UINT32_MAX // 10)
-    for bad in (0, -3, "many", "0%", True):
+    for bad in (0, -3, "many", "0%", "100%", True):  # systemd refuses a scale of 100%
         with pytest.raises(LimitError):
             convert("TasksMax", bad)
 

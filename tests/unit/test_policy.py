@@ -111,15 +111,15 @@ def test_memory_high_above_max(tmp_path):
 
 
 def test_general_ranges(tmp_path):
-    found = problems(tmp_path, main=MAIN.replace("1000", "0").replace("1.5", "60"))
-    assert any("general.min_uid: must be at least 1" in p for p in found)
-    assert any("general.hook_timeout: must be more than 0" in p for p in found)
+    found = problems(tmp_path, main=MAIN.replace("1000", "0").replace("1.5", "61"))
+    assert any("general.min_uid: must be from 1 to 4294967294" in p for p in found)
+    assert any("general.hook_timeout: must be from 0.1 to 60, not 61" in p for p in found)
 
 
 def test_world_writable_file_is_unsafe(tmp_path):
     root = write_policy(tmp_path)
     (root / "groups.d" / "students.toml").chmod(0o666)
-    with pytest.raises(PolicyError, match=r"students.toml: unsafe ownership or permissions"):
+    with pytest.raises(PolicyError, match=r"students.toml: owner/permissions: writable by"):
         load_policy(root)
 
 
@@ -178,3 +178,138 @@ def test_daemon_section_errors(tmp_path, edit, message):
     found = problems(tmp_path, main=main.replace(*edit))
     assert any(message in p for p in found), found
     assert all(":" in p.split(" ")[0] for p in found)  # every problem names file and line
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "where", "message"),
+    [
+        # Each of these raised OverflowError, ValueError, OSError or KeyError before.
+        (
+            "normal",
+            f'[limits]\nCPUQuota = "{"9" * 400}%"\n',
+            "normal.toml:2: limits.CPUQuota",
+            "invalid CPU quota",
+        ),
+        (
+            "normal",
+            '[limits]\nCPUWeight = "²"\n',
+            "normal.toml:2: limits.CPUWeight",
+            "invalid weight",
+        ),
+        (
+            "normal",
+            f'[limits]\nMemoryMax = "{"9" * 400}"\n',
+            "normal.toml:2: limits.MemoryMax",
+            "invalid size",
+        ),
+        (
+            "normal",
+            f'[limits]\nTasksMax = "{"9" * 5000}"\n',
+            "normal.toml:2: limits.TasksMax",
+            "invalid task limit",
+        ),
+        (
+            "main",
+            'fallback = "normal"',
+            "cgpolicy.toml:7: status.fallback",
+            "is not a group's name",
+        ),
+        (
+            "main",
+            'order = ["admins", "students", "normal"]',
+            "cgpolicy.toml:6: status.order",
+            "'../cgpolicy' is not a group's name",
+        ),
+        # Values systemd refuses in SetUnitProperties, which would unlimit the whole group.
+        (
+            "normal",
+            "[limits]\nMemoryMax = 0\n",
+            "normal.toml:2: limits.MemoryMax",
+            "use from 1 bytes",
+        ),
+        (
+            "normal",
+            '[limits]\nMemoryHigh = "0"\n',
+            "normal.toml:2: limits.MemoryHigh",
+            "use from 1 bytes",
+        ),
+        ("normal", f"[limits]\nMemoryMax = {2**64}\n", "normal.toml:2: limits.MemoryMax", "to 16E"),
+        (
+            "normal",
+            '[limits]\nMemorySwapMax = "0%"\n',
+            "normal.toml:2: limits.MemorySwapMax",
+            "more than 0%",
+        ),
+        (
+            "normal",
+            '[limits]\nCPUQuota = "0%"\n',
+            "normal.toml:2: limits.CPUQuota",
+            "invalid CPU quota",
+        ),
+        (
+            "normal",
+            '[limits]\nCPUQuota = "21474836.48%"\n',
+            "normal.toml:2: limits.CPUQuota",
+            "invalid CPU quota",
+        ),
+        (
+            "normal",
+            "[limits]\nTasksMax = 0\n",
+            "normal.toml:2: limits.TasksMax",
+            "invalid task limit",
+        ),
+        (
+            "normal",
+            f"[limits]\nTasksMax = {2**64}\n",
+            "normal.toml:2: limits.TasksMax",
+            "invalid task limit",
+        ),
+        (
+            "normal",
+            "[limits]\nIOWeight = 10001\n",
+            "normal.toml:2: limits.IOWeight",
+            "from 1 to 10000",
+        ),
+        (
+            "normal",
+            "[limits]\nCPUWeight = 0\n",
+            "normal.toml:2: limits.CPUWeight",
+            "from 1 to 10000",
+        ),
+        (
+            "normal",
+            '[limits]\nAllowedCPUs = "0-8192"\n',
+            "normal.toml:2: limits.AllowedCPUs",
+            "invalid CPU range",
+        ),
+        (
+            "normal",
+            '[limits]\nAllowedCPUs = "\u0661-\u0663"\n',
+            "normal.toml:2: limits.AllowedCPUs",
+            "invalid CPU list",
+        ),
+        ("normal", f"uids = [{2**32}]\n", "normal.toml:1: uids", "neither a uid"),
+        ("normal", 'uids = ["1-99999999999"]\n', "normal.toml:1: uids", "neither a uid"),
+        (
+            "main",
+            "hook_timeout = 1.5",
+            "cgpolicy.toml:3: general.hook_timeout",
+            "must be from 0.1 to 60",
+        ),
+    ],
+)
+def test_every_bad_value_is_a_located_policy_error(tmp_path, file, text, where, message):
+    groups, main = dict(GROUPS), MAIN
+    if file == "main":
+        bad = {
+            'fallback = "normal"': f'fallback = "{"n" * 300}"',
+            'order = ["admins", "students", "normal"]': (
+                'order = ["admins", "students", "normal", "../cgpolicy"]'
+            ),
+            "hook_timeout = 1.5": "hook_timeout = 0.05",
+        }
+        main = MAIN.replace(text, bad[text])
+    else:
+        groups[file] = text
+    found = problems(tmp_path, main=main, groups=groups)
+    assert any(f"{where}: " in p and message in p for p in found), found
