@@ -20,7 +20,7 @@ import stat
 import sys
 
 from .constants import MAIN_FILE, policy_files
-from .trust import acl_xattr
+from .trust import acl_xattr, why_unsafe_fd
 
 TYPE_CHECKING = False  # typing itself is too slow an import for the hook
 if TYPE_CHECKING:
@@ -82,16 +82,13 @@ class Untrusted(OSError):
 
 def _check_trusted(fd: int, path: str, directory: bool) -> None:
     """Refuse what the opened ``fd`` is, not what the path names now (no race)."""
-    info = os.fstat(fd)
-    kind = "directory" if directory else "regular file"
-    if (info.st_mode & 0o170000) != (0o040000 if directory else 0o100000):
-        raise Untrusted(f"{path}: not a {kind}")
+    is_kind = stat.S_ISDIR if directory else stat.S_ISREG
+    if not is_kind(os.fstat(fd).st_mode):
+        raise Untrusted(f"{path}: not a {'directory' if directory else 'regular file'}")
     # Root, or whoever runs this (root, for the hook and cgpolicyd).
-    if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
-        raise Untrusted(
-            f"{path}: owned by uid {info.st_uid}, mode {info.st_mode & 0o7777:04o}: "
-            "it must be owned by root and writable by root only"
-        )
+    why = why_unsafe_fd(fd, {0, os.geteuid()})
+    if why:
+        raise Untrusted(f"{path}: {why}")
 
 
 def _open_state_dir(path: str, create: bool) -> int:

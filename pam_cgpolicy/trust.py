@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 import stat
 
+TYPE_CHECKING = False  # typing itself is too slow an import for the hook
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 ACL_XATTR = "system.posix_acl_access"
 
 # The kernel's ACL xattr format: a little-endian u32
@@ -83,12 +87,30 @@ def why_unsafe(path: str, trusted_uids: set[int] | frozenset[int]) -> str | None
         return f"cannot stat: {err.strerror}"
     if stat.S_ISLNK(info.st_mode):
         return "is a symlink: root reads only files and directories, not links to them"
+    return _why_unsafe(info, lambda: acl_xattr(path), trusted_uids)
+
+
+def why_unsafe_fd(fd: int, trusted_uids: set[int] | frozenset[int]) -> str | None:
+    """As ``why_unsafe``, for what an open ``fd`` is (no race with a rename of its path)."""
+    return _why_unsafe(os.fstat(fd), lambda: _acl_of_fd(fd), trusted_uids)
+
+
+def _acl_of_fd(fd: int) -> bytes:
+    try:
+        return os.getxattr(fd, ACL_XATTR)
+    except OSError:
+        return b""
+
+
+def _why_unsafe(
+    info: os.stat_result, read_acl: Callable[[], bytes], trusted_uids: set[int] | frozenset[int]
+) -> str | None:
     mode = stat.S_IMODE(info.st_mode)
     found = f"owner uid {info.st_uid}, group gid {info.st_gid}, mode {mode:04o}"
     if info.st_uid not in trusted_uids:
         return f"owned by uid {info.st_uid} ({found}): it must be owned by root"
     try:
-        blob = acl_xattr(path)
+        blob = read_acl()
         writers = acl_writers(blob)
     except ValueError as err:
         return f"has an ACL that cannot be read ({err}): remove it"

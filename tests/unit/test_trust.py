@@ -108,3 +108,17 @@ def test_acl_writers_reads_every_kind_of_entry():
         (0x10, 7, ANY), (0x20, 2, ANY),
     )  # fmt: skip
     assert acl_writers(blob) == ["user 1001", "the owning group", "group 50", "everyone"]
+
+
+def test_a_state_directory_an_acl_lets_a_user_write_is_refused(tmp_path):
+    """The state files get the same check as the policy files: ACLs count too."""
+    from pam_cgpolicy.compiled import Untrusted, read_penalty, save_penalties
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    save_penalties(str(state / "penalties.compiled"), {})
+    os.setxattr(state, ACL_XATTR, with_user_entry(1001, 7, mask=7))
+    with pytest.raises(Untrusted, match="an ACL lets user 1001 write it"):
+        save_penalties(str(state / "penalties.compiled"), {})
+    with pytest.raises(Untrusted, match="an ACL lets user 1001 write it"):
+        read_penalty(str(state / "penalties.compiled"), 2002, now=0.0)
