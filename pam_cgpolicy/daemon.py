@@ -142,6 +142,7 @@ class Daemon:
         for uid in uids:
             with contextlib.suppress(CgpolicyError):
                 whitelists[uid] = self.engine.whitelist(self._account(uid))
+        self.sampler.match = self.policy.whitelist_match
         samples = self.sampler.sample(uids, whitelists, time.monotonic())
         await self.apply(self.engine.cycle(samples, time.time()))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pam_cgpolicy.cgroups import cgroup_mode
-from pam_cgpolicy.usage import CLK_TCK, ProcStat, UsageSampler, parse_proc_stat
+from pam_cgpolicy.usage import CLK_TCK, MATCH_NAME, ProcStat, UsageSampler, parse_proc_stat
 
 UID = 1000
 SSH = frozenset({"sshd", "scp", "sftp-server", "rsync"})
@@ -32,8 +32,10 @@ class Node:
             (self.root / "unified" / "cgroup.controllers").write_text("")
             (self.root / "systemd" / "user.slice").mkdir(parents=True)
 
-    def sampler(self) -> UsageSampler:
-        return UsageSampler(self.root, self.proc)
+    def sampler(self, match: str = MATCH_NAME) -> UsageSampler:
+        """By name for the accounting tests: this fake /proc has no programs to point at
+        (test_whitelist.py tests matching on the program)."""
+        return UsageSampler(self.root, self.proc, match=match)
 
     def uptime(self, seconds: float) -> None:
         (self.proc / "uptime").write_text(f"{seconds:.2f} {seconds * 1.9:.2f}\n")
@@ -98,6 +100,10 @@ class Node:
             )
         self.stat(pid, comm, ticks, start)
         (self.proc / str(pid) / "cgroup").write_text(text)
+
+    def program(self, pid: int, path: str) -> None:
+        """/proc/PID/exe: the program the process runs."""
+        (self.proc / str(pid) / "exe").symlink_to(path)
 
     def stat(self, pid: int, comm: str, ticks: int, start: int = 100) -> None:
         directory = self.proc / str(pid)
