@@ -444,10 +444,12 @@ def test_an_idle_slice_keeps_its_process_totals_without_reading_proc(node: Node)
     # The slice's CPU did not move, so no process in it ran; /proc is not read
     # (an unreadable stat here would otherwise drop the process).
     node.uptime(BOOT + 10)
-    node.exit(10)
+    hidden = node.proc / "hidden"  # the same /proc/PID (same inode) comes back below
+    (node.proc / "10").rename(hidden)
     idle = sampler.sample([UID], SSH, now=10.0)[UID]
     assert idle.cores == 0.0 and idle.whitelisted_cores == 0.0
 
+    hidden.rename(node.proc / "10")
     node.uptime(BOOT + 20)
     node.cpu(UID, 17_000_000)
     node.stat(10, "rsync", 1000 + ticks(0.4))
