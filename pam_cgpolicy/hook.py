@@ -23,6 +23,7 @@ from .accounts import lookup_account
 from .compiled import load_in_force, read_penalty
 from .constants import compiled_policy_file, config_dir, penalties_file
 from .errors import CgpolicyError
+from .freezer import hold_frozen_login
 from .setprops import apply_limits, kill_pending
 
 DEFAULT_TIMEOUT = 2.0  # until the policy says otherwise
@@ -70,7 +71,11 @@ def _open_session(clock: _Clock, user: str) -> str:
     timeout = policy["hook_timeout"]
     clock.arm(timeout)
     penalty = read_penalty(penalties_file(), account.uid, time.time())
-    return apply_limits(policy, account, clock.remaining(timeout), penalty).log_line()
+    line = apply_limits(policy, account, clock.remaining(timeout), penalty).log_line()
+    # Last: once held, sshd's session process waits for the thaw (cgroup v1 only).
+    if hold_frozen_login(account.uid, time.monotonic() + clock.remaining(timeout) / 2):
+        line += " frozen=held"
+    return line
 
 
 def main() -> int:
