@@ -31,9 +31,8 @@ OTHER = "gina"  # not an admin: may not learn who is frozen
 POLICY = {
     "cgpolicy.toml": """
         [general]
-        min_uid = 1000
+        interval = 2  # cgpolicyd's sweep on cgroup v1
         hook_timeout = 5.0
-        interval = 2
 
         [status]
         order = ["normal"]
@@ -99,6 +98,12 @@ def sessions(vm) -> int:
     return len(found.stdout.split())
 
 
+def hook_lines(vm) -> list[str]:
+    """The login hook's log lines about fred, oldest first."""
+    out = root(vm, "journalctl -q -o cat -t cgpolicy-pam-hook", check=False).stdout
+    return [line for line in out.splitlines() if USER in line]
+
+
 def freezer_group(vm, pid: int) -> str:
     cgroups = root(vm, f"cat /proc/{pid}/cgroup").stdout
     return re.search(r"^\d+:freezer:(.*)$", cgroups, re.MULTILINE)[1]  # type: ignore[index]
@@ -111,6 +116,7 @@ def node(vm) -> Iterator[Any]:
     install_cgpolicy(vm, REPO)
     vm.add_user(USER, UID)
     vm.add_user(OTHER, UID + 1)
+    root(vm, "rm -f /etc/cgpolicy/groups.d/*.toml")
     write_policy(vm, POLICY)
     root(vm, "cgpolicyctl check && systemctl restart cgpolicyd")
     vm.ssh("nohup sleep 100000 >/dev/null 2>&1 &", user=USER)  # his slice stays
@@ -145,7 +151,7 @@ def test_a_frozen_users_new_login_waits_for_the_thaw(frozen):
         except Exception as err:  # reported by the test thread
             done["error"] = err
 
-    before = sessions(frozen)
+    before, before_hook = sessions(frozen), len(hook_lines(frozen))
     login = threading.Thread(target=log_in, daemon=True)
     login.start()
     poll(
@@ -158,6 +164,13 @@ def test_a_frozen_users_new_login_waits_for_the_thaw(frozen):
     value = still(frozen, file)
     assert login.is_alive(), f"the login went through while {USER} was frozen: {done}"
     assert status(frozen) == "frozen", diagnostics(frozen)
+    # Where the login waits: on v2 the kernel froze sshd's session process as it
+    # entered the slice, before it ran the hook; on v1 the hook ran and held it.
+    hook = hook_lines(frozen)[before_hook:]
+    if frozen.cgroup == "v2":
+        assert hook == [], f"the hook ran for a login frozen before it: {hook}"
+    else:
+        assert len(hook) == 1 and "frozen=held" in hook[0], hook
     root(frozen, f"cgpolicyctl thaw {USER}")
     login.join(120)
     assert not login.is_alive(), "the login still hangs after the thaw\n" + diagnostics(frozen)
