@@ -3,6 +3,8 @@
 Builds fake cgroup v2 and v1 (hybrid) trees and a fake /proc in a temp dir (in
 /dev/shm when there is one): per user a slice with a session scope (sshd twice,
 bash) and a user@.service (systemd, (sd-pam)); every 5th user also runs rsync.
+Each process's /proc/PID/exe points at a program file of its name; run as root,
+as the daemon runs, these files are root's alone and the whitelist admits them.
 One cycle is what the daemon does every 10 s: active_uids(), sample() with the
 ssh whitelist for everyone, then badness.evaluate() for every user. Between
 cycles (not timed) the CPU counters of the "busy" users grow: an idle slice's
@@ -44,7 +46,7 @@ from pam_cgpolicy.badness import (  # noqa: E402
     UserScore,
     evaluate,
 )
-from pam_cgpolicy.usage import CLK_TCK, UsageSampler  # noqa: E402
+from pam_cgpolicy.usage import CLK_TCK, UsageSampler, _Rule  # noqa: E402
 
 SIZES = (100, 1000, 5000)
 BUSY = (1.0, 0.1)
@@ -127,6 +129,9 @@ class FakeNode:
         self.uids = list(range(FIRST_UID, FIRST_UID + users))
         self.usage = dict.fromkeys(self.uids, 0)  # usec
         self.uptime = 100_000.0
+        self.programs = base / mode / "bin"
+        self.programs.mkdir(parents=True)
+        self.programs.chmod(0o755)
         v2 = mode == "unified"
         tasks = self.root / ("" if v2 else "systemd") / "user.slice"
         write(self.root / ("cgroup.controllers" if v2 else "unified/cgroup.controllers"), "")
@@ -149,6 +154,7 @@ class FakeNode:
                     write(self.proc / str(pid) / "stat", proc_stat(pid, comm, 250, 4_000_000))
                     write(self.proc / str(pid) / "comm", f"{comm}\n")
                     write(self.proc / str(pid) / "cgroup", self.cgroup_file(uid, group))
+                    (self.proc / str(pid) / "exe").symlink_to(self.program(comm))
                 write(slice_dir / group / "cgroup.procs", "".join(listed))
             if v2:
                 write(slice_dir / "memory.stat", memory_stat(V2_MEMORY_KEYS, uid))
@@ -158,6 +164,15 @@ class FakeNode:
                     memory_stat(V1_MEMORY_KEYS, uid),
                 )
             self.write_cpu(uid)
+
+    def program(self, comm: str) -> Path:
+        """/proc/PID/exe's target: a file of the process's name in a directory of
+        programs, both root's alone when this runs as root (as the daemon does)."""
+        path = self.programs / comm.strip("()")
+        if not path.exists():
+            write(path, "")
+            path.chmod(0o755)
+        return path
 
     def cgroup_file(self, uid: int, group: str) -> str:
         path = f"/user.slice/user-{uid}.slice/{group}"
@@ -261,7 +276,7 @@ def walk_slices(node: FakeNode) -> dict[int, list[int]]:
 def pid_discovery(node: FakeNode) -> tuple[float, float, float]:
     """ms of CPU to find every user's whitelisted processes: walking the slices, and the
     sampler's one pass over /proc, first (every /proc/PID/cgroup read) and then."""
-    wanted = dict.fromkeys(node.uids, frozenset(name.encode() for name in WHITELIST))
+    wanted = dict.fromkeys(node.uids, _Rule.of(WHITELIST))
     warm = UsageSampler(node.root, node.proc)
     return (
         timed(lambda: walk_slices(node), 3) * 1000,

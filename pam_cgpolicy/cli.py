@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import bus, control, log
 from .accounts import Account, is_admin, lookup_account, lookup_uid
-from .cgroups import CGROUP_ROOT, V1Freezer, cgroup_mode
+from .cgroups import CGROUP_ROOT, cgroup_mode
 from .classify import decide, describe_limits
 from .client import Daemon, DaemonError, daemon_running
 from .compiled import Loaded, load_in_force
@@ -36,6 +36,7 @@ from .constants import (
     system_bus_address,
 )
 from .errors import CgpolicyError, PolicyError, SystemdError
+from .freezer import V1Freezer
 from .limits import format_size
 from .pamconfig import hook_wiring, user_env_before_hook
 from .policy import Policy, load_policy
@@ -203,7 +204,7 @@ def _mechanism(uid: int, action: str) -> str:
     Asked before the call: thawing through the v1 freezer removes the group it looks at.
     """
     if action == "thawed":
-        return "v1 freezer" if V1Freezer().group_dir(uid).is_dir() else "systemd"
+        return "v1 freezer" if os.path.isdir(V1Freezer().group_dir(uid)) else "systemd"
     return "systemd" if cgroup_mode() == "unified" else "v1 freezer"
 
 

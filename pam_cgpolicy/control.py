@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 from . import limits
-from .cgroups import V1Freezer, cgroup_mode
+from .cgroups import cgroup_mode
 from .constants import SYSTEMD_SLICE, SYSTEMD_UNIT, slice_name
 from .errors import FreezeError, SystemdError
+from .freezer import V1Freezer
 
 if TYPE_CHECKING:
     from .systemd import Systemd
+
+# One v1 freezer action at a time in this process: a sweep must not refill a
+# group that a thaw is emptying.
+_V1_LOCK = threading.Lock()
+
+
+def _v1(action: Any, *args: Any) -> Any:
+    with _V1_LOCK:
+        return action(*args)
 
 
 async def freeze_user(systemd: Systemd, uid: int) -> str:
@@ -23,25 +35,27 @@ async def freeze_user(systemd: Systemd, uid: int) -> str:
         if cgroup_mode() == "unified":
             raise
     # cgroup v1: systemd cannot freeze here, the kernel's v1 freezer can.
-    control_group = await _control_group(systemd, uid)
-    await asyncio.to_thread(V1Freezer().freeze, uid, control_group)
+    if await systemd.unit_path(slice_name(uid)) is None:
+        raise FreezeError(f"uid {uid} has no {slice_name(uid)}: not logged in")
+    await asyncio.to_thread(_v1, V1Freezer().freeze, uid)
     return "v1 freezer"
 
 
 async def thaw_user(systemd: Systemd, uid: int) -> str:
     freezer = V1Freezer()
-    if freezer.group_dir(uid).is_dir():
-        await asyncio.to_thread(freezer.thaw, uid)
+    if os.path.isdir(freezer.group_dir(uid)):
+        await asyncio.to_thread(_v1, freezer.thaw, uid)
         return "v1 freezer"
     await systemd.thaw_slice(uid)
     return "systemd"
 
 
-async def _control_group(systemd: Systemd, uid: int) -> str:
-    path = await systemd.unit_path(slice_name(uid))
-    if path is None:
-        raise FreezeError(f"uid {uid} has no {slice_name(uid)}: not logged in")
-    return str((await systemd.properties(path, SYSTEMD_SLICE))["ControlGroup"])
+def hold_frozen() -> dict[int, int]:
+    """cgpolicyd's sweep on cgroup v1: what entered a frozen user's slice joins the
+    frozen group. How many tasks it held, per uid."""
+    freezer = V1Freezer()
+    held = {uid: _v1(freezer.sweep, uid) for uid in freezer.frozen_uids()}
+    return {uid: count for uid, count in held.items() if count}
 
 
 USAGE_PROPERTIES = ("CPUUsageNSec", "MemoryCurrent", "TasksCurrent")

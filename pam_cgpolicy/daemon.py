@@ -155,10 +155,14 @@ class Daemon:
             await self.reload("policy files changed" if marks != self.marks else RETRY)
         uids = self.sampler.active_uids(self.policy.general.min_uid)
         await self._limit_new_slices(uids)
+        if self.sampler.mode != "unified":  # on v2 the kernel freezes what enters a slice
+            for uid, count in (await asyncio.to_thread(control.hold_frozen)).items():
+                log.info(f'uid={uid} event=held tasks={count} reason="frozen, entered later"')
         whitelists: dict[int, frozenset[str]] = {}
         for uid in uids:
             with contextlib.suppress(CgpolicyError):
                 whitelists[uid] = self.engine.whitelist(self._account(uid))
+        self.sampler.match = self.policy.whitelist_match
         samples = self.sampler.sample(uids, whitelists, time.monotonic())
         await self.apply(self.engine.cycle(samples, time.time()))
 

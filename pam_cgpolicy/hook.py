@@ -33,6 +33,7 @@ from .accounts import lookup_account
 from .compiled import load_in_force, read_penalty
 from .constants import COMPILED_POLICY, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR, PENALTIES
 from .errors import CgpolicyError
+from .freezer import hold_frozen_login
 from .setprops import apply_limits, kill_pending
 
 DEFAULT_TIMEOUT = 2.0  # until the policy says otherwise
@@ -129,7 +130,11 @@ def _open_session(clock: _Clock, user: str, options: dict[str, str]) -> str:
         log.error(f"{err}; no cgpolicyd penalty is known for {log.quote(user)}")
         penalty = None
     bus = options["--bus-address"] or None
-    return apply_limits(policy, account, clock.remaining(timeout), penalty, bus).log_line()
+    line = apply_limits(policy, account, clock.remaining(timeout), penalty, bus).log_line()
+    # Last: once held, sshd's session process waits for the thaw (cgroup v1 only).
+    if hold_frozen_login(account.uid, time.monotonic() + clock.remaining(timeout) / 2):
+        line += " frozen=held"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from .badness import BadnessParams, PenaltyParams, Tier
 from .constants import GROUPS_DIR, MAIN_FILE, policy_files
 from .errors import PolicyError, Problem, policy_error
 from .trust import why_unsafe
+from .usage import MATCH_EXECUTABLE, MATCH_MODES
 
 DEFAULT_BADNESS = BadnessParams(
     cpu_threshold=0.8, memory_threshold=0.5, time_to_max_bad=300, time_to_min_bad=1800
@@ -64,6 +65,7 @@ class Policy:
     badness: BadnessParams = DEFAULT_BADNESS
     whitelist: tuple[str, ...] = ()  # for every group: [processes].whitelist
     penalty: PenaltyParams | None = None  # no [penalty] table: nobody is ever penalized
+    whitelist_match: str = MATCH_EXECUTABLE  # [processes].match: what decides a whitelist entry
 
     def managed_keys(self) -> set[str]:
         """The limits some group sets: the ones cgpolicy owns on every user slice.
@@ -261,7 +263,22 @@ def _parse_badness(main: _File, data: dict[str, Any]) -> BadnessParams:
 
 
 def _parse_whitelist(file: _File, table: dict[str, Any], prefix: str = "") -> tuple[str, ...]:
-    return file.string_list(table, "whitelist", prefix)
+    """Program names ("rsync": that name in a root-only directory) or absolute paths."""
+    entries = file.string_list(table, "whitelist", prefix)
+    for entry in entries:
+        if "/" in entry:  # an absolute path, as the kernel reports a program's: plain, no "."
+            valid = entry.startswith("/") and not entry.startswith("//")
+            valid = valid and os.path.normpath(entry) == entry != "/"
+        else:
+            valid = entry not in (".", "..")
+        if not valid or "\0" in entry:
+            file.report(
+                f"{entry!r} is neither a program's name nor its absolute path, "
+                'e.g. "rsync" or "/usr/bin/rsync"',
+                prefix + "whitelist",
+            )
+            return ()
+    return entries
 
 
 def _parse_penalty(main: _File, data: dict[str, Any]) -> PenaltyParams | None:
@@ -422,12 +439,17 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
         _check_order(main, order, fallback, groups, config_dir / GROUPS_DIR)
     badness = _parse_badness(main, data)
     processes = main.get(data, "processes", dict, {})
-    main.check_keys(processes, {"whitelist"}, "processes.")
+    main.check_keys(processes, {"whitelist", "match"}, "processes.")
     whitelist = _parse_whitelist(main, processes, "processes.")
+    match = main.get(processes, "match", str, MATCH_EXECUTABLE, "processes.")
+    if match not in MATCH_MODES:
+        main.report(
+            f"must be one of {', '.join(map(repr, MATCH_MODES))}, not {match!r}", "processes.match"
+        )
     penalty = _parse_penalty(main, data)
     if problems:
         raise PolicyError(problems)
-    return Policy(general, tuple(order), fallback, groups, badness, whitelist, penalty)
+    return Policy(general, tuple(order), fallback, groups, badness, whitelist, penalty, match)
 
 
 def _check_order(

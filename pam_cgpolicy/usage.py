@@ -6,6 +6,12 @@ CPU over the time since that uid's previous sample. The CPU of whitelisted
 processes (sshd, scp, rsync...) over the same interval is taken off, so that
 moving files around is not heavy use; memory is never reduced.
 
+Any user can name a process as they like (exec -a, prctl, a link named rsync),
+so by default the program the kernel runs decides, /proc/PID/exe: a whitelisted
+name must be a file only root can change, in a directory only root can change.
+The process name is only a cheap pre-filter; matching on names alone is an
+admin's explicit choice (MATCH_NAME).
+
 Per-process data costs a file read per process, so it is read only for uids with
 a whitelist whose slice used CPU since the last look, in one pass over /proc per
 cycle. Which slice a process belongs to is read once in its life.
@@ -38,6 +44,11 @@ _CHUNK = 16384  # every single-value cgroup or /proc file we read is smaller
 # Where a v1 node mounts cpuacct: Debian co-mounts it with cpu; others on its own.
 _CPUACCT_DIRS = ("cpu,cpuacct", "cpuacct,cpu", "cpuacct")
 _NO_NAMES: frozenset[str] = frozenset()
+_WRITABLE_BY_OTHERS = 0o022
+
+MATCH_EXECUTABLE = "executable"  # the program file decides (the default)
+MATCH_NAME = "name"  # the process name decides: any user can set it
+MATCH_MODES = (MATCH_EXECUTABLE, MATCH_NAME)
 
 # A process whose name is not whitelisted is looked at again only every this
 # many scans: most processes never change their name, and reading every one's
@@ -147,9 +158,44 @@ def _stat_value(data: bytes, key: bytes) -> int | None:
         return None
 
 
-def _comm_names(names: frozenset[str]) -> frozenset[bytes]:
-    """Whitelist names as the kernel keeps process names: bytes, cut to COMM_LEN."""
-    return frozenset(os.fsencode(name)[:COMM_LEN] for name in names)
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """One whitelist, ready for the scan.
+
+    A bare entry admits a program of that name in any root-only directory; an
+    absolute path admits that file alone.
+    """
+
+    comms: frozenset[bytes]  # the pre-filter: names as the kernel keeps them, cut to COMM_LEN
+    names: frozenset[str]
+    paths: frozenset[str]
+
+    @classmethod
+    def of(cls, entries: frozenset[str]) -> _Rule:
+        paths = frozenset(entry for entry in entries if entry.startswith("/"))
+        comms = frozenset(os.fsencode(os.path.basename(e))[:COMM_LEN] for e in entries)
+        return cls(comms, entries - paths, paths)
+
+    def admits(self, program: str) -> bool:
+        return program in self.paths or os.path.basename(program) in self.names
+
+
+def _root_only(info: os.stat_result) -> bool:
+    return info.st_uid == 0 and not info.st_mode & _WRITABLE_BY_OTHERS
+
+
+def _root_only_file(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` if only root can change it or its directory."""
+    if not path.startswith("/"):
+        return None
+    try:
+        info = os.stat(path)
+        parent = os.stat(os.path.dirname(path) or "/")
+    except (OSError, ValueError):
+        return None
+    if not (_root_only(info) and _root_only(parent)):
+        return None
+    return info.st_dev, info.st_ino
 
 
 class UsageSampler:
@@ -160,8 +206,10 @@ class UsageSampler:
         root: Path = CGROUP_ROOT,
         proc: Path = Path("/proc"),
         mode: str | None = None,
+        match: str = MATCH_EXECUTABLE,
     ) -> None:
         self.mode = mode or cgroup_mode(root)
+        self.match = match  # MATCH_EXECUTABLE or MATCH_NAME; the daemon sets the policy's
         if self.mode == "unified":
             self._tasks_dir = f"{root}/user.slice"
             self._cpu_dir = self._memory_dir = self._tasks_dir
@@ -206,8 +254,8 @@ class UsageSampler:
     ) -> dict[int, Sample]:
         """Each uid's usage since its previous sample; ``now`` is monotonic seconds.
 
-        ``whitelist`` holds process names, for all uids alike or per uid (a uid not
-        in the mapping has none). A uid left out of a call is forgotten: its next
+        ``whitelist`` holds program names or paths, for all uids alike or per uid (a
+        uid not in the mapping has none). A uid left out of a call is forgotten: its next
         sample is a first one again.
         """
         uptime = self._uptime()
@@ -215,9 +263,9 @@ class UsageSampler:
             (whitelist, _NO_NAMES) if isinstance(whitelist, Mapping) else (None, whitelist)
         )
         # One truncated copy of each distinct whitelist per call; most uids share one.
-        cut: dict[frozenset[str], frozenset[bytes]] = {}
+        rules: dict[frozenset[str], _Rule] = {}
         readings: list[tuple[int, _UserState, int | None]] = []
-        wanted: dict[int, frozenset[bytes]] = {}  # the uids whose processes to read
+        wanted: dict[int, _Rule] = {}  # the uids whose processes to read
         for uid in uids:
             slice_name = f"user-{uid}.slice"
             state = _UserState(now, uptime, self._cpu_usec(slice_name))
@@ -236,9 +284,9 @@ class UsageSampler:
                 # totals read before are still exact, and /proc need not be read.
                 state.pids, state.pids_uptime = prev.pids, prev.pids_uptime
                 continue
-            if names not in cut:
-                cut[names] = _comm_names(names)
-            wanted[uid] = cut[names]
+            if names not in rules:
+                rules[names] = _Rule.of(names)
+            wanted[uid] = rules[names]
         found = self._scan_proc(wanted) if wanted else {}
 
         users: dict[int, _UserState] = {}
@@ -254,13 +302,12 @@ class UsageSampler:
         self._users = users
         return samples
 
-    def _scan_proc(
-        self, wanted: Mapping[int, frozenset[bytes]]
-    ) -> dict[int, list[tuple[int, ProcStat]]]:
+    def _scan_proc(self, wanted: Mapping[int, _Rule]) -> dict[int, list[tuple[int, ProcStat]]]:
         """The whitelisted processes of the ``wanted`` uids, in one pass over /proc.
 
-        Only their processes' stat is read. Which slice a process is in is read once
-        in its life, from /proc/PID/cgroup, and remembered.
+        Only their processes' stat is read, and the program of those whose name
+        passes. Which slice a process is in is read once in its life, from
+        /proc/PID/cgroup, and remembered.
         """
         found: dict[int, list[tuple[int, ProcStat]]] = {}
         known = self._owners
@@ -268,6 +315,8 @@ class UsageSampler:
         self._scans += 1
         scan = self._scans
         proc = self._proc
+        by_program = self.match != MATCH_NAME
+        programs: dict[tuple[int, int], str | None] = {}  # this scan's root-only programs
         try:
             listing = os.scandir(proc)
         except OSError:
@@ -285,8 +334,8 @@ class UsageSampler:
                         continue  # exited meanwhile
                     owner = (inode, uid, 0)
                 owners[name] = owner
-                names = wanted.get(owner[1])
-                if names is None or owner[2] > scan:
+                rule = wanted.get(owner[1])
+                if rule is None or owner[2] > scan:
                     continue  # not whitelisted when last looked at: see RECHECK_SCANS
                 data = _read(f"{proc}/{name}/stat")
                 if data is None:
@@ -294,14 +343,56 @@ class UsageSampler:
                 # Most processes are not whitelisted: look at the name before the rest.
                 closing = data.rfind(b")")
                 comm = data[data.find(b"(") + 1 : closing]
-                if closing < 0 or comm not in names:
+                stat = None
+                if closing >= 0 and comm in rule.comms:
+                    stat = _parse_after_comm(data, os.fsdecode(comm), closing)
+                if (
+                    stat is not None
+                    and by_program
+                    and not self._idle(owner[1], name, stat)  # else its share is 0 anyway
+                    and not self._runs_admitted(name, rule, programs)
+                ):
+                    stat = None
+                if stat is None:
                     owners[name] = (owner[0], owner[1], scan + RECHECK_SCANS)
                     continue
-                stat = _parse_after_comm(data, os.fsdecode(comm), closing)
-                if stat is not None:
-                    found.setdefault(owner[1], []).append((int(name), stat))
+                found.setdefault(owner[1], []).append((int(name), stat))
         self._owners = owners  # without the pids that exited
         return found
+
+    def _idle(self, uid: int, pid: str, stat: ProcStat) -> bool:
+        """Whitelisted at the uid's last read and used no CPU since.
+
+        What it runs is looked at only when its CPU grew: an exec that keeps the
+        name (through a link named rsync) is caught by the first tick it uses.
+        """
+        prev = self._users.get(uid)
+        return prev is not None and prev.pids.get(int(pid)) == (stat.start_ticks, stat.cpu_ticks)
+
+    def _runs_admitted(
+        self, pid: str, rule: _Rule, programs: dict[tuple[int, int], str | None]
+    ) -> bool:
+        """Whether the process runs a program the rule admits, in a file only root can change.
+
+        The file at the path the kernel reports must be the very file the process
+        runs (same device and inode): a path seen from another mount namespace, or a
+        program deleted or replaced since, does not pass. Processes of one program
+        (every sshd) share one look at it per scan.
+        """
+        link = f"{self._proc}/{pid}/exe"
+        try:
+            running = os.stat(link)
+        except OSError:  # a kernel thread, or gone
+            return False
+        file = (running.st_dev, running.st_ino)
+        if file not in programs:
+            try:
+                path = os.readlink(link)
+            except OSError:
+                return False
+            programs[file] = path if _root_only_file(path) == file else None
+        program = programs[file]
+        return program is not None and rule.admits(program)
 
     def _owner(self, pid: str) -> int | None:
         """The uid of the user slice the process is in, _NOBODY if none, None if it is gone."""

@@ -120,13 +120,28 @@ STUDENT_MEMORY = {
 
 HOG = "for i in 1 2; do nohup sh -c 'while :; do :; done' >/dev/null 2>&1 & done"
 HOG_PATTERN = "while :; do :; done"
-# yes(1) under the name of a whitelisted program (its comm is "rsync"), run as wendy
-# in her slice, as a unit of its own so it is easy to stop.
-BURNER = (
-    "install -o wendy -g wendy -m 0755 /usr/bin/yes /home/wendy/rsync && "
+# Run as wendy in her slice, as a unit of its own so it is easy to stop.
+IN_WENDYS_SLICE = (
     "systemd-run --quiet --uid=wendy --slice=user-2004.slice --unit=wendy-rsync --collect "
-    "-p StandardOutput=null /home/wendy/rsync"
+    "-p StandardOutput=null -p WorkingDirectory=/home/wendy "
 )
+# The real rsync, busy: it checksums two equal sparse files of 1 TiB.
+RSYNC = (
+    "runuser -u wendy -- truncate -s 1T /home/wendy/big /home/wendy/big2 && "
+    + IN_WENDYS_SLICE
+    + "/usr/bin/rsync --checksum --dry-run /home/wendy/big /home/wendy/big2"
+)
+# CPU burners that only call themselves rsync: the name is all any user can set.
+IMPOSTORS = {
+    # argv[0] by exec -a, the process name by prctl (perl's $0 sets both)
+    "exec -a": "echo '$0 = q(rsync); 1 while 1;' > /home/wendy/burn.pl && "
+    + IN_WENDYS_SLICE
+    + "/bin/bash -c 'exec -a rsync perl /home/wendy/burn.pl'",
+    # the process name is the link's: rsync; the program is /usr/bin/yes
+    "symlink": "runuser -u wendy -- ln -sf /usr/bin/yes /home/wendy/rsync && "
+    + IN_WENDYS_SLICE
+    + "/home/wendy/rsync",
+}
 
 T = TypeVar("T")
 
@@ -644,17 +659,17 @@ def badness_until_zero(vm, user: str, timeout: float = 60) -> list[float]:
 
 
 def test_whitelisted_process_raises_no_badness(node):
-    """A CPU burner named rsync (yes, renamed) is not held against wendy.
+    """The real rsync (/usr/bin/rsync), busy, is not held against wendy.
 
     It runs as wendy in her slice, started without a login of hers: a login's
     own CPU (bash, the PAM hook; only sshd is whitelisted) is charged to her, and
-    under emulation it has once reached a penalty by itself. From the burner's
-    first interval on, her badness must stay 0.
+    under emulation it has once reached a penalty by itself. From rsync's first
+    interval on, her badness must stay 0.
     """
     uid = USERS["wendy"][0]
     mark = log_mark(node)
     badness_until_zero(node, "wendy")
-    root(node, BURNER)
+    root(node, RSYNC)
     try:
         pid = root(node, "pgrep -u wendy -x rsync", check=False).stdout.split()
         assert pid, "wendy's rsync is not running"
@@ -677,9 +692,11 @@ def test_whitelisted_process_raises_no_badness(node):
             / 1e9
             / (time.monotonic() - clock_before)
         )
+        still = root(node, "systemctl is-active wendy-rsync", check=False).stdout.strip()
     finally:
         root(node, "systemctl stop wendy-rsync", check=False)
     print(f"wendy's cpu_badness with rsync at {cores:.2f} cores: {badness}")
+    assert still == "active", "wendy's rsync ended before the test did: it proves nothing"
     # The control: without the whitelist this is above the threshold (0.5 of 0.5 cores).
     assert cores > 0.3, f"wendy's rsync used only {cores:.2f} cores: the test proves nothing"
     assert badness and all(b is not None for b in badness), (
@@ -690,6 +707,36 @@ def test_whitelisted_process_raises_no_badness(node):
         + diagnostics(node, "wendy")
     )
     assert not events(daemon_log(node, mark), "wendy", "penalized")
+
+
+@pytest.mark.parametrize("how", IMPOSTORS)
+def test_a_burner_only_named_rsync_is_charged_and_penalized(node, how):
+    """The whitelist cannot be bought with a name: a burner that calls itself rsync
+    is charged to wendy like any other, and she is penalized for it."""
+    call_ok(node, "Release", "s", "wendy")
+    badness_until_zero(node, "wendy")
+    mark = log_mark(node)
+    root(node, IMPOSTORS[how])
+    try:
+        poll(
+            f"wendy's burner ({how}) running under the name rsync",
+            lambda: root(node, "pgrep -u wendy -x rsync", check=False).stdout.split(),
+            bool,
+            20.0,
+            lambda: diagnostics(node, "wendy"),
+        )
+        info = poll(
+            f"wendy penalized for a burner named rsync ({how})",
+            lambda: get_user(node, "wendy"),
+            lambda info: info.get("tier") is not None,
+            60.0,
+            lambda: diagnostics(node, "wendy"),
+        )
+    finally:
+        root(node, "systemctl stop wendy-rsync", check=False)
+        call(node, "Release", "s", "wendy")
+    assert info["tier"] in TIMEOUT, info
+    assert events(daemon_log(node, mark), "wendy", "penalized")
 
 
 def calls_in_one_login(vm, user: str, calls: list[tuple[str, ...]]) -> list[dict[str, Any]]:

@@ -14,6 +14,8 @@ from pam_cgpolicy.state import StateStore
 class NoSlices:
     """A node where nobody is logged in: cycles only follow the policy files."""
 
+    mode = "unified"
+
     def active_uids(self, min_uid):
         return []
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pam_cgpolicy.cgroups import cgroup_mode
-from pam_cgpolicy.usage import CLK_TCK, ProcStat, UsageSampler, parse_proc_stat
+from pam_cgpolicy.usage import CLK_TCK, MATCH_NAME, ProcStat, UsageSampler, parse_proc_stat
 
 UID = 1000
 SSH = frozenset({"sshd", "scp", "sftp-server", "rsync"})
@@ -32,8 +32,10 @@ class Node:
             (self.root / "unified" / "cgroup.controllers").write_text("")
             (self.root / "systemd" / "user.slice").mkdir(parents=True)
 
-    def sampler(self) -> UsageSampler:
-        return UsageSampler(self.root, self.proc)
+    def sampler(self, match: str = MATCH_NAME) -> UsageSampler:
+        """By name for the accounting tests: this fake /proc has no programs to point at
+        (test_whitelist.py tests matching on the program)."""
+        return UsageSampler(self.root, self.proc, match=match)
 
     def uptime(self, seconds: float) -> None:
         (self.proc / "uptime").write_text(f"{seconds:.2f} {seconds * 1.9:.2f}\n")
@@ -98,6 +100,10 @@ class Node:
             )
         self.stat(pid, comm, ticks, start)
         (self.proc / str(pid) / "cgroup").write_text(text)
+
+    def program(self, pid: int, path: str) -> None:
+        """/proc/PID/exe: the program the process runs."""
+        (self.proc / str(pid) / "exe").symlink_to(path)
 
     def stat(self, pid: int, comm: str, ticks: int, start: int = 100) -> None:
         directory = self.proc / str(pid)
@@ -438,10 +444,12 @@ def test_an_idle_slice_keeps_its_process_totals_without_reading_proc(node: Node)
     # The slice's CPU did not move, so no process in it ran; /proc is not read
     # (an unreadable stat here would otherwise drop the process).
     node.uptime(BOOT + 10)
-    node.exit(10)
+    hidden = node.proc / "hidden"  # the same /proc/PID (same inode) comes back below
+    (node.proc / "10").rename(hidden)
     idle = sampler.sample([UID], SSH, now=10.0)[UID]
     assert idle.cores == 0.0 and idle.whitelisted_cores == 0.0
 
+    hidden.rename(node.proc / "10")
     node.uptime(BOOT + 20)
     node.cpu(UID, 17_000_000)
     node.stat(10, "rsync", 1000 + ticks(0.4))
