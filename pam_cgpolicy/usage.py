@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cgroups import CGROUP_ROOT, cgroup_mode
+from .trust import why_unsafe
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMM_LEN = 15  # the kernel keeps the first 15 bytes of a process name (TASK_COMM_LEN - 1)
@@ -44,7 +45,7 @@ _CHUNK = 16384  # every single-value cgroup or /proc file we read is smaller
 # Where a v1 node mounts cpuacct: Debian co-mounts it with cpu; others on its own.
 _CPUACCT_DIRS = ("cpu,cpuacct", "cpuacct,cpu", "cpuacct")
 _NO_NAMES: frozenset[str] = frozenset()
-_WRITABLE_BY_OTHERS = 0o022
+_ROOT = frozenset({0})
 
 MATCH_EXECUTABLE = "executable"  # the program file decides (the default)
 MATCH_NAME = "name"  # the process name decides: any user can set it
@@ -180,20 +181,16 @@ class _Rule:
         return program in self.paths or os.path.basename(program) in self.names
 
 
-def _root_only(info: os.stat_result) -> bool:
-    return info.st_uid == 0 and not info.st_mode & _WRITABLE_BY_OTHERS
-
-
 def _root_only_file(path: str) -> tuple[int, int] | None:
     """(device, inode) of the file at ``path`` if only root can change it or its directory."""
     if not path.startswith("/"):
         return None
+    parent = os.path.dirname(path) or "/"
+    if why_unsafe(path, _ROOT) is not None or why_unsafe(parent, _ROOT) is not None:
+        return None
     try:
         info = os.stat(path)
-        parent = os.stat(os.path.dirname(path) or "/")
     except (OSError, ValueError):
-        return None
-    if not (_root_only(info) and _root_only(parent)):
         return None
     return info.st_dev, info.st_ino
 
