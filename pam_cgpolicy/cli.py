@@ -40,6 +40,7 @@ from .freezer import V1Freezer
 from .limits import format_size
 from .pamconfig import hook_wiring, user_env_before_hook
 from .policy import Policy, load_policy
+from .salvage import last_salvage
 from .setprops import apply_limits
 from .state import Event, StateStore
 from .systemd import Systemd
@@ -506,6 +507,9 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
             else "none saved yet (the first login or cgpolicyctl apply saves it)",
         )
     )
+    salvaged = last_salvage(state_db_file())
+    if salvaged is not None:
+        checks.append(("warn", "state database", "was damaged, salvaged: " + salvaged))
     return checks
 
 

@@ -33,6 +33,7 @@ from .constants import MAIN_FILE, config_dir, penalties_file, state_db_file, sys
 from .engine import Action, Engine
 from .errors import CgpolicyError, NotManaged, policy_error
 from .policy import Policy, load_policy
+from .salvage import open_or_salvage
 from .setprops import set_slice_properties
 from .state import StateStore
 from .systemd import Systemd
@@ -311,7 +312,9 @@ async def serve_forever() -> int:
         problems = policy_error(err, main_file()).problems
         log.error("cannot start, the policy is invalid: " + "; ".join(str(p) for p in problems))
         return 1
-    store = StateStore.open(state_db_file())
+    store, salvage = open_or_salvage(state_db_file())
+    if salvage is not None:
+        log.error("the state database was damaged; moved aside and salvaged: " + salvage.summary())
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     daemon = Daemon(policy, store, Systemd(bus, BUS_TIMEOUT), UsageSampler())
     actions = daemon.engine.reconcile(time.time())

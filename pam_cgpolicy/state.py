@@ -57,6 +57,7 @@ _USER_COLUMNS = (
 _EVENT_COLUMNS = (
     "id, time, uid, user, kind, old_tier, new_tier, old_occurrences, new_occurrences, reason, actor"
 )
+_TABLES = {"users": _USER_COLUMNS, "events": _EVENT_COLUMNS}
 
 
 class StateError(CgpolicyError):
@@ -221,6 +222,12 @@ class StateStore:
             )
         return int(version)
 
+    def integrity(self) -> tuple[str]:
+        """SQLite's quick_check verdict: ("ok",) for a sound file."""
+        with self._errors("cannot check"):
+            rows = self._conn.execute("PRAGMA quick_check").fetchall()
+        return ("; ".join(str(row[0]) for row in rows),)
+
     def get(self, uid: int) -> UserScore | None:
         with self._errors("cannot read"):
             row = self._conn.execute(
@@ -296,6 +303,38 @@ class StateStore:
                 self._write_user(uid, user, state, when)
                 if change is not None:
                     self._write_event(uid, user, change, actor, when)
+
+    def copy_rows_from(self, path: str) -> dict[str, int]:
+        """Copy into this store every row each table of the (damaged) file at ``path``
+        still yields, table by table, stopping a table at its first unreadable page.
+
+        Rows this schema refuses are skipped. Returns the rows kept per table.
+        """
+        kept = dict.fromkeys(_TABLES, 0)
+        try:
+            source = sqlite3.connect(_uri(path), uri=True, isolation_level=None)
+        except sqlite3.Error:
+            return kept
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for table, columns in _TABLES.items():
+                marks = ", ".join("?" * len(columns.split(",")))
+                insert = f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})"
+                try:
+                    for row in source.execute(f"SELECT {columns} FROM {table}"):
+                        try:
+                            self._conn.execute(insert, tuple(row))
+                        except sqlite3.Error:
+                            continue  # a garbled row the schema refuses
+                        kept[table] += 1
+                except sqlite3.Error:
+                    continue  # the rest of this table is unreadable
+            self._conn.execute("COMMIT")
+        finally:
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            source.close()
+        return kept
 
     def _write_user(self, uid: int, user: str, state: UserScore, when: float) -> None:
         self._conn.execute(
