@@ -147,6 +147,7 @@ class Daemon:
             log.error(f"cannot write {penalties_file()}: {err}")
 
     async def cycle(self) -> None:
+        self._account.cache_clear()  # group membership is at most one interval old
         marks = fingerprint(config_dir())
         if marks != self.marks or self.refused:
             # The hook reads the files at every login: follow an edit at once, so
