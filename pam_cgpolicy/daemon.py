@@ -67,6 +67,7 @@ class Daemon:
         self.marks = fingerprint(config_dir())  # the policy files as last loaded
         self.refused: list[str] = []  # the problems of the files, while they are refused
         self.locks: dict[int, asyncio.Lock] = {}  # one send at a time per uid
+        self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
 
     @property
     def policy(self) -> Policy:
@@ -121,12 +122,21 @@ class Daemon:
         async with self.locks.setdefault(uid, asyncio.Lock()):
             try:
                 props = self.engine.properties(self._account(uid), self.store.get(uid))
+            except CgpolicyError as err:  # an account gone: nothing to send, nor to retry
+                log.error(log.fields(user=user, uid=uid, action="failed", error=err))
+                return
+            try:
                 if props:
                     await asyncio.to_thread(
                         set_slice_properties, uid, props, BUS_TIMEOUT, system_bus_address()
                     )
             except CgpolicyError as err:
-                log.error(log.fields(user=user, uid=uid, action="failed", error=err))
+                self.pending.add(uid)
+                log.error(
+                    log.fields(user=user, uid=uid, action="failed", error=err, retry="next-cycle")
+                )
+                return
+            self.pending.discard(uid)
 
     def _tier_of(self, uid: int) -> str:
         state = self.store.get(uid)
@@ -160,6 +170,8 @@ class Daemon:
             # that a slice never gets the old policy's limits over the new one's.
             # Refused files are retried each cycle: what failed may have been passing.
             await self.reload("policy files changed" if marks != self.marks else RETRY)
+        for uid in sorted(self.pending):
+            await self.send(uid, str(uid))
         uids = self.sampler.active_uids(self.policy.general.min_uid)
         await self._limit_new_slices(uids)
         whitelists: dict[int, frozenset[str]] = {}

@@ -62,3 +62,36 @@ def test_an_admin_penalty_landing_during_a_cycle_send_is_not_undone(daemon, monk
     asyncio.run(scenario())
     penalized = daemon.engine.properties(ACCOUNTS[2002], daemon.store.get(2002))
     assert penalized != plain and sent[2002] == penalized
+
+
+class NoSlices:
+    def active_uids(self, min_uid):
+        return []
+
+    def sample(self, uids, whitelists, now):
+        return {}
+
+
+def test_a_failed_send_is_logged_does_not_stop_the_others_and_is_retried(daemon, monkeypatch):
+    from pam_cgpolicy.errors import SystemdError
+
+    errors: list[str] = []
+    monkeypatch.setattr(daemon_mod.log, "error", errors.append)
+    daemon.sampler = NoSlices()
+    sent: list[int] = []
+    failing = {5000}
+
+    def fake_send(uid, props, timeout, bus):
+        if uid in failing:
+            raise SystemdError("org.cgpolicy1.Error.NoResources", "cannot run busctl: EAGAIN")
+        sent.append(uid)
+
+    monkeypatch.setattr(daemon_mod, "set_slice_properties", fake_send)
+    asyncio.run(daemon.apply([Action(5000, "carol", (), None), Action(2002, "bob", (), None)]))
+    assert sent == [2002] and len(errors) == 1 and "retry=next-cycle" in errors[0]
+    asyncio.run(daemon.cycle())  # systemd still refuses: retried, said again
+    assert sent == [2002] and len(errors) == 2
+    failing.clear()
+    asyncio.run(daemon.cycle())
+    asyncio.run(daemon.cycle())  # once systemd has it, no more retries
+    assert sent == [2002, 5000] and len(errors) == 2
