@@ -67,6 +67,8 @@ class Daemon:
         self.service: Any = None  # the D-Bus service, once serving
         self.marks = fingerprint(config_dir())  # the policy files as last loaded
         self.refused: list[str] = []  # the problems of the files, while they are refused
+        self.locks: dict[int, asyncio.Lock] = {}  # one send at a time per uid
+        self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
 
     @property
     def policy(self) -> Policy:
@@ -84,19 +86,11 @@ class Daemon:
             )
 
     async def apply(self, actions: list[Action], actor: str | None = None) -> None:
-        """Set each action's limits, log it, tell the bus, and refresh the hook's copy."""
+        """Refresh the hook's copy, then set each action's limits, log it, and tell the bus."""
+        if actions:  # first: a login meanwhile must not undo a fresh tier
+            self.write_penalties()
         for action in actions:
-            try:
-                if action.properties:
-                    await asyncio.to_thread(
-                        set_slice_properties,
-                        action.uid,
-                        action.properties,
-                        BUS_TIMEOUT,
-                        system_bus_address(),
-                    )
-            except CgpolicyError as err:
-                log.error(log.fields(user=action.user, uid=action.uid, action="failed", error=err))
+            await self.send(action.uid, action.user)
             change = action.change
             if change is None:
                 log.info(
@@ -120,8 +114,30 @@ class Daemon:
                 )
             )
             await self._emit_tier(action)
-        if actions:
-            self.write_penalties()
+
+    async def send(self, uid: int, user: str) -> None:
+        """Set the limits of the standing recorded now, never interleaved with another for uid.
+
+        Computed under the lock, so an admin's action that landed meanwhile is never undone.
+        """
+        async with self.locks.setdefault(uid, asyncio.Lock()):
+            try:
+                props = self.engine.properties(self._account(uid), self.store.get(uid))
+            except CgpolicyError as err:  # an account gone: nothing to send, nor to retry
+                log.error(log.fields(user=user, uid=uid, action="failed", error=err))
+                return
+            try:
+                if props:
+                    await asyncio.to_thread(
+                        set_slice_properties, uid, props, BUS_TIMEOUT, system_bus_address()
+                    )
+            except CgpolicyError as err:
+                self.pending.add(uid)
+                log.error(
+                    log.fields(user=user, uid=uid, action="failed", error=err, retry="next-cycle")
+                )
+                return
+            self.pending.discard(uid)
 
     def _tier_of(self, uid: int) -> str:
         state = self.store.get(uid)
@@ -148,12 +164,15 @@ class Daemon:
             log.error(f"cannot write {penalties_file()}: {err}")
 
     async def cycle(self) -> None:
+        self._account.cache_clear()  # group membership is at most one interval old
         marks = fingerprint(config_dir())
         if marks != self.marks or self.refused:
             # The hook reads the files at every login: follow an edit at once, so
             # that a slice never gets the old policy's limits over the new one's.
             # Refused files are retried each cycle: what failed may have been passing.
             await self.reload("policy files changed" if marks != self.marks else RETRY)
+        for uid in sorted(self.pending):
+            await self.send(uid, str(uid))
         uids = self.sampler.active_uids(self.policy.general.min_uid)
         await self._limit_new_slices(uids)
         if self.sampler.mode != "unified":  # on v2 the kernel freezes what enters a slice
@@ -171,26 +190,8 @@ class Daemon:
         """Slices that came without a login through the hook get their limits too."""
         fresh = [uid for uid in uids if uid not in self.known]
         self.known = set(uids)
-        actions = []
         for uid in fresh:
-            try:
-                account = self._account(uid)
-            except CgpolicyError:
-                continue
-            props = self.engine.properties(account, self.store.get(uid))
-            if props:
-                actions.append(Action(uid, account.name, props, None))
-        for action in actions:
-            try:
-                await asyncio.to_thread(
-                    set_slice_properties,
-                    action.uid,
-                    action.properties,
-                    BUS_TIMEOUT,
-                    system_bus_address(),
-                )
-            except CgpolicyError as err:
-                log.error(log.fields(user=action.user, uid=action.uid, action="failed", error=err))
+            await self.send(uid, str(uid))
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

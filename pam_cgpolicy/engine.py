@@ -12,6 +12,7 @@ reconcile, never an applied one that was forgotten.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -71,6 +72,11 @@ def tier_properties(group: Group, quotas: Quotas, tier: Tier) -> Properties:
     replaced = {*lowered, *(name + "Scale" for name in lowered)}
     kept = tuple(p for p in group["properties"] if p[0] not in replaced)
     return kept + tuple((name, "t", value) for name, value in lowered.items())
+
+
+def _reading(value: float | None) -> float:
+    """A missing reading is NaN: the step neither blames nor credits that resource."""
+    return math.nan if value is None else value
 
 
 class Engine:
@@ -135,8 +141,9 @@ class Engine:
             return []
         recorded: list[tuple[int, str, UserScore, Change | None]] = []
         actions: list[Action] = []
+        judged: set[int] = set()
         for uid, sample in samples.items():
-            if sample.cores is None or sample.interval is None:
+            if sample.interval is None:
                 continue  # a first sample has no interval to judge
             try:
                 account = self.lookup(uid)
@@ -146,16 +153,16 @@ class Engine:
             if group is None:
                 continue
             quotas = group_quotas(group, self.memory_total)
-            memory_quota = quotas.memory_max if sample.memory_bytes is not None else None
             old = self.store.get(uid) or UserScore()
+            judged.add(uid)
             new, change = evaluate(
                 old,
-                sample.cores,
+                _reading(sample.cores),
                 quotas.cores,
-                sample.memory_bytes or 0,
-                memory_quota,
+                _reading(sample.memory_bytes),
+                quotas.memory_max,
                 now,
-                sample.interval,
+                self._elapsed(sample.interval),
                 self.policy.badness,
                 penalty,
             )
@@ -163,10 +170,14 @@ class Engine:
                 recorded.append((uid, account.name, new, change))
             if change is not None and change.kind != "forgiven":
                 actions.append(Action(uid, account.name, self.properties(account, new), change))
-        actions += self._release_expired(now, skip=set(samples), recorded=recorded)
+        actions += self._release_expired(now, skip=judged, recorded=recorded)
         if recorded:
             self.store.record_many(recorded, now=now)
         return actions
+
+    def _elapsed(self, interval: float) -> float:
+        """At most two intervals: a stall, a suspend or a clock step is not one long step."""
+        return min(interval, 2 * self.policy.general.interval)
 
     def _release_expired(
         self, now: float, skip: set[int], recorded: list[tuple[int, str, UserScore, Change | None]]

@@ -96,7 +96,10 @@ def set_slice_properties(
 ) -> None:
     """Set runtime properties on user-UID.slice; SystemdError with systemd's words on failure."""
     argv = busctl_argv(uid, props, timeout, bus)
-    read_end, write_end = os.pipe()
+    try:
+        read_end, write_end = os.pipe()
+    except OSError as err:
+        raise SystemdError("org.cgpolicy1.Error.NoResources", f"cannot run busctl: {err}") from err
     try:
         with open(os.devnull, "rb") as null:
             pid = os.posix_spawn(
@@ -110,6 +113,9 @@ def set_slice_properties(
                     (os.POSIX_SPAWN_CLOSE, read_end),
                 ],
             )
+    except OSError as err:  # EAGAIN, ENOMEM...: said like systemd's refusals, nothing left open
+        os.close(read_end)
+        raise SystemdError("org.cgpolicy1.Error.NoResources", f"cannot run busctl: {err}") from err
     finally:
         os.close(write_end)
     _Child.pid = pid  # for the hook's deadline; the daemon may run several at once

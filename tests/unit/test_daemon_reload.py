@@ -77,3 +77,16 @@ def test_start_with_a_policy_that_raises_is_a_logged_refusal(node, monkeypatch):
         f"cannot start, the policy is invalid: {root}/cgpolicy.toml: cannot be loaded: "
         "KeyError: '../cgpolicy'"
     ]
+
+
+def test_group_membership_is_looked_up_again_at_each_cycle(node, monkeypatch):
+    """A user moved between groups is classified by the new membership next cycle."""
+    from pam_cgpolicy.accounts import Account
+
+    _, daemon, _ = node
+    groups = {"now": frozenset({5000})}
+    monkeypatch.setattr(daemon_mod, "lookup_uid", lambda uid: Account("carol", uid, groups["now"]))
+    assert daemon._account(5000).gids == frozenset({5000})
+    groups["now"] = frozenset({5000, 4242})
+    asyncio.run(daemon.cycle())
+    assert daemon._account(5000).gids == frozenset({5000, 4242})

@@ -179,3 +179,37 @@ def test_release_of_a_user_in_no_tier_is_refused_and_records_nothing(engine):
     with pytest.raises(NotPenalized):
         engine.release(5000, "uid 0 (root)", T0 + 2)
     assert [e.kind for e in engine.store.history(5000)] == ["released", "penalized"]
+
+
+def test_one_step_counts_at_most_two_intervals(engine):
+    """A stalled daemon, a suspend or a clock step must not penalize in one step."""
+    stalled = {2002: Sample(2002, 1.0, None, 0, 0.0, 3600.0)}
+    assert engine.cycle(stalled, T0 + 3600) == []
+    cpu = engine.store.get(2002).cpu_badness
+    engine.cycle(hog(2002), T0 + 3610)  # one ordinary interval of 10 s
+    assert engine.store.get(2002).cpu_badness == pytest.approx(cpu * 1.5)
+
+
+def test_a_missing_reading_keeps_the_other_badness_and_memory(engine):
+    both = {2002: Sample(2002, 1.0, None, 2 * GiB, 0.0, 10.0)}
+    engine.cycle(both, T0 + 10)
+    before = engine.store.get(2002)
+    assert before.memory_badness > 0 and before.cpu_badness > 0
+    engine.cycle({2002: Sample(2002, 1.0, None, None, 0.0, 10.0)}, T0 + 20)
+    assert engine.store.get(2002).memory_badness == before.memory_badness
+    engine.cycle({2002: Sample(2002, None, None, 2 * GiB, 0.0, 10.0)}, T0 + 30)
+    after = engine.store.get(2002)
+    assert after.memory_badness > before.memory_badness
+    assert after.cpu_badness > 0
+
+
+def test_a_user_without_readings_is_released_at_expiry(engine):
+    engine.penalize(2002, "penalty1", "admin", T0)
+    expiry = engine.store.get(2002).tier_expiry
+    first = {2002: Sample(2002, None, None, None, None, None)}
+    (released,) = engine.cycle(first, expiry + 1)
+    assert released.change.kind == "released" and engine.store.get(2002).tier is None
+    engine.penalize(2002, "penalty1", "admin", T0)
+    no_cpu = {2002: Sample(2002, None, None, None, 0.0, 10.0)}
+    (released,) = engine.cycle(no_cpu, expiry + 1)
+    assert released.change.kind == "released"

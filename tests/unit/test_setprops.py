@@ -70,3 +70,57 @@ def test_concurrent_calls_each_wait_for_their_own_busctl(tmp_path, monkeypatch):
         ]
         for call in calls:
             call.result()  # ChildProcessError here if one reaped another's busctl
+
+
+def _open_fds():
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _children():
+    import os
+
+    pid, count = os.getpid(), 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as children:
+            count += len(children.read().split())
+    return count
+
+
+def test_a_thousand_failures_of_each_kind_leak_no_fd_and_no_process(tmp_path, monkeypatch):
+    """Each failure is a SystemdError the caller can log and retry; nothing stays open."""
+    import errno
+    import os
+
+    import pytest
+
+    from pam_cgpolicy import setprops
+    from pam_cgpolicy.errors import SystemdError
+
+    refusing = tmp_path / "busctl"
+    refusing.write_text("#!/bin/sh\necho 'Access denied' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+
+    def spawn_fails(code):
+        def fail(*args, **kwargs):
+            raise OSError(code, os.strerror(code))
+
+        return fail
+
+    kinds = {
+        "missing": {"BUSCTL_PATHS": (str(tmp_path / "none"),)},
+        "EAGAIN": {"BUSCTL_PATHS": (str(refusing),), "os.posix_spawn": errno.EAGAIN},
+        "ENOMEM": {"BUSCTL_PATHS": (str(refusing),), "os.posix_spawn": errno.ENOMEM},
+        "refused": {"BUSCTL_PATHS": (str(refusing),)},
+    }
+    fds, children = _open_fds(), _children()
+    for kind, patches in kinds.items():
+        with monkeypatch.context() as patch:
+            patch.setattr(setprops, "BUSCTL_PATHS", patches["BUSCTL_PATHS"])
+            if "os.posix_spawn" in patches:
+                patch.setattr(setprops.os, "posix_spawn", spawn_fails(patches["os.posix_spawn"]))
+            for _ in range(1000):
+                with pytest.raises(SystemdError):
+                    setprops.set_slice_properties(2002, [("CPUQuotaPerSecUSec", "t", 1)], 1.0)
+        assert (_open_fds(), _children()) == (fds, children), kind

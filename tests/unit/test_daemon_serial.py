@@ -1,0 +1,97 @@
+"""cgpolicyd: sends for one user never interleave, and an admin's action is never undone."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
+
+from pam_cgpolicy import daemon as daemon_mod
+from pam_cgpolicy.accounts import Account
+from pam_cgpolicy.compiled import read_penalty
+from pam_cgpolicy.engine import Action
+from pam_cgpolicy.policy import load_policy
+from pam_cgpolicy.state import StateStore
+
+ACCOUNTS = {
+    2002: Account("bob", 2002, frozenset({2002})),  # students
+    5000: Account("carol", 5000, frozenset({5000})),  # normal
+}
+
+
+@pytest.fixture
+def daemon(tmp_path, monkeypatch):
+    root = write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS)
+    monkeypatch.setattr(daemon_mod, "config_dir", lambda: str(root))
+    monkeypatch.setattr(daemon_mod, "penalties_file", lambda: str(tmp_path / "penalties"))
+    monkeypatch.setattr(daemon_mod, "lookup_uid", ACCOUNTS.__getitem__)
+    by_name = {a.name: a for a in ACCOUNTS.values()}
+    monkeypatch.setattr(daemon_mod, "lookup_account", by_name.__getitem__)
+    monkeypatch.setattr(daemon_mod.log, "info", lambda _line: None)
+    store = StateStore.open(tmp_path / "state.db")
+    yield daemon_mod.Daemon(load_policy(root), store, None, None)
+    store.close()
+
+
+def test_an_admin_penalty_landing_during_a_cycle_send_is_not_undone(daemon, monkeypatch, tmp_path):
+    sent: dict[int, tuple] = {}
+    entered, gate = threading.Event(), threading.Event()
+
+    def fake_send(uid, props, timeout, bus):
+        if uid == 5000 and not gate.is_set():
+            entered.set()
+            assert gate.wait(10)
+        if uid == 2002:  # the hook's copy is written before the limits are sent
+            in_copy = read_penalty(str(tmp_path / "penalties"), 2002, time.time())
+            assert props == plain or in_copy == props
+        sent[uid] = props
+
+    monkeypatch.setattr(daemon_mod, "set_slice_properties", fake_send)
+    plain = daemon.engine.properties(ACCOUNTS[2002], None)
+    cycle = [Action(5000, "carol", (), None), Action(2002, "bob", plain, None)]
+
+    async def scenario():
+        in_flight = asyncio.create_task(daemon.apply(cycle))
+        assert await asyncio.to_thread(entered.wait, 10)
+        admin = asyncio.create_task(daemon.penalize("bob", "penalty1", "admin"))
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(in_flight, admin)
+
+    asyncio.run(scenario())
+    penalized = daemon.engine.properties(ACCOUNTS[2002], daemon.store.get(2002))
+    assert penalized != plain and sent[2002] == penalized
+
+
+class NoSlices:
+    def active_uids(self, min_uid):
+        return []
+
+    def sample(self, uids, whitelists, now):
+        return {}
+
+
+def test_a_failed_send_is_logged_does_not_stop_the_others_and_is_retried(daemon, monkeypatch):
+    from pam_cgpolicy.errors import SystemdError
+
+    errors: list[str] = []
+    monkeypatch.setattr(daemon_mod.log, "error", errors.append)
+    daemon.sampler = NoSlices()
+    sent: list[int] = []
+    failing = {5000}
+
+    def fake_send(uid, props, timeout, bus):
+        if uid in failing:
+            raise SystemdError("org.cgpolicy1.Error.NoResources", "cannot run busctl: EAGAIN")
+        sent.append(uid)
+
+    monkeypatch.setattr(daemon_mod, "set_slice_properties", fake_send)
+    asyncio.run(daemon.apply([Action(5000, "carol", (), None), Action(2002, "bob", (), None)]))
+    assert sent == [2002] and len(errors) == 1 and "retry=next-cycle" in errors[0]
+    asyncio.run(daemon.cycle())  # systemd still refuses: retried, said again
+    assert sent == [2002] and len(errors) == 2
+    failing.clear()
+    asyncio.run(daemon.cycle())
+    asyncio.run(daemon.cycle())  # once systemd has it, no more retries
+    assert sent == [2002, 5000] and len(errors) == 2
