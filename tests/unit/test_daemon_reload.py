@@ -4,23 +4,12 @@ import asyncio
 from unittest import mock
 
 import pytest
+from fakeslices import NoSlices
 from policyfiles import GROUPS, write_policy
 
 from pam_cgpolicy import daemon as daemon_mod
 from pam_cgpolicy.policy import load_policy
 from pam_cgpolicy.state import StateStore
-
-
-class NoSlices:
-    """A node where nobody is logged in: cycles only follow the policy files."""
-
-    mode = "unified"
-
-    def active_uids(self, min_uid):
-        return []
-
-    def sample(self, uids, whitelists, now):
-        return {}
 
 
 @pytest.fixture

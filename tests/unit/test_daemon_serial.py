@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from fakeslices import NoSlices
 from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
 
 from pam_cgpolicy import daemon as daemon_mod
@@ -64,12 +65,6 @@ def test_an_admin_penalty_landing_during_a_cycle_send_is_not_undone(daemon, monk
     assert penalized != plain and sent[2002] == penalized
 
 
-class NoSlices:
-    def active_uids(self, min_uid):
-        return []
-
-    def sample(self, uids, whitelists, now):
-        return {}
 
 
 def test_a_failed_send_is_logged_does_not_stop_the_others_and_is_retried(daemon, monkeypatch):

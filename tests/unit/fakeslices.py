@@ -1,0 +1,15 @@
+"""A usage sampler for daemon tests on a node where nobody is logged in."""
+
+from __future__ import annotations
+
+
+class NoSlices:
+    """No user slice at all: cycles only follow the policy files and the store."""
+
+    mode = "unified"
+
+    def active_uids(self, min_uid):
+        return []
+
+    def sample(self, uids, whitelists, now):
+        return {}
