@@ -65,8 +65,6 @@ def test_an_admin_penalty_landing_during_a_cycle_send_is_not_undone(daemon, monk
     assert penalized != plain and sent[2002] == penalized
 
 
-
-
 def test_a_failed_send_is_logged_does_not_stop_the_others_and_is_retried(daemon, monkeypatch):
     from pam_cgpolicy.errors import SystemdError
 
