@@ -276,3 +276,22 @@ def tier_limits(
         result["MemoryMax"] = max(1, int(memory_max * tier.memory_factor))
         result["MemoryHigh"] = max(1, int(high * tier.memory_factor))
     return result
+
+
+MEMORY_MARGIN_SHARE = 0.1  # of the group's MemoryMax, kept free above the slice's usage
+
+
+def memory_max_now(target: int, group_limit: int, current: int | None, in_force: int | None) -> int:
+    """The MemoryMax to set now on the way down to a tier's ``target``.
+
+    A MemoryMax below what the slice holds makes the kernel kill its processes, so
+    the limit never goes under ``current`` plus a margin (a tenth of the group's
+    limit), never rises above what is ``in_force`` (or the group's limit), and
+    follows usage down cycle by cycle until it reaches the target. With no reading
+    of ``current`` the limit in force stays.
+    """
+    ceiling = group_limit if in_force is None else min(in_force, group_limit)
+    if current is None:
+        return max(target, ceiling)
+    floor = current + int(group_limit * MEMORY_MARGIN_SHARE)
+    return max(target, min(ceiling, floor))

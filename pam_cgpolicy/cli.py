@@ -308,6 +308,15 @@ def _badness(row: dict[str, Any]) -> str:
     return "/".join("-" if value is None else f"{value:.1f}" for value in (cpu, memory))
 
 
+def _tier(row: dict[str, Any]) -> str:
+    """The tier, and while its MemoryMax steps down, the limit in force and the target."""
+    tier = str(row.get("tier") or "-")
+    if row.get("memory_max_target") is None:
+        return tier
+    in_force, target = row.get("memory_max_in_force"), row.get("memory_max_target")
+    return f"{tier} (MemoryMax {_human_bytes(in_force)} -> {_human_bytes(target)})"
+
+
 def _print_table(rows: list[dict[str, Any]], daemon: bool = False) -> None:
     header = ["USER", "UID", "GROUP", *_COLUMNS, "CPU-TIME", "MEMORY", "TASKS", "FREEZER"]
     if daemon:
@@ -330,7 +339,7 @@ def _print_table(rows: list[dict[str, Any]], daemon: bool = False) -> None:
             ]
         )
         if daemon:
-            table[-1] += [row.get("tier") or "-", _badness(row)]
+            table[-1] += [_tier(row), _badness(row)]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))

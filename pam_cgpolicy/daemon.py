@@ -69,6 +69,7 @@ class Daemon:
         self.refused: list[str] = []  # the problems of the files, while they are refused
         self.locks: dict[int, asyncio.Lock] = {}  # one send at a time per uid
         self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
+        self.stepped: set[int] = set()  # users whose MemoryMax was above target this cycle
 
     @property
     def policy(self) -> Policy:
@@ -92,13 +93,16 @@ class Daemon:
         for action in actions:
             await self.send(action.uid, action.user)
             change = action.change
+            step = self.engine.memory_stepping().get(action.uid)
+            memory = {"memory_max": step[0], "memory_target": step[1]} if step else {}
             if change is None:
                 log.info(
                     log.fields(
                         user=action.user,
                         uid=action.uid,
-                        event="reapplied",
+                        event="memory-step" if action.uid in self.stepped else "reapplied",
                         tier=self._tier_of(action.uid),
+                        **memory,
                     )
                 )
                 continue
@@ -111,6 +115,7 @@ class Daemon:
                     expiry=self._expiry_of(action.uid),
                     reason=change.reason,
                     actor=actor or None,
+                    **memory,
                 )
             )
             await self._emit_tier(action)
@@ -184,7 +189,22 @@ class Daemon:
                 whitelists[uid] = self.engine.whitelist(self._account(uid))
         self.sampler.match = self.policy.whitelist_match
         samples = self.sampler.sample(uids, whitelists, time.monotonic())
-        await self.apply(self.engine.cycle(samples, time.time()))
+        self.stepped = set(self.engine.memory_stepping())
+        memory = {}
+        for uid in self.stepped:
+            current = await self._memory_current(uid)
+            if current is not None:
+                memory[uid] = current
+        await self.apply(self.engine.cycle(samples, time.time(), memory))
+
+    async def _memory_current(self, uid: int) -> int | None:
+        """The slice's memory as its cgroup counts it against MemoryMax; None if unread."""
+        try:
+            status = await control.slice_status(self.systemd, uid)
+        except CgpolicyError:
+            return None
+        value = status.get("usage", {}).get("MemoryCurrent")
+        return value if isinstance(value, int) else None
 
     async def _limit_new_slices(self, uids: list[int]) -> None:
         """Slices that came without a login through the hook get their limits too."""
@@ -227,6 +247,9 @@ class Daemon:
                 cpu_badness=state.cpu_badness,
                 memory_badness=state.memory_badness,
             )
+        step = self.engine.memory_stepping().get(account.uid)
+        if step is not None:
+            info.update(memory_max_in_force=step[0], memory_max_target=step[1])
         status = await control.slice_status(self.systemd, account.uid)
         if status.get("active"):
             info["limits"] = {k: str(v) for k, v in status["limits"].items()}
@@ -264,7 +287,10 @@ class Daemon:
 
     async def penalize(self, name: str, tier: str, actor: str) -> None:
         account = lookup_account(name)
-        await self.apply([self.engine.penalize(account.uid, tier, actor, time.time())], actor)
+        self.engine.check_penalize(account.uid, tier)  # refusals before systemd is asked
+        current = await self._memory_current(account.uid)
+        action = self.engine.penalize(account.uid, tier, actor, time.time(), current)
+        await self.apply([action], actor)
 
     async def release(self, name: str, actor: str) -> None:
         account = lookup_account(name)

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import limits
 from .accounts import Account, lookup_uid
-from .badness import Change, Tier, UserScore, evaluate, tier_limits
+from .badness import Change, Tier, UserScore, evaluate, memory_max_now, tier_limits
 from .classify import decide
 from .errors import CgpolicyError, NotManaged, NotPenalized, UnknownTier
 from .policy import Policy
@@ -66,9 +66,17 @@ def group_quotas(group: Group, memory_total: int) -> Quotas:
     return Quotas(found.get("CPUQuotaPerSecUSec"), found.get("MemoryMax"), found.get("MemoryHigh"))
 
 
-def tier_properties(group: Group, quotas: Quotas, tier: Tier) -> Properties:
-    """The group's properties with the tier's smaller CPU and memory limits in place."""
+def tier_properties(
+    group: Group, quotas: Quotas, tier: Tier, memory_max: int | None = None
+) -> Properties:
+    """The group's properties with the tier's smaller CPU and memory limits in place.
+
+    ``memory_max`` replaces the tier's MemoryMax while it steps down (memory_max_now);
+    MemoryHigh stays at the tier's, so the kernel reclaims instead of killing.
+    """
     lowered = tier_limits(quotas.cpu_usec, quotas.memory_max, tier, quotas.memory_high)
+    if memory_max is not None and "MemoryMax" in lowered:
+        lowered["MemoryMax"] = memory_max
     replaced = {*lowered, *(name + "Scale" for name in lowered)}
     kept = tuple(p for p in group["properties"] if p[0] not in replaced)
     return kept + tuple((name, "t", value) for name, value in lowered.items())
@@ -92,6 +100,8 @@ class Engine:
         self.store = store
         self.memory_total = memory_total
         self.lookup = lookup
+        # uid -> (MemoryMax sent, the tier's target) of users in a tier
+        self.memory_in_force: dict[int, tuple[int, int]] = {}
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
@@ -120,22 +130,47 @@ class Engine:
         group = decide(self.compiled, account).group
         return frozenset(self.policy.whitelist) | frozenset(group["whitelist"] if group else ())
 
-    def properties(self, account: Account, state: UserScore | None) -> Properties:
-        """What the user's slice should have: the group's limits, or the tier's."""
+    def properties(
+        self, account: Account, state: UserScore | None, current: int | None = None
+    ) -> Properties:
+        """What the user's slice should have: the group's limits, or the tier's.
+
+        ``current`` is the slice's memory now (bytes); a tier's MemoryMax never goes
+        below it plus a margin, and the value sent is remembered for the next step.
+        """
         decision = decide(self.compiled, account)
         group = decision.group
-        if decision.action != "applied" or group is None:
-            return ()
         tier = self._tier(state.tier) if state and state.tier else None
-        if tier is None:
-            return tuple(group["properties"])
-        return tier_properties(group, group_quotas(group, self.memory_total), tier)
+        if decision.action != "applied" or group is None or tier is None:
+            self.memory_in_force.pop(account.uid, None)
+            return (
+                () if decision.action != "applied" or group is None else tuple(group["properties"])
+            )
+        quotas = group_quotas(group, self.memory_total)
+        target = tier_limits(None, quotas.memory_max, tier).get("MemoryMax")
+        if target is None or quotas.memory_max is None:
+            return tier_properties(group, quotas, tier)
+        in_force = self.memory_in_force.get(account.uid, (None, target))[0]
+        now = memory_max_now(target, quotas.memory_max, current, in_force)
+        self.memory_in_force[account.uid] = (now, target)
+        return tier_properties(group, quotas, tier, now)
+
+    def memory_stepping(self) -> dict[int, tuple[int, int]]:
+        """Users whose MemoryMax is still above their tier's: uid -> (in force, target)."""
+        return {uid: pair for uid, pair in self.memory_in_force.items() if pair[0] > pair[1]}
 
     def _tier(self, name: str) -> Tier | None:
         return self.policy.penalty.find(name) if self.policy.penalty else None
 
-    def cycle(self, samples: Mapping[int, Sample], now: float) -> list[Action]:
-        """One evaluation of every sampled user; ``now`` is epoch seconds."""
+    def cycle(
+        self, samples: Mapping[int, Sample], now: float, memory: Mapping[int, int] | None = None
+    ) -> list[Action]:
+        """One evaluation of every sampled user; ``now`` is epoch seconds.
+
+        ``memory`` is the slices' current memory (bytes) where it was read; the
+        samples' memory stands in elsewhere.
+        """
+        memory = memory or {}
         penalty = self.policy.penalty
         if penalty is None:
             return []
@@ -168,8 +203,13 @@ class Engine:
             )
             if new != old:
                 recorded.append((uid, account.name, new, change))
-            if change is not None and change.kind != "forgiven":
-                actions.append(Action(uid, account.name, self.properties(account, new), change))
+            current = memory.get(uid, sample.memory_bytes)
+            stepping = change is None and new.tier is not None and uid in self.memory_stepping()
+            if (change is not None and change.kind != "forgiven") or stepping:
+                before = self.memory_in_force.get(uid)
+                props = self.properties(account, new, current)
+                if change is not None or self.memory_in_force.get(uid) != before:
+                    actions.append(Action(uid, account.name, props, change))
         actions += self._release_expired(now, skip=judged, recorded=recorded)
         if recorded:
             self.store.record_many(recorded, now=now)
@@ -220,11 +260,8 @@ class Engine:
             self.store.record_many(recorded, now=now)
         return actions
 
-    def penalize(self, uid: int, tier_name: str, actor: str, now: float) -> Action:
-        """An admin puts a user in a tier now, for the tier's timeout.
-
-        Refused, with nothing recorded, when the penalty would never be applied.
-        """
+    def check_penalize(self, uid: int, tier_name: str) -> tuple[Account, Tier]:
+        """The user and tier of an admin's penalty; refused when it would never be applied."""
         tier = self._tier(tier_name)
         if tier is None or self.policy.penalty is None:
             known = ", ".join(self.policy.penalty.order) if self.policy.penalty else "none"
@@ -235,6 +272,18 @@ class Engine:
             raise NotManaged(
                 f"{account.name} (uid {uid}) cannot be penalized: {why}; nothing was recorded"
             )
+        return account, tier
+
+    def penalize(
+        self, uid: int, tier_name: str, actor: str, now: float, current: int | None = None
+    ) -> Action:
+        """An admin puts a user in a tier now, for the tier's timeout.
+
+        ``current`` is the slice's memory now (bytes), None when unknown.
+        Refused as check_penalize refuses.
+        """
+        account, tier = self.check_penalize(uid, tier_name)
+        assert self.policy.penalty is not None  # check_penalize refuses otherwise
         old = self.store.get(uid) or UserScore()
         occurrences = max(old.occurrences, self.policy.penalty.order.index(tier_name) + 1)
         new = replace(
@@ -250,7 +299,8 @@ class Engine:
             "penalized", old.tier, tier_name, old.occurrences, occurrences, f"by {actor}"
         )
         self.store.record(uid, account.name, new, change, actor, now=now)
-        return Action(uid, account.name, self.properties(account, new), change)
+        self.memory_in_force.pop(uid, None)  # a new tier steps down from the group's limit
+        return Action(uid, account.name, self.properties(account, new, current), change)
 
     def release(self, uid: int, actor: str, now: float) -> Action:
         """An admin ends a user's penalty now; NotPenalized when there is none."""

@@ -950,3 +950,65 @@ def test_no_tier_limit_outlives_the_tier(node):
         f"before it: {before}. The normal group sets MemoryMax=1G and no MemoryHigh.\n"
         + diagnostics(node, "carol")
     )
+
+
+# Touches every page of HELD_MIB, says so, holds it until asked to free it, then lives on.
+HOLDER = """
+import os, time
+held = bytearray({size} << 20)
+for i in range(0, len(held), 4096):
+    held[i] = 1
+open("/home/carol/held", "w").close()
+while not os.path.exists("/home/carol/free"):
+    time.sleep(0.2)
+del held
+open("/home/carol/freed", "w").close()
+while True:
+    time.sleep(60)
+"""
+HELD_MIB = 800  # of carol's 1G; penalty2 targets 512M
+
+
+def kernel_kills(vm) -> int:
+    out = root(vm, "journalctl -k -q --no-pager -g 'Killed process|oom-kill'", check=False)
+    return len([line for line in out.stdout.splitlines() if line.strip()])
+
+
+def test_a_penalty_never_oom_kills_and_memory_max_reaches_the_target_as_usage_falls(node):
+    uid = USERS["carol"][0]
+    kills = kernel_kills(node)
+    node.put_bytes(HOLDER.format(size=HELD_MIB).encode(), "/home/carol/holder.py", mode=0o644)
+    root(node, "rm -f /home/carol/held /home/carol/free /home/carol/freed")
+    login(node, "carol", "nohup python3 /home/carol/holder.py >/dev/null 2>&1 &")
+    try:
+        poll(
+            "carol's holder has touched its memory",
+            lambda: root(node, "test -e /home/carol/held", check=False).returncode,
+            lambda rc: rc == 0,
+            120,
+            lambda: diagnostics(node, "carol"),
+        )
+        holder = root(node, "pgrep -u carol -f holder.py").stdout.split()
+        held = int(slice_prop(node, uid, "MemoryCurrent"))
+        assert held > HELD_MIB * MiB, held
+        call_ok(node, "Penalize", "ss", "carol", "penalty2")
+        limit = int(slice_prop(node, uid, "MemoryMax"))
+        assert limit >= held + 1024 * MiB // 10 - 16 * MiB, (limit, held)
+        info = get_user(node, "carol")
+        assert info.get("memory_max_target") == 512 * MiB, info
+        if root(node, "stat -fc %T /sys/fs/cgroup").stdout.strip() == "cgroup2fs":
+            assert slice_prop(node, uid, "MemoryHigh") == str(512 * MiB)  # pressure meanwhile
+        root(node, "touch /home/carol/free")
+        poll(
+            "carol's MemoryMax at penalty2's 512M",
+            lambda: slice_prop(node, uid, "MemoryMax"),
+            lambda shown: shown == str(512 * MiB),
+            60,
+            lambda: diagnostics(node, "carol"),
+        )
+        assert root(node, "pgrep -u carol -f holder.py").stdout.split() == holder
+        assert kernel_kills(node) == kills, root(node, "journalctl -k -q --no-pager | tail -40")
+        assert logged(node, "carol", "memory-step"), daemon_log(node)
+    finally:
+        root(node, "pkill -u carol -f holder.py", check=False)
+        call(node, "Release", "s", "carol")

@@ -601,3 +601,19 @@ else:
         usage = max(x, t) * quota
         if min(usage, quota) / quota >= t:
             assert step_badness(b, usage, quota, t, params, interval) >= b
+
+
+def test_memory_max_never_goes_below_usage_plus_margin_and_steps_down_to_the_target():
+    from pam_cgpolicy.badness import memory_max_now
+
+    gib, target, group = 1024**3, 512 * 1024**2, 2 * 1024**3
+    margin = group // 10
+    first = memory_max_now(target, group, int(1.5 * gib), None)
+    assert first == int(1.5 * gib) + margin
+    second = memory_max_now(target, group, gib, first)
+    assert second == gib + margin
+    assert memory_max_now(target, group, 2 * gib, second) == second  # never rises again
+    assert memory_max_now(target, group, None, second) == second  # unread: stays
+    assert memory_max_now(target, group, 100 * 1024**2, second) == target
+    assert memory_max_now(target, group, 3 * gib, None) == group  # never above the group's
+    assert memory_max_now(target, group, None, None) == group

@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from fakeslices import NoSlices
+from fakeslices import NoSlices, NoSliceUnits
 from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
 
 from pam_cgpolicy import daemon as daemon_mod
@@ -31,7 +31,7 @@ def daemon(tmp_path, monkeypatch):
     monkeypatch.setattr(daemon_mod, "lookup_account", by_name.__getitem__)
     monkeypatch.setattr(daemon_mod.log, "info", lambda _line: None)
     store = StateStore.open(tmp_path / "state.db")
-    yield daemon_mod.Daemon(load_policy(root), store, None, None)
+    yield daemon_mod.Daemon(load_policy(root), store, NoSliceUnits(), None)
     store.close()
 
 

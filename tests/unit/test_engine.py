@@ -213,3 +213,53 @@ def test_a_user_without_readings_is_released_at_expiry(engine):
     no_cpu = {2002: Sample(2002, None, None, None, 0.0, 10.0)}
     (released,) = engine.cycle(no_cpu, expiry + 1)
     assert released.change.kind == "released"
+
+
+@pytest.fixture
+def quarter_engine(tmp_path):
+    """bob's group has MemoryMax 2G; penalty1 targets a quarter of it, 512 MiB."""
+    main = (MAIN + DAEMON_SECTIONS).replace("memory_factor = 0.8", "memory_factor = 0.25")
+    policy = load_policy(write_policy(tmp_path / "etc", main=main))
+    store = StateStore.open(tmp_path / "state.db")
+    yield Engine(policy, store, memory_total=16 * GiB, lookup=ACCOUNTS.__getitem__)
+    store.close()
+
+
+MiB = 1024**2
+MARGIN = 2 * GiB // 10
+
+
+def test_a_penalty_never_sets_memory_max_below_usage_and_steps_down_as_usage_falls(
+    quarter_engine,
+):
+    engine = quarter_engine
+    start, (action,) = run_until_action(engine, hog(2002, memory=1536 * MiB), T0)
+    assert action.change.new_tier == "penalty1"
+    assert props(action)["MemoryMax"] == 1536 * MiB + MARGIN  # not the 512 MiB target
+    assert props(action)["MemoryHigh"] == 1800 * MiB // 4  # the pressure, without a kill
+    now = T0 + start * 10
+    # the hook's copy carries the limit in force, not the target
+    assert (
+        dict((n, v) for n, _, v in engine.properties(ACCOUNTS[2002], engine.store.get(2002)))[
+            "MemoryMax"
+        ]
+        == 1536 * MiB + MARGIN
+    )
+    assert engine.memory_stepping() == {2002: (1536 * MiB + MARGIN, 512 * MiB)}
+    # systemd's reading, when given, counts over the sample's
+    (step,) = engine.cycle(hog(2002, cores=0.0, memory=100 * MiB), now + 10, {2002: GiB})
+    assert step.change is None and props(step)["MemoryMax"] == GiB + MARGIN
+    assert engine.cycle(hog(2002, cores=0.0, memory=GiB), now + 20, {2002: GiB}) == []
+    (last,) = engine.cycle(hog(2002, cores=0.0, memory=200 * MiB), now + 30)
+    assert props(last)["MemoryMax"] == 512 * MiB
+    assert engine.memory_stepping() == {}
+    assert engine.cycle(hog(2002, cores=0.0, memory=100 * MiB), now + 40) == []
+
+
+def test_an_admin_penalty_keeps_memory_max_above_the_slice_usage(quarter_engine):
+    action = quarter_engine.penalize(2002, "penalty1", "uid 0 (root)", T0, current=1536 * MiB)
+    assert props(action)["MemoryMax"] == 1536 * MiB + MARGIN
+    unknown = quarter_engine.penalize(2002, "penalty2", "uid 0 (root)", T0, current=None)
+    assert props(unknown)["MemoryMax"] == 2 * GiB  # unread usage: the group's own limit
+    released = quarter_engine.release(2002, "uid 0 (root)", T0 + 60)
+    assert props(released)["MemoryMax"] == 2 * GiB and quarter_engine.memory_stepping() == {}
