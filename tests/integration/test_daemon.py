@@ -713,7 +713,7 @@ def test_whitelisted_process_raises_no_badness(node):
 def test_a_burner_only_named_rsync_is_charged_and_penalized(node, how):
     """The whitelist cannot be bought with a name: a burner that calls itself rsync
     is charged to wendy like any other, and she is penalized for it."""
-    call_ok(node, "Release", "s", "wendy")
+    call(node, "Release", "s", "wendy")  # refused (NotPenalized) when she is in no tier
     badness_until_zero(node, "wendy")
     mark = log_mark(node)
     root(node, IMPOSTORS[how])
