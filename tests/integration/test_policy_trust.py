@@ -24,7 +24,7 @@ from pam_cgpolicy.limits import LIMIT_KEYS, LimitError, properties_for
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
-USER, UID = "mallory", 2601
+USER, UID = "trudy", 2601
 GROUPS_D = "/etc/cgpolicy/groups.d"
 GENERATED_GROUPS = 300
 
@@ -80,7 +80,7 @@ def test_symlink_swap_through_an_acl_is_refused_and_the_last_good_policy_stays(t
         root(vm, f"systemctl set-property --runtime user-{UID}.slice CPUQuota=")
         assert quota(vm) == "infinity"
         login(vm, USER)
-        assert quota(vm) == "1s"  # the last good policy: mallory is still in normal
+        assert quota(vm) == "1s"  # the last good policy: trudy is still in normal
         journal = root(vm, "journalctl -o cat --no-pager -t cgpolicy-pam-hook -n 20").stdout
         refused = [line for line in journal.splitlines() if "using the last good policy" in line]
         assert refused and "owner/permissions: is a symlink" in refused[-1]

@@ -22,7 +22,7 @@ from test_login_node import POLICY, hook_lines, root, slice_props, write_policy
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
-USER, UID = "mallory", 2010  # in the fallback group "normal": CPUQuota 100%, TasksMax 128
+USER, UID = "mallory", 2710  # in the fallback group "normal": CPUQuota 100%, TasksMax 128
 HOME = f"/home/{USER}"
 EXPECTED = {"CPUQuotaPerSecUSec": "1s", "TasksMax": "128"}
 VICTIM = "/var/tmp/cgpolicy-victim"  # root's, where the user's state-dir link points

@@ -218,7 +218,14 @@ class VM:
         useradd = f"useradd -m -u {uid} -s /bin/bash"
         if primary_group:
             useradd += f" -g {q(primary_group)}"
-        lines.append(f"id -u {q(name)} >/dev/null 2>&1 || {useradd} {q(name)}")
+        # Test modules share a VM: a name taken with another uid is a clash between
+        # modules, said loudly rather than tested against the wrong uid.
+        lines.append(
+            f"if id -u {q(name)} >/dev/null 2>&1; then "
+            f'[ "$(id -u {q(name)})" = {uid} ] || '
+            f"{{ echo 'user {name} exists with another uid than {uid}' >&2; exit 1; }}; "
+            f"else {useradd} {q(name)}; fi"
+        )
         if groups:
             lines.append(f"usermod -aG {q(','.join(groups))} {q(name)}")
         lines += [
