@@ -969,6 +969,26 @@ while True:
 HELD_MIB = 800  # of carol's 1G; penalty2 targets 512M
 
 
+@contextlib.contextmanager
+def judged_slowly(vm) -> Iterator[None]:
+    """Badness takes an hour to reach 100 meanwhile: only the test penalizes.
+
+    Filling memory under emulation keeps a core busy for many seconds, and
+    holding it is over the memory threshold: with the module's 10 s
+    time_to_max_bad cgpolicyd would penalize the user itself mid-fill, and the
+    tier's MemoryHigh would then throttle the fill to a crawl.
+    """
+    slow = POLICY["cgpolicy.toml"].replace("time_to_max_bad = 10", "time_to_max_bad = 3600")
+    assert slow != POLICY["cgpolicy.toml"]
+    write_policy(vm, {"cgpolicy.toml": slow})
+    reload_ok(vm)
+    try:
+        yield
+    finally:
+        write_policy(vm, {"cgpolicy.toml": POLICY["cgpolicy.toml"]})
+        reload_ok(vm)
+
+
 def kernel_kills(vm) -> int:
     out = root(vm, "journalctl -k -q --no-pager -g 'Killed process|oom-kill'", check=False)
     return len([line for line in out.stdout.splitlines() if line.strip()])
@@ -979,6 +999,11 @@ def test_a_penalty_never_oom_kills_and_memory_max_reaches_the_target_as_usage_fa
     kills = kernel_kills(node)
     node.put_bytes(HOLDER.format(size=HELD_MIB).encode(), "/home/carol/holder.py", mode=0o644)
     root(node, "rm -f /home/carol/held /home/carol/free /home/carol/freed")
+    with judged_slowly(node):
+        holds_memory_until_freed(node, uid, kills)
+
+
+def holds_memory_until_freed(node, uid: int, kills: int) -> None:
     login(node, "carol", "nohup python3 /home/carol/holder.py >/dev/null 2>&1 &")
     try:
         poll(

@@ -5,16 +5,40 @@
 set -eu
 
 ROOTFS=${1:?usage: recipe.sh ROOTFS_DIR}
-MIRROR=${CGPOLICY_VM_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
+# Debian's own python3-dbus-fast and python3-pampy are what the .deb runs on.
 PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,openssh-server,linux-image-amd64,\
 initramfs-tools,python3,python3-venv,sudo,procps,iproute2,kmod,udev,ca-certificates,\
-psmisc,zstd,less,acl,rsync
+psmisc,zstd,less,acl,rsync,python3-dbus-fast,python3-pampy,python3-six
+
+# The mirror the host itself uses for Debian (a site may have a local one), unless
+# CGPOLICY_VM_MIRROR names another. Reads one-line and deb822 apt sources.
+host_mirror() {
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -r "$f" ] || continue
+        awk -v suite="$SUITE" '$1 == "deb" && $0 ~ " " suite " " {
+            for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' "$f"
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] || continue
+        awk -v suite="$SUITE" 'BEGIN { RS = ""; FS = "\n" } {
+            uri = ""; ok = 0; deb = 0
+            for (i = 1; i <= NF; i++) {
+                if ($i ~ /^URIs:/) { split($i, w, " "); uri = w[2] }
+                if ($i ~ /^Suites:/ && (" " $i " ") ~ (" " suite " ")) ok = 1
+                if ($i ~ /^Types:/ && $i ~ / deb( |$)/) deb = 1
+            }
+            if (uri != "" && ok && deb) { print uri; exit }
+        }' "$f"
+    done
+}
+MIRROR=${CGPOLICY_VM_MIRROR:-$(host_mirror | head -n 1)}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
 
 step() { echo "recipe: $*" >&2; }
 in_root() { chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
 
-step "debootstrap $SUITE"
+step "debootstrap $SUITE from $MIRROR"
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOTFS" "$MIRROR"
 
 step "base configuration"
