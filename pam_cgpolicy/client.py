@@ -112,6 +112,11 @@ class Daemon:
     async def release(self, name: str) -> None:
         await self.call("Release", "s", [name])
 
+    async def apply(self, name: str) -> str:
+        """The log line of the limits cgpolicyd set."""
+        (line,) = await self.call("Apply", "s", [name])
+        return str(line)
+
     async def reload(self) -> list[str]:
         """The policy's problems; empty when the new policy is in force."""
         (problems,) = await self.call("Reload")
