@@ -26,7 +26,7 @@ from . import bus, control, log
 from .accounts import Account, is_admin, lookup_account, lookup_uid
 from .cgroups import CGROUP_ROOT, cgroup_mode
 from .classify import decide, describe_limits
-from .client import Daemon, DaemonError, daemon_running
+from .client import Daemon, daemon_running
 from .compiled import Loaded, load_in_force, read_penalty
 from .constants import (
     DEFAULT_CONFIG_DIR,
@@ -37,7 +37,7 @@ from .constants import (
     state_db_file,
     system_bus_address,
 )
-from .errors import CgpolicyError, PolicyError, SystemdError
+from .errors import CgpolicyError, DaemonError, PolicyError, SystemdError
 from .freezer import V1Freezer
 from .pamconfig import hook_wiring, user_env_before_hook
 from .policy import Policy, load_policy

@@ -20,6 +20,7 @@ import stat
 import sys
 
 from .constants import MAIN_FILE, policy_files
+from .errors import Untrusted
 from .slicelimits import Standing
 from .trust import acl_xattr, why_unsafe_fd
 
@@ -69,16 +70,6 @@ def fingerprint(config_dir: str) -> list[tuple[Any, ...]]:
 def _content(path: str) -> bytes:
     with open(path, "rb") as source:
         return source.read()
-
-
-class Untrusted(OSError):
-    """A state directory or file root must not trust: a link, or not root's alone to write."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EPERM, message)
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def _check_trusted(fd: int, path: str, directory: bool) -> None:

@@ -52,6 +52,7 @@ from . import log
 from .constants import CGPOLICY_BUS_NAME, CGPOLICY_INTERFACE, CGPOLICY_PATH
 from .errors import (
     CgpolicyError,
+    Denied,
     NotManaged,
     NotPenalized,
     PolicyError,
@@ -190,10 +191,6 @@ class Caller:
     @property
     def actor(self) -> str:
         return f"uid {self.uid} ({self.name})" if self.name else f"uid {self.uid}"
-
-
-class Denied(Exception):
-    """The caller may not do this; the text says why."""
 
 
 def _user_name(uid: int) -> str | None:

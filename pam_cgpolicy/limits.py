@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from .errors import LimitError
 from .slicelimits import (
     INFINITY,
     UINT32_MAX,
@@ -32,10 +33,6 @@ _CPU_LIST_RE = re.compile(r"\d{1,5}(-\d{1,5})?", re.ASCII)
 _NUMBER_RE = re.compile(r"\d{1,20}", re.ASCII)
 # systemctl's own bound for a percentage (an int of permyriad); CPUQuota above it is refused.
 PERMYRIAD_MAX = 2**31 - 1
-
-
-class LimitError(ValueError):
-    """A limit value that systemd would not accept; the message says what would."""
 
 
 @dataclass(frozen=True)

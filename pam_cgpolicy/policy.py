@@ -17,7 +17,7 @@ from typing import Any
 from . import limits as limits_mod
 from .badness import BadnessParams, PenaltyParams, Tier
 from .constants import GROUPS_DIR, MAIN_FILE, policy_files
-from .errors import PolicyError, Problem, policy_error
+from .errors import LimitError, PolicyError, Problem, policy_error
 from .slicelimits import INFINITY, TIER_LOWERS
 from .trust import why_unsafe
 from .usage import MATCH_EXECUTABLE, MATCH_MODES
@@ -356,7 +356,7 @@ def _parse_limits(gfile: _File, data: dict[str, Any]) -> dict[str, int | str]:
     for key, value in table.items():
         try:
             limits_mod.convert(key, value)
-        except limits_mod.LimitError as err:
+        except LimitError as err:
             gfile.report(str(err), f"limits.{key}")
             continue
         result[key] = value
