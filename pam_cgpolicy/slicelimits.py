@@ -195,9 +195,12 @@ class SliceLimits:
         self.error = error
 
     def limits_text(self) -> str | None:
-        """The limits sent, in the policy's notation: the group's with the tier's in place."""
+        """The limits sent, in the policy's notation: the group's with the tier's in place.
+
+        None when nothing is sent (exempt, skipped).
+        """
         group = self.decision.group
-        if group is None:
+        if group is None or not self.properties:
             return None
         shown = dict(group["limits"])
         for key, name in TIER_LOWERS.items():

@@ -85,7 +85,8 @@ def test_a_share_of_ram_is_lowered_as_bytes(tmp_path):
 
 
 def test_exempt_and_unknown_tiers(policy):
-    assert slice_limits(policy, ROOT2, Standing("penalty1"), 16 * GIB).properties == ()
+    exempt = slice_limits(policy, ROOT2, Standing("penalty1"), 16 * GIB)
+    assert exempt.properties == () and "limits=" not in exempt.log_line()  # nothing sent
     gone = slice_limits(policy, BOB, Standing("no-such-tier"), 16 * GIB)
     assert gone.properties == policy["groups"]["students"]["properties"]
     assert 'reason="no tier no-such-tier in the policy"' in gone.log_line()
