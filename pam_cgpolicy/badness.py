@@ -20,8 +20,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .limits import INFINITY
-
 MAX_BADNESS = 100.0
 
 # A sum of n equal float steps can miss its exact total by a few ulps (30 steps of
@@ -246,52 +244,3 @@ def evaluate(
             "forgiven", None, None, state.occurrences, occurrences, reason
         )
     return UserScore(occurrences=state.occurrences, zero_since=zero_since), None
-
-
-def _limited(value: int | None) -> int | None:
-    """The value if it is a limit there is to scale, None if unset or infinity."""
-    return value if value is not None and 0 < value < INFINITY else None
-
-
-def tier_limits(
-    group_cpu_quota_usec: int | None,
-    group_memory_max_bytes: int | None,
-    tier: Tier,
-    group_memory_high_bytes: int | None = None,
-) -> dict[str, int]:
-    """A tier's limits as absolute D-Bus values: the group's own, scaled by its factors.
-
-    Keys are systemd's property names (CPUQuotaPerSecUSec, MemoryMax, MemoryHigh). A
-    limit the group leaves unset (None) or at infinity has nothing to scale and is
-    left out. MemoryHigh scales the group's MemoryHigh when it has one, else MemoryMax,
-    so that it never stays above the lowered MemoryMax.
-    """
-    result: dict[str, int] = {}
-    cpu = _limited(group_cpu_quota_usec)
-    if cpu is not None:
-        result["CPUQuotaPerSecUSec"] = max(1, int(cpu * tier.cpu_factor))
-    memory_max = _limited(group_memory_max_bytes)
-    if memory_max is not None:
-        high = min(_limited(group_memory_high_bytes) or memory_max, memory_max)
-        result["MemoryMax"] = max(1, int(memory_max * tier.memory_factor))
-        result["MemoryHigh"] = max(1, int(high * tier.memory_factor))
-    return result
-
-
-MEMORY_MARGIN_SHARE = 0.1  # of the group's MemoryMax, kept free above the slice's usage
-
-
-def memory_max_now(target: int, group_limit: int, current: int | None, in_force: int | None) -> int:
-    """The MemoryMax to set now on the way down to a tier's ``target``.
-
-    A MemoryMax below what the slice holds makes the kernel kill its processes, so
-    the limit never goes under ``current`` plus a margin (a tenth of the group's
-    limit), never rises above what is ``in_force`` (or the group's limit), and
-    follows usage down cycle by cycle until it reaches the target. With no reading
-    of ``current`` the limit in force stays.
-    """
-    ceiling = group_limit if in_force is None else min(in_force, group_limit)
-    if current is None:
-        return max(target, ceiling)
-    floor = current + int(group_limit * MEMORY_MARGIN_SHARE)
-    return max(target, min(ceiling, floor))

@@ -7,14 +7,11 @@ login hook and the CLI decide with the same code; imports nothing heavy.
 
 from __future__ import annotations
 
-from .log import fields
-
 TYPE_CHECKING = False  # typing itself is too slow an import for the hook
 if TYPE_CHECKING:
     from typing import Any, TypeAlias
 
     from .accounts import Account
-    from .errors import SystemdError
 
     Group: TypeAlias = dict[str, Any]
 
@@ -53,7 +50,7 @@ def describe_limits(limits: dict[str, Any]) -> str:
 class Decision:
     """What is done for one user at login: applied, exempt or skipped, and why."""
 
-    __slots__ = ("account", "action", "error", "group", "reason", "rule")
+    __slots__ = ("account", "action", "group", "reason", "rule")
 
     def __init__(
         self,
@@ -64,32 +61,18 @@ class Decision:
         rule: str = "",
     ) -> None:
         self.account = account
-        self.action = action  # "applied", "exempt", "skipped", or "failed" when systemd refused
+        self.action = action  # "applied", "exempt" or "skipped"
         self.reason = reason
         self.group = group
         self.rule = rule
-        self.error: SystemdError | None = None
-
-    def fail(self, error: SystemdError) -> None:
-        self.action, self.error = "failed", error
 
     @property
     def properties(self) -> tuple[tuple[str, str, Any], ...]:
-        """The (name, signature, value) D-Bus properties to set; none unless applied."""
-        return self.group["properties"] if self.group and self.action == "applied" else ()
+        """The group's (name, signature, value) D-Bus properties; none unless applied.
 
-    def log_line(self) -> str:
-        group = self.group
-        return fields(
-            user=self.account.name,
-            uid=self.account.uid,
-            group=group["name"] if group else None,
-            rule=self.rule if group else None,
-            limits=describe_limits(group["limits"]) if group else None,
-            action=self.action,
-            reason=self.reason or None,
-            error=self.error,
-        )
+        Without a penalty tier: slicelimits.slice_limits decides what is sent.
+        """
+        return self.group["properties"] if self.group and self.action == "applied" else ()
 
 
 def decide(policy: dict[str, Any], account: Account) -> Decision:

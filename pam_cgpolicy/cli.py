@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -25,23 +26,24 @@ from . import bus, control, log
 from .accounts import Account, is_admin, lookup_account, lookup_uid
 from .cgroups import CGROUP_ROOT, cgroup_mode
 from .classify import decide, describe_limits
-from .client import Daemon, DaemonError, daemon_running
-from .compiled import Loaded, load_in_force
+from .client import Daemon, daemon_running
+from .compiled import Loaded, load_in_force, read_penalty
 from .constants import (
     DEFAULT_CONFIG_DIR,
     HOOK_PATH,
     compiled_policy_file,
     config_dir,
+    penalties_file,
     state_db_file,
     system_bus_address,
 )
-from .errors import CgpolicyError, PolicyError, SystemdError
+from .errors import CgpolicyError, DaemonError, PolicyError, SystemdError
 from .freezer import V1Freezer
-from .limits import format_size
 from .pamconfig import hook_wiring, user_env_before_hook
 from .policy import Policy, load_policy
 from .salvage import last_salvage
 from .setprops import apply_limits
+from .slicelimits import Standing, format_size
 from .state import Event, StateStore
 from .systemd import Systemd
 
@@ -181,14 +183,46 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
+    """Through cgpolicyd when it runs, which sets the standing it has recorded;
+    else as the login hook does, from its copy of the penalties in force: either
+    way a penalty in force stays in force. A draft directory is applied here."""
     policy = _policy_in_force(args)
     account = lookup_account(args.user)
-    decision = apply_limits(policy, account, BUS_TIMEOUT, bus=system_bus_address())
+    # cgpolicyd acts on its own directory; --config-dir names a draft
+    draft = os.path.realpath(config_dir(args.config_dir)) != os.path.realpath(config_dir())
+    through = None if draft else asyncio.run(_apply_through_daemon(account.name))
+    if through is not None:  # cgpolicyd logged it
+        print(through)
+        return
+    sent = apply_limits(policy, account, BUS_TIMEOUT, _penalty_copy(account), system_bus_address())
     log.open_log("cgpolicyctl")
-    log.info(decision.log_line() + " " + log.fields(by="cgpolicyctl"))
-    if decision.error:
-        raise decision.error
-    print(decision.log_line())
+    log.info(sent.log_line() + " " + log.fields(by="cgpolicyctl"))
+    if sent.error:
+        raise sent.error
+    print(sent.log_line())
+
+
+async def _apply_through_daemon(name: str) -> str | None:
+    """cgpolicyd's Apply; None when it does not run (nor the bus: busctl will say so)."""
+    try:
+        connection = await bus.connect(BUS_TIMEOUT, DaemonError)
+    except DaemonError:
+        return None
+    try:
+        if not await daemon_running(connection, BUS_TIMEOUT):
+            return None
+        return await Daemon(connection).apply(name)
+    finally:
+        connection.disconnect()
+
+
+def _penalty_copy(account: Account) -> Standing | None:
+    """The penalty cgpolicyd has ``account`` in, from the copy the hook reads."""
+    try:
+        return read_penalty(penalties_file(), account.uid, time.time())
+    except (OSError, ValueError) as err:
+        print(f"warning: {err}; no cgpolicyd penalty is known for {account.name}", file=sys.stderr)
+        return None
 
 
 def _managed_uid(args: argparse.Namespace) -> int:
@@ -525,7 +559,8 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 def cmd_selftest(args: argparse.Namespace) -> None:
     from .selftest import run
 
-    if not run(_policy_in_force(args), args.user):
+    policy = _policy_in_force(args)
+    if not run(policy, args.user, _penalty_copy(lookup_account(args.user))):
         raise _Failed
 
 

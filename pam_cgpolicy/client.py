@@ -14,34 +14,13 @@ from dbus_fast.aio import MessageBus
 
 from . import bus
 from .constants import CGPOLICY_BUS_NAME, CGPOLICY_INTERFACE, CGPOLICY_PATH
-from .errors import CgpolicyError
+from .errors import DaemonError
 
 # Longer than cgpolicyd's own 20 s limit per call (dbusapi.DEFAULT_TIMEOUT), so a
 # stuck daemon answers with its Timeout error, which says what it was doing.
 DEFAULT_TIMEOUT = 25.0
 
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-# Nobody owns the name: the bus could not start cgpolicyd, or it has just exited.
-NOT_RUNNING = (
-    "org.freedesktop.DBus.Error.ServiceUnknown",
-    "org.freedesktop.DBus.Error.NameHasNoOwner",
-)
 DBUS = "org.freedesktop.DBus"
-
-
-class DaemonError(CgpolicyError):
-    """cgpolicyd answered a call with an error, or did not answer in time."""
-
-    def __init__(self, name: str, text: str) -> None:
-        self.name = name
-        self.text = text
-        if name == ACCESS_DENIED:
-            message = f"access denied: {text or 'cgpolicyd refused the call'}"
-        elif name in NOT_RUNNING or name.startswith("org.freedesktop.DBus.Error.Spawn"):
-            message = f"cgpolicyd is not running: {text}" if text else "cgpolicyd is not running"
-        else:
-            message = text or "cgpolicyd refused the call"
-        super().__init__(f"{message} ({name})")
 
 
 def _unwrap(value: Any) -> Any:
@@ -111,6 +90,11 @@ class Daemon:
 
     async def release(self, name: str) -> None:
         await self.call("Release", "s", [name])
+
+    async def apply(self, name: str) -> str:
+        """The log line of the limits cgpolicyd set."""
+        (line,) = await self.call("Apply", "s", [name])
+        return str(line)
 
     async def reload(self) -> list[str]:
         """The policy's problems; empty when the new policy is in force."""

@@ -20,6 +20,8 @@ import stat
 import sys
 
 from .constants import MAIN_FILE, policy_files
+from .errors import Untrusted
+from .slicelimits import Standing
 from .trust import acl_xattr, why_unsafe_fd
 
 TYPE_CHECKING = False  # typing itself is too slow an import for the hook
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     Compiled: TypeAlias = dict[str, Any]
 
 # marshal's format belongs to the interpreter: another version recompiles.
-FORMAT = (2, *sys.version_info[:2])
+FORMAT = (3, *sys.version_info[:2])
 
 
 def fingerprint(config_dir: str) -> list[tuple[Any, ...]]:
@@ -68,16 +70,6 @@ def fingerprint(config_dir: str) -> list[tuple[Any, ...]]:
 def _content(path: str) -> bytes:
     with open(path, "rb") as source:
         return source.read()
-
-
-class Untrusted(OSError):
-    """A state directory or file root must not trust: a link, or not root's alone to write."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EPERM, message)
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def _check_trusted(fd: int, path: str, directory: bool) -> None:
@@ -237,17 +229,19 @@ def load_in_force(config_dir: str, cache_file: str | None) -> Loaded:
     return Loaded(compiled, "files", refused=refused)
 
 
-def save_penalties(path: str, penalties: dict[int, tuple[float, tuple[Any, ...]]]) -> None:
-    """cgpolicyd's penalties in force: uid -> (expiry, the slice's properties).
+def save_penalties(path: str, penalties: dict[int, tuple[float, str, int | None]]) -> None:
+    """cgpolicyd's penalties in force: uid -> (expiry, tier, the MemoryMax it has reached).
 
     The daemon keeps its state in SQLite; this copy of the part the login hook
-    needs is what the hook reads, without importing sqlite3 at every login.
+    needs is what the hook reads, without importing sqlite3 at every login. It
+    holds the standing, not properties: the hook decides with slice_limits, as
+    the daemon does.
     """
     _write_atomically(path, marshal.dumps({"format": FORMAT, "penalties": penalties}))
 
 
-def read_penalty(path: str, uid: int, now: float) -> tuple[Any, ...] | None:
-    """The properties of ``uid``'s penalty if one is in force; None otherwise.
+def read_penalty(path: str, uid: int, now: float) -> Standing | None:
+    """The standing of ``uid``'s penalty if one is in force; None otherwise.
 
     OSError (Untrusted among them) or ValueError when the copy cannot be used:
     the caller says so, since then no penalty is known.
@@ -261,4 +255,5 @@ def read_penalty(path: str, uid: int, now: float) -> tuple[Any, ...] | None:
     entry = penalties.get(uid)
     if entry is None or entry[0] <= now:
         return None  # an expired entry: the daemon releases it at its next cycle
-    return tuple(entry[1])
+    _expiry, tier, memory_max = entry
+    return Standing(tier, memory_max)

@@ -12,6 +12,7 @@ from .cgroups import cgroup_mode
 from .constants import SYSTEMD_SLICE, SYSTEMD_UNIT, slice_name
 from .errors import FreezeError, SystemdError
 from .freezer import V1Freezer
+from .slicelimits import INFINITY
 
 if TYPE_CHECKING:
     from .systemd import Systemd
@@ -90,4 +91,4 @@ async def slice_status(systemd: Systemd, uid: int) -> dict[str, Any]:
 
 def _number_or_none(value: Any) -> int | None:
     """systemd reports 'unknown' usage as UINT64_MAX."""
-    return value if isinstance(value, int) and value < limits.INFINITY else None
+    return value if isinstance(value, int) and value < INFINITY else None

@@ -35,6 +35,7 @@ from .errors import CgpolicyError, NotManaged, policy_error
 from .policy import Policy, load_policy
 from .salvage import open_or_salvage
 from .setprops import set_slice_properties
+from .slicelimits import SliceLimits
 from .state import StateStore
 from .systemd import Systemd
 from .usage import UsageSampler
@@ -91,10 +92,12 @@ class Daemon:
         if actions:  # first: a login meanwhile must not undo a fresh tier
             self.write_penalties()
         for action in actions:
-            await self.send(action.uid, action.user)
+            sent = await self.send(action.uid, action.user)
             change = action.change
             step = self.engine.memory_stepping().get(action.uid)
             memory = {"memory_max": step[0], "memory_target": step[1]} if step else {}
+            # the limits systemd has now; a failed send was logged with those meant
+            limits = sent.limits_text() if sent and not sent.error else None
             if change is None:
                 log.info(
                     log.fields(
@@ -102,6 +105,7 @@ class Daemon:
                         uid=action.uid,
                         event="memory-step" if action.uid in self.stepped else "reapplied",
                         tier=self._tier_of(action.uid),
+                        limits=limits,
                         **memory,
                     )
                 )
@@ -113,6 +117,7 @@ class Daemon:
                     event=change.kind,
                     tier=change.new_tier or "-",
                     expiry=self._expiry_of(action.uid),
+                    limits=limits,
                     reason=change.reason,
                     actor=actor or None,
                     **memory,
@@ -120,29 +125,45 @@ class Daemon:
             )
             await self._emit_tier(action)
 
-    async def send(self, uid: int, user: str) -> None:
+    async def send(self, uid: int, user: str) -> SliceLimits | None:
         """Set the limits of the standing recorded now, never interleaved with another for uid.
 
-        Computed under the lock, so an admin's action that landed meanwhile is never undone.
+        Computed under the lock, so an admin's action that landed meanwhile is never
+        undone. Returns what was meant, failed or not (its ``error``); None when the
+        account is gone. A failure is logged and retried every cycle.
         """
         async with self.locks.setdefault(uid, asyncio.Lock()):
             try:
-                props = self.engine.properties(self._account(uid), self.store.get(uid))
+                limits = self.engine.limits(self._account(uid), self.store.get(uid))
             except CgpolicyError as err:  # an account gone: nothing to send, nor to retry
                 log.error(log.fields(user=user, uid=uid, action="failed", error=err))
-                return
+                return None
             try:
-                if props:
+                if limits.properties:
                     await asyncio.to_thread(
-                        set_slice_properties, uid, props, BUS_TIMEOUT, system_bus_address()
+                        set_slice_properties,
+                        uid,
+                        limits.properties,
+                        BUS_TIMEOUT,
+                        system_bus_address(),
                     )
             except CgpolicyError as err:
                 self.pending.add(uid)
+                limits.fail(err)
                 log.error(
-                    log.fields(user=user, uid=uid, action="failed", error=err, retry="next-cycle")
+                    log.fields(
+                        user=user,
+                        uid=uid,
+                        action="failed",
+                        tier=limits.tier,
+                        limits=limits.limits_text(),
+                        error=err,
+                        retry="next-cycle",
+                    )
                 )
-                return
+                return limits
             self.pending.discard(uid)
+            return limits
 
     def _tier_of(self, uid: int) -> str:
         state = self.store.get(uid)
@@ -153,16 +174,13 @@ class Daemon:
         return f"{state.tier_expiry:.1f}" if state and state.tier_expiry else "-"
 
     def write_penalties(self) -> None:
-        """The login hook's copy of the penalties in force (uid -> expiry, properties)."""
+        """The login hook's copy of the penalties in force: uid -> (expiry, tier, MemoryMax)."""
         now = time.time()
-        penalties: dict[int, tuple[float, tuple[Any, ...]]] = {}
+        penalties: dict[int, tuple[float, str, int | None]] = {}
         for row in self.store.in_penalty(now):
-            try:
-                props = self.engine.properties(self._account(row.uid), row.state)
-            except CgpolicyError:
-                continue
-            if row.state.tier_expiry is not None and props:
-                penalties[row.uid] = (row.state.tier_expiry, props)
+            standing = self.engine.standing(row.uid, row.state)
+            if row.state.tier_expiry is not None and standing.tier is not None:
+                penalties[row.uid] = (row.state.tier_expiry, standing.tier, standing.memory_max)
         try:
             save_penalties(penalties_file(), penalties)
         except OSError as err:
@@ -295,6 +313,21 @@ class Daemon:
     async def release(self, name: str, actor: str) -> None:
         account = lookup_account(name)
         await self.apply([self.engine.release(account.uid, actor, time.time())], actor)
+
+    async def apply_user(self, name: str, actor: str) -> str:
+        """cgpolicyctl apply: the limits of the user's standing, set now; the log line.
+
+        The standing is the one recorded, so a penalty in force stays in force.
+        """
+        account = lookup_account(name)
+        sent = await self.send(account.uid, account.name)
+        if sent is None:
+            raise CgpolicyError(f"{name}: the account could not be read; nothing was set")
+        line = sent.log_line()
+        log.info(f"{line} {log.fields(actor=actor)}")
+        if sent.error:
+            raise sent.error
+        return line
 
     async def reload(self, actor: str) -> list[str]:
         self.marks = fingerprint(config_dir())

@@ -52,6 +52,7 @@ from . import log
 from .constants import CGPOLICY_BUS_NAME, CGPOLICY_INTERFACE, CGPOLICY_PATH
 from .errors import (
     CgpolicyError,
+    Denied,
     NotManaged,
     NotPenalized,
     PolicyError,
@@ -98,6 +99,10 @@ class ManagerCore(Protocol):
 
     async def release(self, name: str, actor: str) -> None: ...
 
+    async def apply_user(self, name: str, actor: str) -> str:
+        """Set the user's limits now from their standing; the log line of what was sent."""
+        ...
+
     async def reload(self, actor: str) -> list[str]:
         """The new policy's problems; empty when it is now in force."""
         ...
@@ -124,6 +129,7 @@ MANAGER = Interface(
         Method("ThawUser", [_in("user", "s")]),
         Method("Penalize", [_in("user", "s"), _in("tier", "s")]),
         Method("Release", [_in("user", "s")]),
+        Method("Apply", [_in("user", "s")], [_out("result", "s")]),
         Method("Reload", [], [_out("problems", "as")]),
     ],
     signals=[
@@ -187,10 +193,6 @@ class Caller:
         return f"uid {self.uid} ({self.name})" if self.name else f"uid {self.uid}"
 
 
-class Denied(Exception):
-    """The caller may not do this; the text says why."""
-
-
 def _user_name(uid: int) -> str | None:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -247,6 +249,7 @@ class ManagerService:
             "ThawUser": self._thaw_user,
             "Penalize": self._penalize,
             "Release": self._release,
+            "Apply": self._apply,
             "Reload": self._reload,
         }
         self._tasks: set[asyncio.Task[None]] = set()
@@ -464,6 +467,10 @@ class ManagerService:
         await self._require_admin(caller, "Release")
         await self._core.release(user, caller.actor)
         return []
+
+    async def _apply(self, caller: Caller, user: str) -> list[Any]:
+        await self._require_admin(caller, "Apply")
+        return [await self._core.apply_user(user, caller.actor)]
 
     async def _reload(self, caller: Caller) -> list[Any]:
         await self._require_admin(caller, "Reload")

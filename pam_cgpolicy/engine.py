@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import limits
 from .accounts import Account, lookup_uid
-from .badness import Change, Tier, UserScore, evaluate, memory_max_now, tier_limits
+from .badness import Change, Tier, UserScore, evaluate
 from .classify import decide
 from .errors import CgpolicyError, NotManaged, NotPenalized, UnknownTier
 from .policy import Policy
+from .slicelimits import SliceLimits, Standing, group_quotas, slice_limits
 from .state import StateStore
 from .usage import Sample
 
@@ -38,48 +38,6 @@ class Action:
     user: str
     properties: Properties
     change: Change | None
-
-
-@dataclass(frozen=True)
-class Quotas:
-    """A group's limits as numbers the model measures against."""
-
-    cpu_usec: int | None  # CPUQuotaPerSecUSec
-    memory_max: int | None  # bytes
-    memory_high: int | None
-
-    @property
-    def cores(self) -> float | None:
-        return None if self.cpu_usec is None else self.cpu_usec / limits.USEC_PER_SEC
-
-
-def group_quotas(group: Group, memory_total: int) -> Quotas:
-    """The group's CPU and memory limits in absolute units; None where unlimited."""
-    found: dict[str, int] = {}
-    for name, _signature, value in group["properties"]:
-        if not isinstance(value, int) or isinstance(value, bool) or value >= limits.INFINITY:
-            continue
-        if name.endswith("Scale"):  # a share of RAM
-            found[name.removesuffix("Scale")] = value * memory_total // limits.UINT32_MAX
-        else:
-            found[name] = value
-    return Quotas(found.get("CPUQuotaPerSecUSec"), found.get("MemoryMax"), found.get("MemoryHigh"))
-
-
-def tier_properties(
-    group: Group, quotas: Quotas, tier: Tier, memory_max: int | None = None
-) -> Properties:
-    """The group's properties with the tier's smaller CPU and memory limits in place.
-
-    ``memory_max`` replaces the tier's MemoryMax while it steps down (memory_max_now);
-    MemoryHigh stays at the tier's, so the kernel reclaims instead of killing.
-    """
-    lowered = tier_limits(quotas.cpu_usec, quotas.memory_max, tier, quotas.memory_high)
-    if memory_max is not None and "MemoryMax" in lowered:
-        lowered["MemoryMax"] = memory_max
-    replaced = {*lowered, *(name + "Scale" for name in lowered)}
-    kept = tuple(p for p in group["properties"] if p[0] not in replaced)
-    return kept + tuple((name, "t", value) for name, value in lowered.items())
 
 
 def _reading(value: float | None) -> float:
@@ -100,8 +58,8 @@ class Engine:
         self.store = store
         self.memory_total = memory_total
         self.lookup = lookup
-        # uid -> (MemoryMax sent, the tier's target) of users in a tier
-        self.memory_in_force: dict[int, tuple[int, int]] = {}
+        # uid -> (tier, MemoryMax sent, the tier's target) of users in a tier
+        self.memory_in_force: dict[int, tuple[str, int, int]] = {}
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
@@ -130,34 +88,40 @@ class Engine:
         group = decide(self.compiled, account).group
         return frozenset(self.policy.whitelist) | frozenset(group["whitelist"] if group else ())
 
-    def properties(
+    def standing(self, uid: int, state: UserScore | None) -> Standing:
+        """The user's tier as recorded, and the MemoryMax sent on the way down to it."""
+        tier = state.tier if state else None
+        sent = self.memory_in_force.get(uid)
+        return Standing(tier, sent[1] if sent and sent[0] == tier else None)
+
+    def limits(
         self, account: Account, state: UserScore | None, current: int | None = None
-    ) -> Properties:
-        """What the user's slice should have: the group's limits, or the tier's.
+    ) -> SliceLimits:
+        """What the user's slice should have now (slicelimits.slice_limits); records nothing.
 
         ``current`` is the slice's memory now (bytes); a tier's MemoryMax never goes
-        below it plus a margin, and the value sent is remembered for the next step.
+        below it plus a margin. Whoever acts on the result records it (``remember``).
         """
-        decision = decide(self.compiled, account)
-        group = decision.group
-        tier = self._tier(state.tier) if state and state.tier else None
-        if decision.action != "applied" or group is None or tier is None:
-            self.memory_in_force.pop(account.uid, None)
-            return (
-                () if decision.action != "applied" or group is None else tuple(group["properties"])
-            )
-        quotas = group_quotas(group, self.memory_total)
-        target = tier_limits(None, quotas.memory_max, tier).get("MemoryMax")
-        if target is None or quotas.memory_max is None:
-            return tier_properties(group, quotas, tier)
-        in_force = self.memory_in_force.get(account.uid, (None, target))[0]
-        now = memory_max_now(target, quotas.memory_max, current, in_force)
-        self.memory_in_force[account.uid] = (now, target)
-        return tier_properties(group, quotas, tier, now)
+        standing = self.standing(account.uid, state)
+        return slice_limits(self.compiled, account, standing, self.memory_total, current)
+
+    def remember(self, uid: int, limits: SliceLimits) -> bool:
+        """Record the MemoryMax a tier's limits set, for the next step; True if it moved."""
+        before = self.memory_in_force.get(uid)
+        if limits.tier is not None and limits.memory_max is not None:
+            assert limits.memory_target is not None  # set together by slice_limits
+            self.memory_in_force[uid] = (limits.tier, limits.memory_max, limits.memory_target)
+        else:
+            self.memory_in_force.pop(uid, None)
+        return self.memory_in_force.get(uid) != before
 
     def memory_stepping(self) -> dict[int, tuple[int, int]]:
         """Users whose MemoryMax is still above their tier's: uid -> (in force, target)."""
-        return {uid: pair for uid, pair in self.memory_in_force.items() if pair[0] > pair[1]}
+        return {
+            uid: (sent, target)
+            for uid, (_tier, sent, target) in self.memory_in_force.items()
+            if sent > target
+        }
 
     def _tier(self, name: str) -> Tier | None:
         return self.policy.penalty.find(name) if self.policy.penalty else None
@@ -206,10 +170,9 @@ class Engine:
             current = memory.get(uid, sample.memory_bytes)
             stepping = change is None and new.tier is not None and uid in self.memory_stepping()
             if (change is not None and change.kind != "forgiven") or stepping:
-                before = self.memory_in_force.get(uid)
-                props = self.properties(account, new, current)
-                if change is not None or self.memory_in_force.get(uid) != before:
-                    actions.append(Action(uid, account.name, props, change))
+                limits = self.limits(account, new, current)
+                if self.remember(uid, limits) or change is not None:
+                    actions.append(Action(uid, account.name, limits.properties, change))
         actions += self._release_expired(now, skip=judged, recorded=recorded)
         if recorded:
             self.store.record_many(recorded, now=now)
@@ -229,8 +192,9 @@ class Engine:
                 continue  # evaluate() released them
             new, change = self._released(row.state, now, "penalty expired")
             recorded.append((row.uid, row.user, new, change))
+            self.memory_in_force.pop(row.uid, None)
             try:
-                props = self.properties(self.lookup(row.uid), new)
+                props = self.limits(self.lookup(row.uid), new).properties
             except CgpolicyError:
                 props = ()
             actions.append(Action(row.uid, row.user, props, change))
@@ -253,7 +217,9 @@ class Engine:
                 account = self.lookup(row.uid)
             except CgpolicyError:
                 continue
-            actions.append(Action(row.uid, row.user, self.properties(account, row.state), None))
+            limits = self.limits(account, row.state)
+            self.remember(row.uid, limits)
+            actions.append(Action(row.uid, row.user, limits.properties, None))
         recorded: list[tuple[int, str, UserScore, Change | None]] = []
         actions += self._release_expired(now, skip=set(), recorded=recorded)
         if recorded:
@@ -299,8 +265,9 @@ class Engine:
             "penalized", old.tier, tier_name, old.occurrences, occurrences, f"by {actor}"
         )
         self.store.record(uid, account.name, new, change, actor, now=now)
-        self.memory_in_force.pop(uid, None)  # a new tier steps down from the group's limit
-        return Action(uid, account.name, self.properties(account, new, current), change)
+        limits = self.limits(account, new, current)  # a new tier steps down from the group's
+        self.remember(uid, limits)
+        return Action(uid, account.name, limits.properties, change)
 
     def release(self, uid: int, actor: str, now: float) -> Action:
         """An admin ends a user's penalty now; NotPenalized when there is none."""
@@ -312,4 +279,5 @@ class Engine:
             )
         new, change = self._released(old, now, f"by {actor}")
         self.store.record(uid, account.name, new, change, actor, now=now)
-        return Action(uid, account.name, self.properties(account, new), change)
+        self.memory_in_force.pop(uid, None)
+        return Action(uid, account.name, self.limits(account, new).properties, change)

@@ -1,9 +1,15 @@
 """The project's error types: one base, each with a message an admin can act on.
 
+Every error class of the project lives here. Two keep the builtin they stand
+for as their base, so that code catching the builtin still catches them:
+LimitError is a ValueError, Untrusted an OSError (EPERM).
+
 Imported by the login hook: no imports beyond the builtins.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class CgpolicyError(Exception):
@@ -74,3 +80,52 @@ class SystemdError(CgpolicyError):
 
 class FreezeError(CgpolicyError):
     """A user's session could not be frozen or thawed."""
+
+
+class StateError(CgpolicyError):
+    """The state database cannot be opened, read or written."""
+
+
+class LimitError(ValueError):
+    """A limit value that systemd would not accept; the message says what would."""
+
+
+class Untrusted(OSError):
+    """A state directory or file root must not trust: a link, or not root's alone to write."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+# Nobody owns cgpolicyd's name: the bus could not start it, or it has just exited.
+NOT_RUNNING = (
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+)
+
+
+class DaemonError(CgpolicyError):
+    """cgpolicyd answered a call with an error, or did not answer in time."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self.text = text
+        if name == ACCESS_DENIED:
+            message = f"access denied: {text or 'cgpolicyd refused the call'}"
+        elif name in NOT_RUNNING or name.startswith("org.freedesktop.DBus.Error.Spawn"):
+            message = f"cgpolicyd is not running: {text}" if text else "cgpolicyd is not running"
+        else:
+            message = text or "cgpolicyd refused the call"
+        super().__init__(f"{message} ({name})")
+
+
+class Denied(Exception):
+    """cgpolicyd's API: the caller may not do this; the text says why.
+
+    Not a CgpolicyError: the service answers it with AccessDenied, never as the
+    core's own failure.
+    """

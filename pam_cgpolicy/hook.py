@@ -1,12 +1,13 @@
 """The PAM session hook, run by ``pam_exec.so`` after ``pam_systemd.so``.
 
 On open_session it classifies PAM_USER and sets the group's limits on the
-user's slice. Whatever happens (a broken policy, a dead bus, a hung systemd,
-a bug) it exits 0 within ``hook_timeout``: a login is never refused or held
-up by cgpolicy. Every decision is one log line.
+user's slice, or those of the penalty tier cgpolicyd has the user in.
+Whatever happens (a broken policy, a dead bus, a hung systemd, a bug) it
+exits 0 within ``hook_timeout``: a login is never refused or held up by
+cgpolicy. Every decision is one log line, with the limits it sent.
 
 It runs at every login, so it imports only builtin modules and the project's
-small hot-path modules: compiled policy, accounts, classify, setprops.
+small hot-path modules: compiled policy, accounts, classify, slicelimits, setprops.
 
 It runs as root with an environment that is partly the user's: pam_exec
 hands its child the PAM environment (which pam_env fills from the user's
@@ -125,12 +126,12 @@ def _open_session(clock: _Clock, user: str, options: dict[str, str]) -> str:
     clock.arm(timeout)
     penalties = os.path.join(state_dir, PENALTIES)
     try:
-        penalty = read_penalty(penalties, account.uid, time.time())
+        standing = read_penalty(penalties, account.uid, time.time())
     except (OSError, ValueError) as err:
         log.error(f"{err}; no cgpolicyd penalty is known for {log.quote(user)}")
-        penalty = None
+        standing = None
     bus = options["--bus-address"] or None
-    line = apply_limits(policy, account, clock.remaining(timeout), penalty, bus).log_line()
+    line = apply_limits(policy, account, clock.remaining(timeout), standing, bus).log_line()
     # Last: once held, sshd's session process waits for the thaw (cgroup v1 only).
     if hold_frozen_login(account.uid, time.monotonic() + clock.remaining(timeout) / 2):
         line += " frozen=held"

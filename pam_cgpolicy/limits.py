@@ -12,13 +12,18 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-UINT64_MAX = 2**64 - 1
-UINT32_MAX = 2**32 - 1
-USEC_PER_SEC = 1_000_000
+from .errors import LimitError
+from .slicelimits import (
+    INFINITY,
+    UINT32_MAX,
+    UINT64_MAX,
+    USEC_PER_SEC,
+    format_quota,
+    format_size,
+)
 
 # A limit that has no value in the policy is lifted with these: systemd's "infinity"
-# and "default", the same values `systemctl set-property KEY=` sends.
-INFINITY = UINT64_MAX
+# (INFINITY) and "default", the same values `systemctl set-property KEY=` sends.
 
 _SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
 # ASCII digits only, and few enough that no number is absurd before it is checked.
@@ -28,10 +33,6 @@ _CPU_LIST_RE = re.compile(r"\d{1,5}(-\d{1,5})?", re.ASCII)
 _NUMBER_RE = re.compile(r"\d{1,20}", re.ASCII)
 # systemctl's own bound for a percentage (an int of permyriad); CPUQuota above it is refused.
 PERMYRIAD_MAX = 2**31 - 1
-
-
-class LimitError(ValueError):
-    """A limit value that systemd would not accept; the message says what would."""
 
 
 @dataclass(frozen=True)
@@ -189,22 +190,6 @@ def _allowed_cpus(value: object) -> list[BusProperty]:
     return [BusProperty("AllowedCPUs", "ay", cpu_mask(parse_cpu_list(value)))]
 
 
-def format_size(value: int) -> str:
-    if value >= INFINITY:
-        return "infinity"
-    for suffix in ("T", "G", "M", "K"):
-        unit = _SIZE_SUFFIXES[suffix]
-        if value >= unit:
-            return f"{value / unit:.1f}{suffix}".replace(".0" + suffix, suffix)
-    return f"{value}B"
-
-
-def _format_quota(usec: int) -> str:
-    if usec >= INFINITY:
-        return "infinity"
-    return f"{usec * 100 / USEC_PER_SEC:g}%"
-
-
 def _format_number(value: int) -> str:
     return "infinity" if value >= INFINITY else str(value)
 
@@ -238,7 +223,7 @@ def _spec(
 SPECS: dict[str, LimitSpec] = {
     spec.key: spec
     for spec in (
-        _spec("CPUQuota", _cpu_quota, "CPUQuotaPerSecUSec", _format_quota),
+        _spec("CPUQuota", _cpu_quota, "CPUQuotaPerSecUSec", format_quota),
         _spec("CPUWeight", _weight("CPUWeight", allow_idle=True), "CPUWeight", _format_weight),
         _spec("IOWeight", _weight("IOWeight", allow_idle=False), "IOWeight", _format_weight),
         _spec("MemoryMax", _memory("MemoryMax", 1), "MemoryMax", format_size),

@@ -17,7 +17,8 @@ from typing import Any
 from . import limits as limits_mod
 from .badness import BadnessParams, PenaltyParams, Tier
 from .constants import GROUPS_DIR, MAIN_FILE, policy_files
-from .errors import PolicyError, Problem, policy_error
+from .errors import LimitError, PolicyError, Problem, policy_error
+from .slicelimits import INFINITY, TIER_LOWERS
 from .trust import why_unsafe
 from .usage import MATCH_EXECUTABLE, MATCH_MODES
 
@@ -74,16 +75,21 @@ class Policy:
         lift a tier's MemoryHigh even when no group sets one.
         """
         keys = {key for group in self.groups.values() for key in group.limits}
-        return keys | ({"CPUQuota", "MemoryMax", "MemoryHigh"} if self.penalty else set())
+        return keys | (set(TIER_LOWERS) if self.penalty else set())
 
     def compile(self) -> dict[str, Any]:
-        """The compiled form the hook and the CLI act on: plain data, D-Bus values ready."""
+        """The compiled form the hook and the CLI act on: plain data, D-Bus values ready.
+
+        ``tiers``: each penalty tier's (cpu_factor, memory_factor), for slice_limits.
+        """
         managed = self.managed_keys()
+        tiers = self.penalty.tiers if self.penalty else ()
         return {
             "min_uid": self.general.min_uid,
             "hook_timeout": self.general.hook_timeout,
             "order": self.order,
             "fallback": self.fallback,
+            "tiers": {tier.name: (tier.cpu_factor, tier.memory_factor) for tier in tiers},
             "groups": {
                 name: {
                     "name": name,
@@ -350,7 +356,7 @@ def _parse_limits(gfile: _File, data: dict[str, Any]) -> dict[str, int | str]:
     for key, value in table.items():
         try:
             limits_mod.convert(key, value)
-        except limits_mod.LimitError as err:
+        except LimitError as err:
             gfile.report(str(err), f"limits.{key}")
             continue
         result[key] = value
@@ -366,11 +372,7 @@ def _parse_limits(gfile: _File, data: dict[str, Any]) -> dict[str, int | str]:
 def _absolute_bytes(value: int | str) -> float:
     """Bytes of an absolute size; -inf for a percentage or infinity, which never compare."""
     (prop,) = limits_mod.convert("MemoryMax", value)
-    if (
-        prop.name == "MemoryMax"
-        and isinstance(prop.value, int)
-        and prop.value < limits_mod.INFINITY
-    ):
+    if prop.name == "MemoryMax" and isinstance(prop.value, int) and prop.value < INFINITY:
         return prop.value
     return float("-inf")
 

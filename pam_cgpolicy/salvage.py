@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 
 from . import log
-from .state import StateError, StateStore
+from .errors import StateError
+from .state import StateStore
 
 SIDE_FILES = ("", "-wal", "-shm")
 DAMAGED = ("SQLITE_CORRUPT", "SQLITE_NOTADB")

@@ -19,10 +19,10 @@ import sys
 from typing import Any
 
 from .accounts import lookup_account
-from .classify import decide
 from .constants import SYSTEMD_SLICE, slice_name
 from .errors import CgpolicyError
-from .limits import INFINITY, cpus_from_mask
+from .limits import cpus_from_mask
+from .slicelimits import INFINITY, NO_PENALTY, Standing, slice_limits
 from .systemd import Systemd
 
 SERVICE = "cgpolicy-selftest"
@@ -68,11 +68,15 @@ async def _slice_properties(uid: int) -> dict[str, Any]:
         systemd.close()
 
 
-def run(policy: dict[str, Any], user: str) -> bool:
-    """Open a session for ``user``, compare the slice with the policy, report; True if all match."""
+def run(policy: dict[str, Any], user: str, standing: Standing | None = None) -> bool:
+    """Open a session for ``user``, compare the slice with the policy, report; True if all match.
+
+    ``standing``: the penalty cgpolicyd has the user in, whose limits the hook
+    keeps; what is expected is what slice_limits gives, as for every writer.
+    """
     account = lookup_account(user)
-    decision = decide(policy, account)
-    print(f"selftest: {decision.log_line()}")
+    expected = slice_limits(policy, account, standing or NO_PENALTY)
+    print(f"selftest: {expected.log_line()}")
     argv = [
         "systemd-run",
         "--quiet",
@@ -100,12 +104,12 @@ def run(policy: dict[str, Any], user: str) -> bool:
             proc.stdin.write("\n")
             proc.stdin.close()
     ok = True
-    for name, _signature, wanted in decision.properties:
+    for name, _signature, wanted in expected.properties:
         matched, shown = _matches(name, wanted, got)
         ok &= matched
         print(f"selftest:   [{'ok' if matched else 'FAIL'}] {shown} (policy: {wanted})")
-    if decision.action != "applied":
-        print(f"selftest: {user} is {decision.action}: nothing to compare")
+    if expected.action != "applied":
+        print(f"selftest: {user} is {expected.action}: nothing to compare")
     print("selftest: ok" if ok else "selftest: the slice does not have the policy's limits")
     return ok
 

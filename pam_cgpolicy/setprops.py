@@ -14,9 +14,9 @@ from __future__ import annotations
 import _signal  # not signal.py, which imports enum: see hook.py
 import os
 
-from .classify import Decision, decide
 from .constants import SYSTEMD_BUS_NAME, SYSTEMD_MANAGER, SYSTEMD_PATH, slice_name
 from .errors import SystemdError
+from .slicelimits import NO_PENALTY, SliceLimits, Standing, slice_limits
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -134,22 +134,20 @@ def apply_limits(
     policy: dict[str, Any],
     account: Account,
     timeout: float,
-    penalty: tuple[tuple[str, str, Any], ...] | None = None,
+    standing: Standing | None = None,
     bus: str | None = None,
-) -> Decision:
-    """What happens at login: decide for the user, then set the group's properties.
+) -> SliceLimits:
+    """What happens at login: decide for the user (slice_limits), then set that.
 
-    ``penalty`` are the properties of a penalty cgpolicyd has the user in: they
-    take the group's place, so logging in again does not end a penalty. When
-    systemd refuses, the decision says "failed" with systemd's error, so its
-    log line still tells which group and limits were meant.
+    ``standing`` is the penalty cgpolicyd has the user in (from its copy for the
+    hook): its tier's limits take the group's place, so logging in again does
+    not end a penalty. When systemd refuses, the result says "failed" with
+    systemd's error, so its log line still tells which limits were meant.
     """
-    decision = decide(policy, account)
-    if decision.action == "applied":
-        if penalty is not None:
-            decision.reason = "in a cgpolicyd penalty"
+    limits = slice_limits(policy, account, standing or NO_PENALTY)
+    if limits.properties:
         try:
-            set_slice_properties(account.uid, penalty or decision.properties, timeout, bus)
+            set_slice_properties(account.uid, limits.properties, timeout, bus)
         except SystemdError as err:
-            decision.fail(err)
-    return decision
+            limits.fail(err)
+    return limits

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from .badness import Change, UserScore
-from .errors import CgpolicyError
+from .errors import StateError
 
 SCHEMA_VERSION = 1
 
@@ -58,10 +58,6 @@ _EVENT_COLUMNS = (
     "id, time, uid, user, kind, old_tier, new_tier, old_occurrences, new_occurrences, reason, actor"
 )
 _TABLES = {"users": _USER_COLUMNS, "events": _EVENT_COLUMNS}
-
-
-class StateError(CgpolicyError):
-    """The state database cannot be opened, read or written."""
 
 
 @dataclass(frozen=True)

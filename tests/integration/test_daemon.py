@@ -37,7 +37,16 @@ BUS = "org.cgpolicy1"
 OBJECT = "/org/cgpolicy1"
 IFACE = "org.cgpolicy1.Manager"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-METHODS = ("GetUser", "ListUsers", "FreezeUser", "ThawUser", "Penalize", "Release", "Reload")
+METHODS = (
+    "GetUser",
+    "ListUsers",
+    "FreezeUser",
+    "ThawUser",
+    "Penalize",
+    "Release",
+    "Apply",
+    "Reload",
+)
 
 POLICY = {
     "cgpolicy.toml": """

@@ -19,7 +19,8 @@ import pytest
 from test_login_node import POLICY, keep_logged_in, login, root, slice_props, write_policy
 from unit.policygen import limits as random_limits
 
-from pam_cgpolicy.limits import LIMIT_KEYS, LimitError, properties_for
+from pam_cgpolicy.errors import LimitError
+from pam_cgpolicy.limits import LIMIT_KEYS, properties_for
 
 pytestmark = pytest.mark.vm
 

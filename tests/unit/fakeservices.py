@@ -70,6 +70,10 @@ class FakeCore:
     async def release(self, name: str, actor: str) -> None:
         await self._do("release", name)
 
+    async def apply_user(self, name: str, actor: str) -> str:
+        await self._do("apply", name)
+        return f"user={name} tier=penalty1 limits=CPUQuota=160% action=applied"
+
     async def reload(self, actor: str) -> list[str]:
         await self._do("reload")
         return list(self.problems)
@@ -134,6 +138,10 @@ async def fake_systemd(address: str) -> AsyncIterator[list[tuple[str, ...]]]:
     def answer(msg: Message) -> Message | bool:
         if msg.message_type != MessageType.METHOD_CALL or msg.destination != SYSTEMD:
             return False
+        if msg.member == "SetUnitProperties":  # unit, then name=value of each property
+            unit, _runtime, props = msg.body
+            calls.append((msg.member, unit, *(f"{name}={value.value}" for name, value in props)))
+            return Message.new_method_return(msg)
         calls.append((msg.member or "", *map(str, msg.body)))
         if msg.member == "ListUnitsByPatterns":
             unit = ("user-65534.slice", "", "loaded", "active", "active", "", UNIT_PATH, 0, "", "/")

@@ -14,9 +14,7 @@ from pam_cgpolicy.badness import (
     evaluate,
     is_violation,
     step_badness,
-    tier_limits,
 )
-from pam_cgpolicy.limits import INFINITY
 
 GIB = 1024**3
 
@@ -450,46 +448,6 @@ def test_nothing_measured_never_violates():
     assert state.score == 0
 
 
-# Penalty limits
-
-
-def test_tier_limits_scale_the_groups_limits():
-    tier = TIERS.tiers[1]  # 0.5 and 0.5
-    assert tier_limits(2_000_000, 4 * GIB, tier) == {
-        "CPUQuotaPerSecUSec": 1_000_000,
-        "MemoryMax": 2 * GIB,
-        "MemoryHigh": 2 * GIB,
-    }
-
-
-def test_tier_limits_scale_the_groups_memory_high_when_it_has_one():
-    tier = Tier("p", timeout=60, cpu_factor=0.25, memory_factor=0.25)
-    limits = tier_limits(1_500_000, 4 * GIB, tier, group_memory_high_bytes=2 * GIB)
-    assert limits == {"CPUQuotaPerSecUSec": 375_000, "MemoryMax": GIB, "MemoryHigh": GIB // 2}
-
-
-def test_tier_limits_keep_memory_high_at_most_memory_max():
-    tier = Tier("p", timeout=60, cpu_factor=1, memory_factor=0.5)
-    limits = tier_limits(None, 4 * GIB, tier, group_memory_high_bytes=8 * GIB)
-    assert limits == {"MemoryMax": 2 * GIB, "MemoryHigh": 2 * GIB}
-
-
-def test_tier_limits_round_down_to_whole_units():
-    tier = Tier("p", timeout=60, cpu_factor=0.3, memory_factor=0.3)
-    assert tier_limits(1_000_001, 1001, tier) == {
-        "CPUQuotaPerSecUSec": 300_000,
-        "MemoryMax": 300,
-        "MemoryHigh": 300,
-    }
-
-
-@pytest.mark.parametrize("unlimited", [None, 0, INFINITY])
-def test_tier_limits_leave_out_what_the_group_leaves_unlimited(unlimited):
-    tier = TIERS.tiers[0]
-    assert tier_limits(unlimited, unlimited, tier) == {}
-    assert set(tier_limits(1_000_000, unlimited, tier)) == {"CPUQuotaPerSecUSec"}
-
-
 # Parameters
 
 
@@ -601,19 +559,3 @@ else:
         usage = max(x, t) * quota
         if min(usage, quota) / quota >= t:
             assert step_badness(b, usage, quota, t, params, interval) >= b
-
-
-def test_memory_max_never_goes_below_usage_plus_margin_and_steps_down_to_the_target():
-    from pam_cgpolicy.badness import memory_max_now
-
-    gib, target, group = 1024**3, 512 * 1024**2, 2 * 1024**3
-    margin = group // 10
-    first = memory_max_now(target, group, int(1.5 * gib), None)
-    assert first == int(1.5 * gib) + margin
-    second = memory_max_now(target, group, gib, first)
-    assert second == gib + margin
-    assert memory_max_now(target, group, 2 * gib, second) == second  # never rises again
-    assert memory_max_now(target, group, None, second) == second  # unread: stays
-    assert memory_max_now(target, group, 100 * 1024**2, second) == target
-    assert memory_max_now(target, group, 3 * gib, None) == group  # never above the group's
-    assert memory_max_now(target, group, None, None) == group

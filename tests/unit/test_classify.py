@@ -4,6 +4,7 @@ from policyfiles import write_policy
 from pam_cgpolicy.accounts import Account, lookup_account
 from pam_cgpolicy.classify import classify, decide
 from pam_cgpolicy.policy import load_policy
+from pam_cgpolicy.slicelimits import slice_limits
 
 
 def NamedAccount(name, uid, gids=(), names=()):
@@ -56,7 +57,7 @@ def test_decide_applies_and_lifts_other_groups_limits(policy):
     assert sent["MemoryMax"] == 4 * 1024**3
     assert sent["MemoryHigh"] == 2**64 - 1  # set by students, lifted for normal
     assert sent["TasksMax"] == 2**64 - 1
-    assert "group=normal rule=fallback" in decision.log_line()
+    assert "group=normal rule=fallback" in slice_limits(policy, decision.account).log_line()
 
 
 def test_lookup_account_includes_supplementary_groups():

@@ -20,12 +20,14 @@ from typing import Any, TypeVar
 
 import pytest
 from fakeservices import FakeCore, cgpolicyd, denying_cgpolicyd, fake_systemd
-from policyfiles import write_policy
+from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
 from privatebus import private_bus
 
 from pam_cgpolicy import cli
 from pam_cgpolicy.badness import Change, UserScore
 from pam_cgpolicy.cgroups import cgroup_mode
+from pam_cgpolicy.compiled import save_penalties
+from pam_cgpolicy.constants import PENALTIES
 from pam_cgpolicy.state import StateStore
 
 T = TypeVar("T")
@@ -251,6 +253,34 @@ def test_without_cgpolicyd_or_systemd_the_systemd_error_shows(
     assert "org.freedesktop.systemd1" in done.stderr
     assert "org.freedesktop.DBus.Error.ServiceUnknown" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# apply: through cgpolicyd, else from the hook's copy of the penalties
+
+
+def test_apply_goes_through_cgpolicyd_when_it_runs(env: dict[str, str]) -> None:
+    core = FakeCore()
+    done = run(with_daemon(env, core, "apply", "nobody"))
+    assert done.returncode == 0 and "tier=penalty1" in done.stdout
+    assert core.calls == [("apply", "nobody")]
+
+
+def test_apply_without_cgpolicyd_keeps_the_penalty_in_force(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS)
+    save_penalties(str(tmp_path / "state" / PENALTIES), {NOBODY: (4e9, "penalty2", None)})
+
+    async def scenario() -> tuple[Done, list[tuple[str, ...]]]:
+        async with fake_systemd(env["DBUS_SYSTEM_BUS_ADDRESS"]) as calls:
+            return await cgpolicyctl(env, "apply", "nobody"), calls
+
+    done, calls = run(scenario())
+    assert done.returncode == 0, done.stderr
+    (call,) = [c for c in calls if c[0] == "SetUnitProperties"]
+    assert call[1] == "user-65534.slice"
+    assert "CPUQuotaPerSecUSec=1000000" in call  # penalty2 halves the group's 200%
+    assert "tier=penalty2" in done.stdout and "CPUQuota=100%" in done.stdout
 
 
 # history: the state database, read-only

@@ -16,8 +16,8 @@ from fakeservices import USERS, FakeCore, cgpolicyd, denying_cgpolicyd
 from privatebus import private_bus
 
 from pam_cgpolicy import bus
-from pam_cgpolicy.client import Daemon, DaemonError, daemon_running
-from pam_cgpolicy.errors import SystemdError
+from pam_cgpolicy.client import Daemon, daemon_running
+from pam_cgpolicy.errors import DaemonError, SystemdError
 
 T = TypeVar("T")
 

@@ -61,12 +61,12 @@ def test_corrupt_cache_is_ignored(tmp_path):
 
 def test_penalties_copy_for_the_hook(tmp_path):
     from pam_cgpolicy.compiled import read_penalty, save_penalties
+    from pam_cgpolicy.slicelimits import Standing
 
     path = str(tmp_path / "penalties.compiled")
     assert read_penalty(path, 2002, now=100.0) is None  # no daemon yet
-    props = (("CPUQuotaPerSecUSec", "t", 250_000),)
-    save_penalties(path, {2002: (200.0, props)})
-    assert read_penalty(path, 2002, now=100.0) == props
+    save_penalties(path, {2002: (200.0, "penalty1", 3 * 1024**3)})
+    assert read_penalty(path, 2002, now=100.0) == Standing("penalty1", 3 * 1024**3)
     assert read_penalty(path, 2002, now=200.0) is None  # expired: the group's limits apply
     assert read_penalty(path, 2003, now=100.0) is None
     (tmp_path / "penalties.compiled").write_bytes(b"garbage")

@@ -120,6 +120,10 @@ class FakeCore:
     async def release(self, name: str, actor: str) -> None:
         await self._do("release", name, actor)
 
+    async def apply_user(self, name: str, actor: str) -> str:
+        await self._do("apply", name, actor)
+        return f"user={name} action=applied"
+
     async def reload(self, actor: str) -> list[str]:
         await self._do("reload", actor)
         return list(self.problems)
@@ -203,6 +207,7 @@ EVERY_METHOD = {
     "ThawUser": ["string:alice"],
     "Penalize": ["string:alice", "string:penalty1"],
     "Release": ["string:alice"],
+    "Apply": ["string:alice"],
     "Reload": [],
 }
 
@@ -269,6 +274,7 @@ def test_every_contract_method_answers_with_its_signature(address: str) -> None:
         "ThawUser": ["alice"],
         "Penalize": ["alice", "penalty1"],
         "Release": ["alice"],
+        "Apply": ["alice"],
     }
 
     async def scenario() -> None:
@@ -365,6 +371,7 @@ def test_root_may_call_everything_without_being_an_admin(address: str) -> None:
                 await call(client, "ThawUser", "s", ["alice"]),
                 await call(client, "Penalize", "ss", ["alice", "penalty1"]),
                 await call(client, "Release", "s", ["alice"]),
+                await call(client, "Apply", "s", ["alice"]),
                 await call(client, "Reload"),
             ]
 
@@ -373,7 +380,8 @@ def test_root_may_call_everything_without_being_an_admin(address: str) -> None:
     root = "uid 0 (root)"
     assert ("freeze", "alice", root) in core.calls
     assert ("penalize", "alice", "penalty1", root) in core.calls
-    assert len(core.calls) == 7
+    assert ("apply", "alice", root) in core.calls
+    assert len(core.calls) == 8
     assert core.asked_admin == []
 
 

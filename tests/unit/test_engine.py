@@ -3,9 +3,10 @@ from policyfiles import DAEMON_SECTIONS, GROUPS, MAIN, write_policy
 
 from pam_cgpolicy.accounts import Account
 from pam_cgpolicy.badness import UserScore
-from pam_cgpolicy.engine import Engine, group_quotas
+from pam_cgpolicy.engine import Engine
 from pam_cgpolicy.errors import NotManaged, NotPenalized, UnknownTier
 from pam_cgpolicy.policy import load_policy
+from pam_cgpolicy.slicelimits import group_quotas
 from pam_cgpolicy.state import StateStore
 from pam_cgpolicy.usage import Sample
 
@@ -239,11 +240,9 @@ def test_a_penalty_never_sets_memory_max_below_usage_and_steps_down_as_usage_fal
     assert props(action)["MemoryHigh"] == 1800 * MiB // 4  # the pressure, without a kill
     now = T0 + start * 10
     # the hook's copy carries the limit in force, not the target
-    assert (
-        dict((n, v) for n, _, v in engine.properties(ACCOUNTS[2002], engine.store.get(2002)))[
-            "MemoryMax"
-        ]
-        == 1536 * MiB + MARGIN
+    assert engine.standing(2002, engine.store.get(2002)).memory_max == 1536 * MiB + MARGIN
+    assert props(engine.limits(ACCOUNTS[2002], engine.store.get(2002)))["MemoryMax"] == (
+        1536 * MiB + MARGIN
     )
     assert engine.memory_stepping() == {2002: (1536 * MiB + MARGIN, 512 * MiB)}
     # systemd's reading, when given, counts over the sample's

@@ -112,7 +112,8 @@ def test_acl_writers_reads_every_kind_of_entry():
 
 def test_a_state_directory_an_acl_lets_a_user_write_is_refused(tmp_path):
     """The state files get the same check as the policy files: ACLs count too."""
-    from pam_cgpolicy.compiled import Untrusted, read_penalty, save_penalties
+    from pam_cgpolicy.compiled import read_penalty, save_penalties
+    from pam_cgpolicy.errors import Untrusted
 
     state = tmp_path / "state"
     state.mkdir(mode=0o700)

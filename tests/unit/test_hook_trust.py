@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from policyfiles import GROUPS, write_policy
+from policyfiles import DAEMON_SECTIONS, GROUPS, MAIN, write_policy
 from test_hook_fails_open import run_hook
 
 from pam_cgpolicy.compiled import save, save_penalties
@@ -119,11 +119,10 @@ def test_a_user_owned_compiled_policy_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("how", ["user-owned", "group-writable", "symlink", "garbage"])
 def test_an_untrusted_penalties_copy_means_no_penalty_known(tmp_path: Path, how: str) -> None:
-    write_policy(tmp_path / "etc")
+    write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS)
     state = tmp_path / "state"
     path = state / PENALTIES
-    penalty = (("CPUQuotaPerSecUSec", "t", 1),)
-    save_penalties(str(path), {NOBODY: (4e9, penalty)})
+    save_penalties(str(path), {NOBODY: (4e9, "penalty1", None)})
     if how == "user-owned":
         os.chown(path, NOBODY, NOBODY)
     elif how == "group-writable":
@@ -136,16 +135,16 @@ def test_an_untrusted_penalties_copy_means_no_penalty_known(tmp_path: Path, how:
     done, _ = run_hook(tmp_path, f"unix:path={tmp_path}/no-such-bus")
     assert done.returncode == 0
     assert "no cgpolicyd penalty is known for nobody" in done.stderr
-    assert "in a cgpolicyd penalty" not in done.stderr
+    assert "tier=" not in done.stderr
     assert "group=normal" in done.stderr
 
 
 def test_a_trusted_penalties_copy_is_used(tmp_path: Path) -> None:
     """The refusals above are not the hook ignoring every copy."""
-    write_policy(tmp_path / "etc")
-    save_penalties(str(tmp_path / "state" / PENALTIES), {NOBODY: (4e9, (("TasksMax", "t", 9),))})
+    write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS)
+    save_penalties(str(tmp_path / "state" / PENALTIES), {NOBODY: (4e9, "penalty1", None)})
     done, _ = run_hook(tmp_path, f"unix:path={tmp_path}/no-such-bus")
-    assert 'reason="in a cgpolicyd penalty"' in done.stderr
+    assert 'tier=penalty1 limits="CPUQuota=160%' in done.stderr
 
 
 def test_state_files_are_0600_in_a_0700_directory(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 import pytest
 
 from pam_cgpolicy import limits
-from pam_cgpolicy.limits import INFINITY, UINT32_MAX, BusProperty, LimitError, convert
+from pam_cgpolicy.errors import LimitError
+from pam_cgpolicy.limits import BusProperty, convert
+from pam_cgpolicy.slicelimits import INFINITY, UINT32_MAX
 
 
 def one(key, value):

@@ -5,6 +5,7 @@ import pytest
 from pam_cgpolicy import log
 from pam_cgpolicy.accounts import Account
 from pam_cgpolicy.classify import Decision
+from pam_cgpolicy.slicelimits import SliceLimits
 
 
 def parse(line: str) -> list[tuple[str, str]]:
@@ -64,7 +65,7 @@ def test_plain_values_stay_bare_and_none_is_left_out() -> None:
 
 def test_the_login_line_quotes_a_hostile_user_name() -> None:
     account = Account("eve\nuser=root action=exempt", 3000, frozenset({3000}), frozenset())
-    line = Decision(account, "skipped", 'reason" action="exempt').log_line()
+    line = SliceLimits(Decision(account, "skipped", 'reason" action="exempt'), ()).log_line()
     assert "\n" not in line
     assert [key for key, _ in parse(line)] == ["user", "uid", "action", "reason"]
     assert dict(parse(line))["action"] == "skipped"

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from policygen import outcome, write_tree
 
 from pam_cgpolicy import limits
+from pam_cgpolicy.errors import LimitError
+from pam_cgpolicy.slicelimits import UINT32_MAX, UINT64_MAX
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
@@ -33,10 +35,10 @@ def test_every_policy_tree_is_valid_or_a_located_policy_error(rng: random.Random
 def test_every_limit_value_converts_or_is_a_limit_error(key: str, value: object) -> None:
     try:
         props = limits.convert(key, value)
-    except limits.LimitError:
+    except LimitError:
         return
     for prop in props:  # what systemd takes: a uint64 or uint32 it does not refuse
         if prop.signature == "t":
-            assert isinstance(prop.value, int) and 0 <= prop.value <= limits.UINT64_MAX
+            assert isinstance(prop.value, int) and 0 <= prop.value <= UINT64_MAX
         elif prop.signature == "u":
-            assert isinstance(prop.value, int) and 0 < prop.value <= limits.UINT32_MAX
+            assert isinstance(prop.value, int) and 0 < prop.value <= UINT32_MAX

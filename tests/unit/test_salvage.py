@@ -6,8 +6,9 @@ import sqlite3
 import pytest
 
 from pam_cgpolicy.badness import Change, UserScore
+from pam_cgpolicy.errors import StateError
 from pam_cgpolicy.salvage import last_salvage, open_or_salvage
-from pam_cgpolicy.state import SCHEMA_VERSION, StateError, StateStore
+from pam_cgpolicy.state import SCHEMA_VERSION, StateStore
 
 USERS = 400
 PENALIZED = Change("penalized", None, "penalty1", 0, 1, "badness over the line")

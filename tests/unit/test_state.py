@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pam_cgpolicy.badness import Change, UserScore
-from pam_cgpolicy.state import SCHEMA_VERSION, Event, StateError, StateStore, UserRow
+from pam_cgpolicy.errors import StateError
+from pam_cgpolicy.state import SCHEMA_VERSION, Event, StateStore, UserRow
 
 ROOT = Path(__file__).resolve().parents[2]
 
