@@ -74,6 +74,10 @@ class FakeCore:
         await self._do("reload")
         return list(self.problems)
 
+    async def status(self) -> dict[str, Any]:
+        await self._do("status")
+        return {"policy": "files", "started": 1_800_000_000.0, "users": len(USERS)}
+
     async def is_admin(self, uid: int) -> bool:
         return True  # whoever runs the tests; access itself is test_dbusapi's
 
