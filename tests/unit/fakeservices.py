@@ -36,9 +36,15 @@ USERS: dict[str, dict[str, Any]] = {
 class FakeCore:
     """cgpolicyd's core as dbusapi sees it: records each call; hangs when told."""
 
-    def __init__(self, problems: tuple[str, ...] = (), hangs: bool = False) -> None:
+    def __init__(
+        self,
+        problems: tuple[str, ...] = (),
+        hangs: bool = False,
+        status: dict[str, Any] | None = None,
+    ) -> None:
         self.problems = problems
         self.hangs = hangs
+        self.status_info = status or {"policy": "files", "started": 1_800_000_000.0, "users": 2}
         self.calls: list[tuple[str, ...]] = []
 
     async def _do(self, *call: str) -> None:
@@ -76,7 +82,7 @@ class FakeCore:
 
     async def status(self) -> dict[str, Any]:
         await self._do("status")
-        return {"policy": "files", "started": 1_800_000_000.0, "users": len(USERS)}
+        return self.status_info
 
     async def is_admin(self, uid: int) -> bool:
         return True  # whoever runs the tests; access itself is test_dbusapi's
