@@ -136,7 +136,8 @@ class Daemon:
         self.known: set[int] = set()  # slices that have had their limits from us
         self.service: Any = None  # the D-Bus service, once serving
         self.marks = fingerprint(self.config_dir)  # the policy files as last loaded
-        self.refused: list[str] = list(refused or [])  # the files' problems, while refused
+        # The files' problems while they are refused; retried every cycle.
+        self.refused: list[str] = list(refused or ([] if policy else ["no valid policy loaded"]))
         self.locks: dict[int, asyncio.Lock] = {}  # one send at a time per uid
         self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
         self.stepped: set[int] = set()  # users whose MemoryMax was above target this cycle
