@@ -351,6 +351,22 @@ def test_to_vardict_types_and_leaves_out_none() -> None:
         "frozen": Variant("b", False),
     }
     assert "tier" not in to_vardict(USERS["nobody"])
+    assert to_vardict(STATUS)["problems"] == Variant("as", STATUS["problems"])
+    assert to_vardict({"pending": ("bob", "carol")}) == {
+        "pending": Variant("as", ["bob", "carol"])
+    }
+
+
+def test_status_is_for_admins_and_reaches_them_as_variants(address: str) -> None:
+    async def scenario() -> Sent | None:
+        async with running(address, FakeCore()) as (_, client):
+            reply = await call(client, "Status")
+            assert reply.body == [to_vardict(STATUS)]
+            return await send_as(address, NOBODY, "Status") if IS_ROOT else None
+
+    denied = run(scenario())
+    if denied is not None:
+        assert denied.error == ACCESS_DENIED and "Status is for root" in denied.text
 
 
 @pytest.mark.parametrize(
