@@ -354,7 +354,7 @@ class Daemon:
         return [self._user_info(accounts[uid], statuses.get(uid)) for uid in sorted(accounts)]
 
     def policy_in_force(self) -> str:
-        """ "files", "last good" (the files are refused) or "none" (nobody is limited)."""
+        """Which policy is in force: "files", "last good" (the files are refused) or "none"."""
         if not self.refused:
             return "files"
         return "last good" if self.has_policy else "none"
