@@ -78,10 +78,20 @@ class Accounts:
         """
         wanted = set(uids)
         found: dict[int, Account] = {}
+        group_names: dict[int, str | None] = {}  # each gid's name asked once, not once a user
+
+        def named(gids: frozenset[int]) -> frozenset[str]:
+            for gid in gids - group_names.keys():
+                try:
+                    group_names[gid] = grp.getgrgid(gid).gr_name
+                except KeyError:
+                    group_names[gid] = None  # a gid with no name can still match by number
+            return frozenset(name for gid in gids if (name := group_names[gid]) is not None)
+
         for entry in pwd.getpwall():
             if entry.pw_uid in wanted and entry.pw_uid not in found:
                 gids = frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
-                found[entry.pw_uid] = Account(entry.pw_name, entry.pw_uid, gids)
+                found[entry.pw_uid] = Account(entry.pw_name, entry.pw_uid, gids, named(gids))
         for uid in wanted - found.keys():
             try:
                 found[uid] = self.by_uid(uid)

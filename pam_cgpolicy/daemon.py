@@ -34,6 +34,7 @@ from dbus_fast.aio import MessageBus
 
 from . import control, log
 from .accounts import Account, Accounts, is_admin
+from .badness import UserScore
 from .classify import decide
 from .compiled import fingerprint, read_last_good, save, save_penalties
 from .constants import (
@@ -303,12 +304,14 @@ class Daemon:
 
     async def get_user(self, name: str) -> dict[str, Any]:
         account = self.accounts.by_name(name)
-        return self._user_info(account, await control.slice_status(self.systemd, account.uid))
+        status = await control.slice_status(self.systemd, account.uid)
+        return self._user_info(account, self.store.get(account.uid), status)
 
-    def _user_info(self, account: Account, status: dict[str, Any] | None) -> dict[str, Any]:
+    def _user_info(
+        self, account: Account, state: UserScore | None, status: dict[str, Any] | None
+    ) -> dict[str, Any]:
         """GetUser's keys for ``account``; ``status`` is its slice's, None if unread."""
         decision = decide(self.engine.compiled, account)
-        state = self.store.get(account.uid)
         info: dict[str, Any] = {
             "user": account.name,
             "uid": account.uid,
@@ -337,7 +340,8 @@ class Daemon:
         pass, systemd lists the user slices in one call, and only the slices it
         has loaded are read, several at once.
         """
-        uids = set(self.store.all()) | set(self.sampler.active_uids(self.policy.general.min_uid))
+        stored = self.store.all()
+        uids = set(stored) | set(self.sampler.active_uids(self.policy.general.min_uid))
         accounts = await asyncio.to_thread(self.accounts.many, uids)
         paths = await self.systemd.user_slice_paths()
         reads = asyncio.Semaphore(SLICE_READS)
@@ -351,7 +355,10 @@ class Daemon:
 
         loaded = [uid for uid in sorted(accounts) if uid in paths]
         statuses = dict(zip(loaded, await asyncio.gather(*map(status, loaded)), strict=True))
-        return [self._user_info(accounts[uid], statuses.get(uid)) for uid in sorted(accounts)]
+        return [
+            self._user_info(accounts[uid], stored.get(uid), statuses.get(uid))
+            for uid in sorted(accounts)
+        ]
 
     def policy_in_force(self) -> str:
         """Which policy is in force: "files", "last good" (the files are refused) or "none"."""

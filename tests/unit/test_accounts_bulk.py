@@ -18,6 +18,7 @@ def test_many_gives_what_lookup_uid_gives_and_leaves_out_unknown_uids() -> None:
     for uid in known:
         one = lookup_uid(uid)
         assert (found[uid].name, found[uid].uid, found[uid].gids) == (one.name, uid, one.gids)
+        assert found[uid].group_names == one.group_names
 
 
 def test_a_database_that_does_not_list_its_users_is_asked_one_uid_at_a_time(
