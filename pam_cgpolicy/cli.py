@@ -553,6 +553,56 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     salvaged = last_salvage(state_db_file())
     if salvaged is not None:
         checks.append(("warn", "state database", "was damaged, salvaged: " + salvaged))
+    checks += _daemon_checks(salvage_shown=salvaged is not None)
+    return checks
+
+
+def _daemon_checks(salvage_shown: bool) -> list[tuple[str, str, str]]:
+    """cgpolicyd as it reports itself: the policy it runs on, and sends systemd refused."""
+
+    async def ask(_systemd: Systemd, daemon: Daemon | None) -> dict[str, Any] | None:
+        return None if daemon is None else await daemon.status()
+
+    try:
+        status = _on_bus(ask)
+    except CgpolicyError as err:
+        return [("warn", "cgpolicyd", f"cannot ask it: {err}")]
+    if status is None:
+        return [("warn", "cgpolicyd", "not running: nobody's usage is judged")]
+    since = datetime.fromtimestamp(status["started"]).isoformat(" ", "seconds")
+    problems = status.get("problems", [])
+    policy = status["policy"]
+    if policy == "files":
+        checks = [("ok", "cgpolicyd", f"running since {since} on the policy files")]
+    elif policy == "last good":
+        checks = [
+            (
+                "warn",
+                "cgpolicyd",
+                f"degraded since {since}: on the last good policy; the files are refused "
+                f"({'; '.join(problems)})",
+            )
+        ]
+    else:
+        checks = [
+            (
+                "FAIL",
+                "cgpolicyd",
+                f"degraded since {since}: no valid policy, nobody is limited "
+                f"({'; '.join(problems)})",
+            )
+        ]
+    if status.get("pending"):
+        checks.append(
+            (
+                "warn",
+                "cgpolicyd sends",
+                "limits systemd has not taken yet, retried every cycle: "
+                + ", ".join(status["pending"]),
+            )
+        )
+    if status.get("salvage") and not salvage_shown:  # an admin who cannot read the report
+        checks.append(("warn", "cgpolicyd state", "salvaged at start: " + status["salvage"]))
     return checks
 
 

@@ -1,4 +1,4 @@
-"""A client of cgpolicyd's D-Bus API (dbus/org.cgpolicy1.Manager.xml), for cgpolicyctl.
+"""A client of cgpolicyd's D-Bus API (org.cgpolicy1.Manager.xml), for cgpolicyctl.
 
 Plain messages with a timeout, like systemd.py, through the same bus.py helper.
 An error reply becomes DaemonError with its D-Bus name; its message says plainly
@@ -100,3 +100,8 @@ class Daemon:
         """The policy's problems; empty when the new policy is in force."""
         (problems,) = await self.call("Reload")
         return [str(problem) for problem in problems]
+
+    async def status(self) -> dict[str, Any]:
+        """cgpolicyd's own state: the policy in force, its problems, sends pending."""
+        (info,) = await self.call("Status")
+        return _plain(info)

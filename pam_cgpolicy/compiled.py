@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     Compiled: TypeAlias = dict[str, Any]
 
 # marshal's format belongs to the interpreter: another version recompiles.
+# 3: tiers' factors in the policy, standings in the penalties copy, and the
+# whole policy for cgpolicyd's start.
 FORMAT = (3, *sys.version_info[:2])
 
 
@@ -165,6 +167,15 @@ def _read(cache_file: str) -> tuple[list[tuple[Any, ...]], Compiled] | None:
     payload = read_state_file(cache_file)
     marks, policy = _unmarshal(payload, "fingerprint"), _unmarshal(payload, "policy")
     return None if marks is None or policy is None else (marks, policy)
+
+
+def read_last_good(cache_file: str) -> Compiled | None:
+    """The last good policy saved, whatever the files hold now; None if there is none.
+
+    Untrusted (an OSError) when root must not read it.
+    """
+    cached = _read(cache_file)
+    return None if cached is None else cached[1]
 
 
 def save(cache_file: str, compiled: Compiled, marks: list[tuple[Any, ...]]) -> None:

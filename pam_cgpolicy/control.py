@@ -64,11 +64,16 @@ USAGE_PROPERTIES = ("CPUUsageNSec", "MemoryCurrent", "TasksCurrent")
 
 async def slice_status(systemd: Systemd, uid: int) -> dict[str, Any]:
     """Limits in force, usage and freezer state of one user slice, as systemd reports them."""
-    path = await systemd.unit_path(slice_name(uid))
+    return await slice_status_at(systemd, uid, await systemd.unit_path(slice_name(uid)))
+
+
+async def slice_status_at(systemd: Systemd, uid: int, path: str | None) -> dict[str, Any]:
+    """slice_status of the slice systemd has at object ``path`` (None: no slice loaded)."""
     if path is None:
         return {"uid": uid, "slice": slice_name(uid), "active": False}
-    unit = await systemd.properties(path, SYSTEMD_UNIT)
-    props = await systemd.properties(path, SYSTEMD_SLICE)
+    unit, props = await asyncio.gather(
+        systemd.properties(path, SYSTEMD_UNIT), systemd.properties(path, SYSTEMD_SLICE)
+    )
     in_force = {
         key: limits.format_in_force(key, props.get(spec.show))
         for key, spec in limits.SPECS.items()

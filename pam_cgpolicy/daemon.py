@@ -8,17 +8,24 @@ penalties in force up to date. It answers admins and users on the system bus
 lingering) gets its limits at the next sample. SIGHUP reloads the policy, and
 so does an edit of the policy files; a policy with errors is refused and the
 old one stays in force.
+
+It always starts: on policy files with errors it runs on the last good policy
+(saved by each load that succeeds, daemon sections included), and with no
+valid policy ever saved it limits nobody; either way it says so in its log and
+in Status, and retries the files every cycle. Everything it reads or writes
+outside itself (clock, systemd, NSS, files, usage) is passed in, so tests
+build it without a system.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +33,105 @@ from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
 from . import control, log
-from .accounts import Account, is_admin, lookup_account, lookup_uid
+from .accounts import Account, Accounts, is_admin
+from .badness import UserScore
 from .classify import decide
-from .compiled import fingerprint, save_penalties
-from .constants import MAIN_FILE, config_dir, penalties_file, state_db_file, system_bus_address
-from .engine import Action, Engine
+from .compiled import fingerprint, read_last_good, save, save_penalties
+from .constants import (
+    MAIN_FILE,
+    compiled_policy_file,
+    config_dir,
+    penalties_file,
+    state_db_file,
+    system_bus_address,
+)
+from .engine import Action, Engine, Properties
 from .errors import CgpolicyError, NotManaged, policy_error
-from .policy import Policy, load_policy
-from .salvage import open_or_salvage
+from .policy import General, Policy, StatusGroup, load_policy
+from .salvage import last_salvage, open_or_salvage
 from .setprops import set_slice_properties
-from .slicelimits import SliceLimits
+from .slicelimits import SliceLimits, physical_memory
 from .state import StateStore
 from .systemd import Systemd
 from .usage import UsageSampler
 
 BUS_TIMEOUT = 10.0
+# systemd calls in flight at once for ListUsers: quick, without crowding the bus.
+SLICE_READS = 32
 
+# What cgpolicyd runs on when no valid policy was ever saved: one exempt group.
+NOBODY_LIMITED = "no-valid-policy"
+NO_POLICY = Policy(
+    General(),
+    (),
+    NOBODY_LIMITED,
+    {
+        NOBODY_LIMITED: StatusGroup(
+            NOBODY_LIMITED, "no valid policy: nobody is limited", exempt=True
+        )
+    },
+)
 
-def memory_total(meminfo: str = "/proc/meminfo") -> int:
-    with open(meminfo) as source:
-        for line in source:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise CgpolicyError(f"{meminfo} has no MemTotal")
+Writer = Callable[[int, Properties], None]  # sets a user slice's properties through systemd
 
 
 RETRY = "retry"  # the actor of a cycle's reload of files it refused before
 
 
+def system_writer(uid: int, props: Properties) -> None:
+    set_slice_properties(uid, props, BUS_TIMEOUT, system_bus_address())
+
+
 class Daemon:
-    """The daemon's state and the ManagerCore behind its D-Bus API."""
+    """The daemon's state and the ManagerCore behind its D-Bus API.
+
+    ``policy`` None: no valid policy at all; it runs on NO_POLICY meanwhile.
+    ``refused``: the problems of the policy files when it starts without them.
+    The keyword arguments are the outside world; each defaults to the node's.
+    """
 
     def __init__(
-        self, policy: Policy, store: StateStore, systemd: Systemd, sampler: UsageSampler
+        self,
+        policy: Policy | None,
+        store: StateStore,
+        systemd: Systemd,
+        sampler: UsageSampler,
+        *,
+        refused: list[str] | None = None,
+        write: Writer = system_writer,
+        clock: Callable[[], float] = time.time,
+        ticks: Callable[[], float] = time.monotonic,
+        accounts: Accounts | None = None,
+        memory: int | None = None,
+        config: str | None = None,
+        penalties: str | None = None,
+        last_good: str | None = None,
     ) -> None:
         self.store = store
         self.systemd = systemd
         self.sampler = sampler
-        self.engine = Engine(policy, store, memory_total(), self._account)
+        self.write = write
+        self.clock = clock
+        self.ticks = ticks
+        self.accounts = accounts or Accounts()
+        self.config_dir = config or config_dir()
+        self.penalties_file = penalties or penalties_file()
+        self.last_good_file = last_good or compiled_policy_file()
+        self.cached: dict[int, Account] = {}  # accounts of this cycle
+        self.engine = Engine(
+            policy or NO_POLICY,
+            store,
+            physical_memory() if memory is None else memory,
+            self._account,
+        )
+        self.has_policy = policy is not None  # False until a valid policy is loaded
+        self.started = clock()
+        self.salvage: str | None = None  # what a damaged state database gave back
         self.known: set[int] = set()  # slices that have had their limits from us
         self.service: Any = None  # the D-Bus service, once serving
-        self.marks = fingerprint(config_dir())  # the policy files as last loaded
-        self.refused: list[str] = []  # the problems of the files, while they are refused
+        self.marks = fingerprint(self.config_dir)  # the policy files as last loaded
+        # The files' problems while they are refused; retried every cycle.
+        self.refused: list[str] = list(refused or ([] if policy else ["no valid policy loaded"]))
         self.locks: dict[int, asyncio.Lock] = {}  # one send at a time per uid
         self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
         self.stepped: set[int] = set()  # users whose MemoryMax was above target this cycle
@@ -76,10 +140,12 @@ class Daemon:
     def policy(self) -> Policy:
         return self.engine.policy
 
-    @staticmethod
-    @functools.lru_cache(maxsize=65536)
-    def _account(uid: int) -> Account:
-        return lookup_uid(uid)
+    def _account(self, uid: int) -> Account:
+        """The account as NSS gave it this cycle: group membership at most one interval old."""
+        account = self.cached.get(uid)
+        if account is None:
+            account = self.cached[uid] = self.accounts.by_uid(uid)
+        return account
 
     async def _emit_tier(self, action: Action) -> None:
         if self.service is not None and action.change is not None:
@@ -140,13 +206,7 @@ class Daemon:
                 return None
             try:
                 if limits.properties:
-                    await asyncio.to_thread(
-                        set_slice_properties,
-                        uid,
-                        limits.properties,
-                        BUS_TIMEOUT,
-                        system_bus_address(),
-                    )
+                    await asyncio.to_thread(self.write, uid, limits.properties)
             except CgpolicyError as err:
                 self.pending.add(uid)
                 limits.fail(err)
@@ -175,20 +235,20 @@ class Daemon:
 
     def write_penalties(self) -> None:
         """The login hook's copy of the penalties in force: uid -> (expiry, tier, MemoryMax)."""
-        now = time.time()
+        now = self.clock()
         penalties: dict[int, tuple[float, str, int | None]] = {}
         for row in self.store.in_penalty(now):
             standing = self.engine.standing(row.uid, row.state)
             if row.state.tier_expiry is not None and standing.tier is not None:
                 penalties[row.uid] = (row.state.tier_expiry, standing.tier, standing.memory_max)
         try:
-            save_penalties(penalties_file(), penalties)
+            save_penalties(self.penalties_file, penalties)
         except OSError as err:
-            log.error(f"cannot write {penalties_file()}: {err}")
+            log.error(f"cannot write {self.penalties_file}: {err}")
 
     async def cycle(self) -> None:
-        self._account.cache_clear()  # group membership is at most one interval old
-        marks = fingerprint(config_dir())
+        self.cached.clear()  # group membership is at most one interval old
+        marks = fingerprint(self.config_dir)
         if marks != self.marks or self.refused:
             # The hook reads the files at every login: follow an edit at once, so
             # that a slice never gets the old policy's limits over the new one's.
@@ -206,14 +266,14 @@ class Daemon:
             with contextlib.suppress(CgpolicyError):
                 whitelists[uid] = self.engine.whitelist(self._account(uid))
         self.sampler.match = self.policy.whitelist_match
-        samples = self.sampler.sample(uids, whitelists, time.monotonic())
+        samples = self.sampler.sample(uids, whitelists, self.ticks())
         self.stepped = set(self.engine.memory_stepping())
         memory = {}
         for uid in self.stepped:
             current = await self._memory_current(uid)
             if current is not None:
                 memory[uid] = current
-        await self.apply(self.engine.cycle(samples, time.time(), memory))
+        await self.apply(self.engine.cycle(samples, self.clock(), memory))
 
     async def _memory_current(self, uid: int) -> int | None:
         """The slice's memory as its cgroup counts it against MemoryMax; None if unread."""
@@ -233,7 +293,7 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            started = time.monotonic()
+            started = self.ticks()
             try:
                 await self.cycle()
             except CgpolicyError as err:
@@ -242,16 +302,22 @@ class Daemon:
                 log.error(
                     log.fields(event="cycle-failed", error=f"internal: {type(err).__name__}: {err}")
                 )
-            wait = self.policy.general.interval - (time.monotonic() - started)
+            wait = self.policy.general.interval - (self.ticks() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(wait, 0.1))
 
     # --- ManagerCore: what the D-Bus API calls ---
 
     async def get_user(self, name: str) -> dict[str, Any]:
-        account = lookup_account(name)
+        account = self.accounts.by_name(name)
+        status = await control.slice_status(self.systemd, account.uid)
+        return self._user_info(account, self.store.get(account.uid), status)
+
+    def _user_info(
+        self, account: Account, state: UserScore | None, status: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """GetUser's keys for ``account``; ``status`` is its slice's, None if unread."""
         decision = decide(self.engine.compiled, account)
-        state = self.store.get(account.uid)
         info: dict[str, Any] = {
             "user": account.name,
             "uid": account.uid,
@@ -268,19 +334,59 @@ class Daemon:
         step = self.engine.memory_stepping().get(account.uid)
         if step is not None:
             info.update(memory_max_in_force=step[0], memory_max_target=step[1])
-        status = await control.slice_status(self.systemd, account.uid)
-        if status.get("active"):
+        if status and status.get("active"):
             info["limits"] = {k: str(v) for k, v in status["limits"].items()}
             info["frozen"] = status["freezer"] == "frozen"
         return info
 
     async def list_users(self) -> list[dict[str, Any]]:
-        uids = set(self.store.all()) | set(self.sampler.active_uids(self.policy.general.min_uid))
-        users = []
-        for uid in sorted(uids):
-            with contextlib.suppress(CgpolicyError):
-                users.append(await self.get_user(self._account(uid).name))
-        return users
+        """GetUser's dictionary for every user stored or logged in.
+
+        Thousands of users answer within the bus's deadline: NSS is read in one
+        pass, systemd lists the user slices in one call, and only the slices it
+        has loaded are read, several at once.
+        """
+        stored = self.store.all()
+        uids = set(stored) | set(self.sampler.active_uids(self.policy.general.min_uid))
+        accounts = await asyncio.to_thread(self.accounts.many, uids)
+        paths = await self.systemd.user_slice_paths()
+        reads = asyncio.Semaphore(SLICE_READS)
+
+        async def status(uid: int) -> dict[str, Any] | None:
+            async with reads:
+                try:
+                    return await control.slice_status_at(self.systemd, uid, paths[uid])
+                except CgpolicyError:  # gone since it was listed: shown without limits
+                    return None
+
+        loaded = [uid for uid in sorted(accounts) if uid in paths]
+        statuses = dict(zip(loaded, await asyncio.gather(*map(status, loaded)), strict=True))
+        return [
+            self._user_info(accounts[uid], stored.get(uid), statuses.get(uid))
+            for uid in sorted(accounts)
+        ]
+
+    def policy_in_force(self) -> str:
+        """Which policy is in force: "files", "last good" (the files are refused) or "none"."""
+        if not self.refused:
+            return "files"
+        return "last good" if self.has_policy else "none"
+
+    async def status(self) -> dict[str, Any]:
+        pending = []
+        for uid in sorted(self.pending):
+            try:
+                pending.append(self._account(uid).name)
+            except CgpolicyError:
+                pending.append(str(uid))
+        return {
+            "policy": self.policy_in_force(),
+            "problems": self.refused or None,
+            "started": self.started,
+            "pending": pending or None,
+            "salvage": self.salvage,
+            "users": len(self.store.all()),
+        }
 
     async def freeze(self, name: str, actor: str) -> None:
         await self._freezer(name, actor, control.freeze_user, "frozen")
@@ -289,7 +395,7 @@ class Daemon:
         await self._freezer(name, actor, control.thaw_user, "running")
 
     async def _freezer(self, name: str, actor: str, act: Any, state: str) -> None:
-        account = lookup_account(name)
+        account = self.accounts.by_name(name)
         decision = decide(self.engine.compiled, account)
         # Thaw stays open below min_uid: a session frozen before a policy change is never stranded.
         if account.uid == 0 or (state == "frozen" and decision.action == "skipped"):
@@ -304,22 +410,22 @@ class Daemon:
             await self.service.emit_freezer_changed(name, state)
 
     async def penalize(self, name: str, tier: str, actor: str) -> None:
-        account = lookup_account(name)
+        account = self.accounts.by_name(name)
         self.engine.check_penalize(account.uid, tier)  # refusals before systemd is asked
         current = await self._memory_current(account.uid)
-        action = self.engine.penalize(account.uid, tier, actor, time.time(), current)
+        action = self.engine.penalize(account.uid, tier, actor, self.clock(), current)
         await self.apply([action], actor)
 
     async def release(self, name: str, actor: str) -> None:
-        account = lookup_account(name)
-        await self.apply([self.engine.release(account.uid, actor, time.time())], actor)
+        account = self.accounts.by_name(name)
+        await self.apply([self.engine.release(account.uid, actor, self.clock())], actor)
 
     async def apply_user(self, name: str, actor: str) -> str:
         """cgpolicyctl apply: the limits of the user's standing, set now; the log line.
 
         The standing is the one recorded, so a penalty in force stays in force.
         """
-        account = lookup_account(name)
+        account = self.accounts.by_name(name)
         sent = await self.send(account.uid, account.name)
         if sent is None:
             raise CgpolicyError(f"{name}: the account could not be read; nothing was set")
@@ -330,58 +436,104 @@ class Daemon:
         return line
 
     async def reload(self, actor: str) -> list[str]:
-        self.marks = fingerprint(config_dir())
+        self.marks = fingerprint(self.config_dir)
         try:  # any failure, even a bug, is an invalid policy: the old one stays
-            policy = load_policy(Path(config_dir()))
+            policy = load_policy(Path(self.config_dir))
             self.engine.set_policy(policy)
         except Exception as err:
-            problems = [str(p) for p in policy_error(err, main_file()).problems]
+            problems = refusal(err, self.config_dir)
             if actor != RETRY or problems != self.refused:  # not the same at every cycle
                 log.error(
                     log.fields(
                         event="reload-refused",
                         actor=actor,
-                        policy="old",
+                        policy="old" if self.has_policy else "none",
                         errors="; ".join(problems),
                     )
                 )
             self.refused = problems
             return problems
         self.refused = []
-        self._account.cache_clear()
+        self.has_policy = True
+        self.cached.clear()
         self.known = set()  # every slice gets the new policy's limits at the next cycle
+        self.save_last_good()
         self.write_penalties()
         log.info(log.fields(event="reloaded", actor=actor, groups=len(policy.groups)))
         return []
 
+    def save_last_good(self) -> None:
+        """The policy just loaded, compiled, for the hook and for a start on broken files."""
+        try:
+            save(self.last_good_file, self.engine.compiled, self.marks)
+        except OSError as err:  # a copy not saved must not refuse a valid policy
+            log.error(f"cannot save the last good policy in {self.last_good_file}: {err}")
+
+    async def start(self) -> list[Action]:
+        """Start-up: end expired penalties, re-apply those in force, refresh the hook's copy."""
+        if self.has_policy and not self.refused:
+            self.save_last_good()
+        actions = self.engine.reconcile(self.clock())
+        await self.apply(actions)
+        self.write_penalties()
+        return actions
+
     async def is_admin(self, uid: int) -> bool:
         # Not the cached account: a member taken out of the group loses the right at once.
         try:
-            account = await asyncio.to_thread(lookup_uid, uid)
+            account = await asyncio.to_thread(self.accounts.by_uid, uid)
         except CgpolicyError:
             return False
         return is_admin(account, self.policy.general.admin_group)
 
 
+def refusal(err: Exception, config: str) -> list[str]:
+    """Why the policy files in ``config`` were refused, one problem a line."""
+    return [str(p) for p in policy_error(err, os.path.join(config, MAIN_FILE)).problems]
+
+
+def starting_policy(config: str, last_good: str) -> tuple[Policy | None, list[str]]:
+    """The policy to start on, and the files' problems when it is not theirs.
+
+    The files when valid; else the last good policy saved; else None (no limits).
+    """
+    try:  # any failure, even a bug, is an invalid policy
+        policy = load_policy(Path(config))
+        policy.compile()
+        return policy, []
+    except Exception as err:
+        problems = refusal(err, config)
+    try:
+        saved = read_last_good(last_good)
+        return (None if saved is None else Policy.from_data(saved["policy"])), problems
+    except Exception as err:  # unreadable or untrusted: as if there were none
+        log.error(f"the last good policy in {last_good} cannot be used: {err}")
+        return None, problems
+
+
 async def serve_forever() -> int:
     log.open_log("cgpolicyd")
-    try:
-        policy = load_policy(Path(config_dir()))
-        policy.compile()
-    except Exception as err:  # even a bug: said in the log, and systemd restarts us
-        problems = policy_error(err, main_file()).problems
-        log.error("cannot start, the policy is invalid: " + "; ".join(str(p) for p in problems))
-        return 1
+    policy, problems = starting_policy(config_dir(), compiled_policy_file())
+    if problems:
+        log.error(
+            log.fields(
+                event="start-degraded",
+                policy="last good" if policy else "none",
+                limits="last good policy's" if policy else "none applied: nobody is limited",
+                errors="; ".join(problems),
+            )
+        )
     store, salvage = open_or_salvage(state_db_file())
     if salvage is not None:
         log.error("the state database was damaged; moved aside and salvaged: " + salvage.summary())
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-    daemon = Daemon(policy, store, Systemd(bus, BUS_TIMEOUT), UsageSampler())
-    actions = daemon.engine.reconcile(time.time())
-    await daemon.apply(actions)
-    daemon.write_penalties()
+    daemon = Daemon(policy, store, Systemd(bus, BUS_TIMEOUT), UsageSampler(), refused=problems)
+    daemon.salvage = salvage.summary() if salvage else last_salvage(state_db_file())
+    actions = await daemon.start()
+    policy = daemon.policy
     log.info(
         f"started: {len(policy.groups)} groups, interval {policy.general.interval:g}s, "
+        f"policy {daemon.policy_in_force()}, "
         f"{sum(1 for a in actions if a.change is None)} penalties in force re-applied, "
         f"{sum(1 for a in actions if a.change is not None)} expired ones ended"
     )
@@ -414,10 +566,6 @@ async def serve_forever() -> int:
         store.close()
         log.info("lost the system bus; exiting to be restarted" if lost.is_set() else "stopped")
     return 1 if lost.is_set() else 0
-
-
-def main_file() -> str:
-    return os.path.join(config_dir(), MAIN_FILE)
 
 
 def main() -> int:

@@ -2,8 +2,10 @@
 
 Each method checks the caller, converts types, calls the core and maps its
 errors to named D-Bus errors; the decisions are the core's (ManagerCore, which
-cgpolicyd implements). dbus/org.cgpolicy1.Manager.xml is the contract: MANAGER
-below must serve exactly that, and tests/unit/test_dbusapi.py holds them together.
+cgpolicyd implements). org.cgpolicy1.Manager.xml, shipped in this package, is
+the contract: MANAGER below is read from it, each of its methods is answered by
+the handler of the same name in snake case (GetUser: ``_get_user``), and every
+error name this module returns is listed in it (tests/unit/test_dbusapi.py).
 
 Access is decided from the caller's uid as the bus reports it, never from an
 argument: root and the policy's admin group may call everything; anyone else
@@ -29,13 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import pwd
+import re
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 
 from dbus_fast import (
-    ArgDirection,
     DBusError,
     ErrorType,
     Message,
@@ -46,7 +49,7 @@ from dbus_fast import (
     Variant,
 )
 from dbus_fast.aio import MessageBus
-from dbus_fast.introspection import Arg, Interface, Method, Node, Signal
+from dbus_fast.introspection import Interface, Method, Node
 
 from . import log
 from .constants import CGPOLICY_BUS_NAME, CGPOLICY_INTERFACE, CGPOLICY_PATH
@@ -107,39 +110,34 @@ class ManagerCore(Protocol):
         """The new policy's problems; empty when it is now in force."""
         ...
 
+    async def status(self) -> dict[str, Any]:
+        """Status's keys (see the contract): the policy in force, problems, pending sends."""
+        ...
+
     async def is_admin(self, uid: int) -> bool:
         """Whether ``uid`` is in the policy's admin group now. Never asked about root."""
         ...
 
 
-def _in(name: str, signature: str) -> Arg:
-    return Arg(signature, ArgDirection.IN, name)
+CONTRACT = "org.cgpolicy1.Manager.xml"
 
 
-def _out(name: str, signature: str) -> Arg:
-    return Arg(signature, ArgDirection.OUT, name)
+def contract_xml() -> str:
+    return resources.files(__package__).joinpath(CONTRACT).read_text(encoding="utf-8")
 
 
-MANAGER = Interface(
-    INTERFACE,
-    methods=[
-        Method("GetUser", [_in("user", "s")], [_out("info", "a{sv}")]),
-        Method("ListUsers", [], [_out("users", "aa{sv}")]),
-        Method("FreezeUser", [_in("user", "s")]),
-        Method("ThawUser", [_in("user", "s")]),
-        Method("Penalize", [_in("user", "s"), _in("tier", "s")]),
-        Method("Release", [_in("user", "s")]),
-        Method("Apply", [_in("user", "s")], [_out("result", "s")]),
-        Method("Reload", [], [_out("problems", "as")]),
-    ],
-    signals=[
-        Signal(
-            "UserTierChanged",
-            [_out("user", "s"), _out("old_tier", "s"), _out("new_tier", "s"), _out("reason", "s")],
-        ),
-        Signal("UserFreezerChanged", [_out("user", "s"), _out("state", "s")]),
-    ],
-)
+def _interface(xml: str) -> Interface:
+    (interface,) = (i for i in Node.parse(xml).interfaces if i.name == INTERFACE)
+    return interface
+
+
+MANAGER = _interface(contract_xml())
+
+
+def handler_name(member: str) -> str:
+    """The ManagerService method that answers ``member``: GetUser -> _get_user."""
+    return "_" + re.sub(r"(?<!^)(?=[A-Z])", "_", member).lower()
+
 
 # First match wins: the project's own errors carry messages written for an admin.
 ERRORS: tuple[tuple[type[Exception], str], ...] = (
@@ -155,7 +153,8 @@ INT64 = range(-(2**63), 2**63)
 
 
 def to_vardict(values: Mapping[str, Any]) -> dict[str, Variant]:
-    """The core's plain dict as a{sv}: str s, bool b, int x, float d, dict[str, str] a{ss}.
+    """The core's plain dict as a{sv}: str s, bool b, int x, float d, dict[str, str] a{ss},
+    list or tuple of str as.
 
     Keys whose value is None are left out. Any other type, or an int beyond
     int64, is the core's bug: TypeError or ValueError, which callers see as Failed.
@@ -178,6 +177,8 @@ def _variant(key: str, value: Any) -> Variant:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         return Variant("a{ss}", dict(value))
+    if isinstance(value, Sequence) and all(isinstance(item, str) for item in value):
+        return Variant("as", list(value))
     raise TypeError(f"{key}: no D-Bus type for {type(value).__name__} {value!r}")
 
 
@@ -242,15 +243,9 @@ class ManagerService:
         self.timeout = timeout
         self._methods = {method.name: method for method in MANAGER.methods}
         self._signals = {signal.name: signal for signal in MANAGER.signals}
+        # A method of the contract without its handler fails here, at start.
         self._handlers: dict[str, Handler] = {
-            "GetUser": self._get_user,
-            "ListUsers": self._list_users,
-            "FreezeUser": self._freeze_user,
-            "ThawUser": self._thaw_user,
-            "Penalize": self._penalize,
-            "Release": self._release,
-            "Apply": self._apply,
-            "Reload": self._reload,
+            name: getattr(self, handler_name(name)) for name in self._methods
         }
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -475,6 +470,10 @@ class ManagerService:
     async def _reload(self, caller: Caller) -> list[Any]:
         await self._require_admin(caller, "Reload")
         return [[str(problem) for problem in await self._core.reload(caller.actor)]]
+
+    async def _status(self, caller: Caller) -> list[Any]:
+        await self._require_admin(caller, "Status")  # it names the users pending
+        return [to_vardict(await self._core.status())]
 
 
 async def serve(

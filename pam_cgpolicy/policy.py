@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +77,41 @@ class Policy:
         keys = {key for group in self.groups.values() for key in group.limits}
         return keys | (set(TIER_LOWERS) if self.penalty else set())
 
+    def to_data(self) -> dict[str, Any]:
+        """The whole policy as plain data (marshal can save it); ``from_data`` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Policy:
+        """The policy ``to_data`` gave; the sections' own checks run again."""
+        penalty = data["penalty"]
+        return cls(
+            general=General(**data["general"]),
+            order=tuple(data["order"]),
+            fallback=data["fallback"],
+            groups={name: StatusGroup(**group) for name, group in data["groups"].items()},
+            badness=BadnessParams(**data["badness"]),
+            whitelist=tuple(data["whitelist"]),
+            penalty=None
+            if penalty is None
+            else PenaltyParams(
+                tuple(Tier(**tier) for tier in penalty["tiers"]), penalty["occurrence_timeout"]
+            ),
+            whitelist_match=data["whitelist_match"],
+        )
+
     def compile(self) -> dict[str, Any]:
         """The compiled form the hook and the CLI act on: plain data, D-Bus values ready.
 
         ``tiers``: each penalty tier's (cpu_factor, memory_factor), for slice_limits.
+
+        Under "policy", the whole policy: the saved copy of the last good one is
+        what cgpolicyd starts on when the files are broken (daemon sections too).
         """
         managed = self.managed_keys()
         tiers = self.penalty.tiers if self.penalty else ()
         return {
+            "policy": self.to_data(),
             "min_uid": self.general.min_uid,
             "hook_timeout": self.general.hook_timeout,
             "order": self.order,

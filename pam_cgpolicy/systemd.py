@@ -91,10 +91,14 @@ class Systemd:
 
     async def user_slices(self) -> list[int]:
         """The uids of every user slice systemd has loaded."""
+        return sorted(await self.user_slice_paths())
+
+    async def user_slice_paths(self) -> dict[int, str]:
+        """uid -> object path of every user slice systemd has loaded, in one call."""
         (units,) = await self.call("ListUnitsByPatterns", "asas", [[], ["user-*.slice"]])
-        uids = []
+        paths = {}
         for unit in units:
             number = unit[0].removeprefix("user-").removesuffix(".slice")
             if number.isdigit():
-                uids.append(int(number))
-        return sorted(uids)
+                paths[int(number)] = str(unit[6])
+        return paths

@@ -46,6 +46,7 @@ METHODS = (
     "Release",
     "Apply",
     "Reload",
+    "Status",
 )
 
 POLICY = {
@@ -913,6 +914,56 @@ def test_systemctl_reload_and_cgpolicyctl_reload_refuse_a_broken_policy(node):
         assert state == "active" and main_pid(node) == pid, diagnostics(node)
     cli = root(node, "cgpolicyctl reload", check=False)
     assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def status(vm) -> dict[str, Any]:
+    """cgpolicyd's Status, plain values."""
+    done = root(vm, busctl("Status"), check=False)
+    assert done.returncode == 0, f"Status: {done.stdout}{done.stderr}\n{diagnostics(vm)}"
+    (info,) = json.loads(done.stdout)["data"]
+    return {key: unwrap(value) for key, value in info.items()}
+
+
+def restarts(vm) -> int:
+    return int(root(vm, "systemctl show -p NRestarts --value cgpolicyd").stdout.strip())
+
+
+def test_a_start_on_a_broken_policy_runs_the_last_good_one_until_it_is_mended(node):
+    """No restart loop: cgpolicyd starts degraded, says so on the bus and in doctor."""
+    with broken_policy(node):
+        pid, mark, before = main_pid(node), log_mark(node), restarts(node)
+        root(node, "systemctl restart cgpolicyd")
+        pid = wait_until_serving(node, other_than=pid)
+        degraded = [line for line in daemon_log(node, mark) if "event=start-degraded" in line]
+        assert degraded and BROKEN.search(degraded[0]), daemon_log(node, mark)
+        assert 'policy="last good"' in degraded[0], degraded
+        info = status(node)
+        assert info["policy"] == "last good", info
+        assert any(BROKEN.search(p) for p in info["problems"]), info
+        doctor = root(node, "cgpolicyctl doctor", check=False).stdout
+        assert re.search(r"^\[warn\] cgpolicyd: degraded since .*last good policy", doctor, re.M), (
+            doctor
+        )
+        # The last good policy judges, tiers included: normal's 100% halved, not 200%.
+        call_ok(node, "Penalize", "ss", "carol", "penalty1")
+        wait_for_cpu(node, "carol", "normal", "penalty1")
+        call_ok(node, "Release", "s", "carol")
+        wait_for_cpu(node, "carol", "normal", None)
+        assert main_pid(node) == pid and restarts(node) == before, diagnostics(node)
+    # Mended: the next cycle takes the files again, with no restart.
+    poll(
+        "cgpolicyd back on the policy files",
+        lambda: status(node)["policy"],
+        lambda policy: policy == "files",
+        20,
+        lambda: diagnostics(node),
+    )
+    assert "problems" not in status(node)
+    doctor = root(node, "cgpolicyctl doctor", check=False).stdout
+    assert re.search(r"^\[  ok\] cgpolicyd: running since .* on the policy files", doctor, re.M), (
+        doctor
+    )
+    assert main_pid(node) == pid, diagnostics(node)
 
 
 PARALLEL = f"""

@@ -36,9 +36,15 @@ USERS: dict[str, dict[str, Any]] = {
 class FakeCore:
     """cgpolicyd's core as dbusapi sees it: records each call; hangs when told."""
 
-    def __init__(self, problems: tuple[str, ...] = (), hangs: bool = False) -> None:
+    def __init__(
+        self,
+        problems: tuple[str, ...] = (),
+        hangs: bool = False,
+        status: dict[str, Any] | None = None,
+    ) -> None:
         self.problems = problems
         self.hangs = hangs
+        self.status_info = status or {"policy": "files", "started": 1_800_000_000.0, "users": 2}
         self.calls: list[tuple[str, ...]] = []
 
     async def _do(self, *call: str) -> None:
@@ -77,6 +83,10 @@ class FakeCore:
     async def reload(self, actor: str) -> list[str]:
         await self._do("reload")
         return list(self.problems)
+
+    async def status(self) -> dict[str, Any]:
+        await self._do("status")
+        return self.status_info
 
     async def is_admin(self, uid: int) -> bool:
         return True  # whoever runs the tests; access itself is test_dbusapi's

@@ -427,3 +427,46 @@ def test_the_admin_group_sees_everyone(
     assert cli_as(NOBODY, env, monkeypatch, capsys, "classify", "daemon").returncode == 0
     done = cli_as(NOBODY, env, monkeypatch, capsys, "history", "--json")
     assert [event["user"] for event in json.loads(done.stdout)] == ["nobody", "daemon", "nobody"]
+
+
+# doctor: cgpolicyd's own state
+
+
+def doctor_lines(done: Done, what: str) -> list[str]:
+    return [line for line in done.stdout.splitlines() if f"] {what}:" in line]
+
+
+def test_doctor_says_cgpolicyd_runs_degraded_on_the_last_good_policy(env: dict[str, str]) -> None:
+    status = {
+        "policy": "last good",
+        "problems": ["/etc/cgpolicy/groups.d/a.toml:2: limits.CPUQuota: invalid CPU quota"],
+        "started": 1_800_000_000.0,
+        "pending": ["nobody"],
+        "users": 2,
+    }
+    done = run(with_daemon(env, FakeCore(status=status), "doctor"))
+    since = datetime.fromtimestamp(1_800_000_000.0).isoformat(" ", "seconds")
+    assert doctor_lines(done, "cgpolicyd") == [
+        f"[warn] cgpolicyd: degraded since {since}: on the last good policy; the files are "
+        "refused (/etc/cgpolicy/groups.d/a.toml:2: limits.CPUQuota: invalid CPU quota)"
+    ]
+    assert doctor_lines(done, "cgpolicyd sends") == [
+        "[warn] cgpolicyd sends: limits systemd has not taken yet, retried every cycle: nobody"
+    ]
+
+
+def test_doctor_fails_when_cgpolicyd_has_no_policy_and_says_when_it_is_fine(
+    env: dict[str, str],
+) -> None:
+    status = {"policy": "none", "problems": ["x.toml: broken"], "started": 1_800_000_000.0}
+    done = run(with_daemon(env, FakeCore(status=status), "doctor"))
+    (line,) = doctor_lines(done, "cgpolicyd")
+    assert line.startswith("[FAIL] cgpolicyd: degraded since") and "nobody is limited" in line
+    assert done.returncode == 1
+    done = run(with_daemon(env, FakeCore(), "doctor"))
+    (line,) = doctor_lines(done, "cgpolicyd")
+    assert line.startswith("[  ok] cgpolicyd: running since") and "policy files" in line
+    done = run(cgpolicyctl(env, "doctor"))
+    assert doctor_lines(done, "cgpolicyd") == [
+        "[warn] cgpolicyd: not running: nobody's usage is judged"
+    ]

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from fakeslices import NoSlices, NoSliceUnits
+from fakeslices import DictAccounts, NoSlices, NoSliceUnits
 from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
 
 from pam_cgpolicy import daemon as daemon_mod
@@ -26,14 +26,19 @@ ACCOUNTS = {
 @pytest.fixture
 def daemon(tmp_path, monkeypatch):
     root = write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS)
-    monkeypatch.setattr(daemon_mod, "config_dir", lambda: str(root))
-    monkeypatch.setattr(daemon_mod, "penalties_file", lambda: str(tmp_path / "penalties"))
-    monkeypatch.setattr(daemon_mod, "lookup_uid", ACCOUNTS.__getitem__)
-    by_name = {a.name: a for a in ACCOUNTS.values()}
-    monkeypatch.setattr(daemon_mod, "lookup_account", by_name.__getitem__)
     monkeypatch.setattr(daemon_mod.log, "info", lambda _line: None)
     store = StateStore.open(tmp_path / "state.db")
-    yield daemon_mod.Daemon(load_policy(root), store, NoSliceUnits(), None)
+    yield daemon_mod.Daemon(
+        load_policy(root),
+        store,
+        NoSliceUnits(),
+        None,
+        accounts=DictAccounts(ACCOUNTS),
+        config=str(root),
+        penalties=str(tmp_path / "penalties"),
+        last_good=str(tmp_path / "policy.compiled"),
+        memory=8 * 1024**3,
+    )
     store.close()
 
 
@@ -48,7 +53,7 @@ def test_an_admin_penalty_landing_during_a_cycle_send_is_not_undone(daemon, monk
     sent: dict[int, tuple] = {}
     entered, gate = threading.Event(), threading.Event()
 
-    def fake_send(uid, props, timeout, bus):
+    def fake_send(uid, props):
         if uid == 5000 and not gate.is_set():
             entered.set()
             assert gate.wait(10)
@@ -57,7 +62,7 @@ def test_an_admin_penalty_landing_during_a_cycle_send_is_not_undone(daemon, monk
             assert props == plain or props == hook_would_send(daemon, in_copy)
         sent[uid] = props
 
-    monkeypatch.setattr(daemon_mod, "set_slice_properties", fake_send)
+    monkeypatch.setattr(daemon, "write", fake_send)
     plain = daemon.engine.limits(ACCOUNTS[2002], None).properties
     cycle = [Action(5000, "carol", (), None), Action(2002, "bob", plain, None)]
 
@@ -83,12 +88,12 @@ def test_a_failed_send_is_logged_does_not_stop_the_others_and_is_retried(daemon,
     sent: list[int] = []
     failing = {5000}
 
-    def fake_send(uid, props, timeout, bus):
+    def fake_send(uid, props):
         if uid in failing:
             raise SystemdError("org.cgpolicy1.Error.NoResources", "cannot run busctl: EAGAIN")
         sent.append(uid)
 
-    monkeypatch.setattr(daemon_mod, "set_slice_properties", fake_send)
+    monkeypatch.setattr(daemon, "write", fake_send)
     asyncio.run(daemon.apply([Action(5000, "carol", (), None), Action(2002, "bob", (), None)]))
     assert sent == [2002] and len(errors) == 1 and "retry=next-cycle" in errors[0]
     asyncio.run(daemon.cycle())  # systemd still refuses: retried, said again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import inspect
 import os
 import pwd
 import re
@@ -14,13 +15,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import ErrorType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Node
 from policyfiles import DAEMON_SECTIONS, GROUPS, MAIN, write_policy
 from privatebus import Sent, connect_as, dbus_send, private_bus
 
-from pam_cgpolicy import log
+from pam_cgpolicy import dbusapi, log
 from pam_cgpolicy.daemon import Daemon
 from pam_cgpolicy.dbusapi import (
     BUS_NAME,
@@ -39,7 +40,8 @@ from pam_cgpolicy.state import StateStore
 from pam_cgpolicy.usage import UsageSampler
 
 ROOT = Path(__file__).resolve().parents[2]
-CONTRACT = ROOT / "dbus" / "org.cgpolicy1.Manager.xml"
+CONTRACT = ROOT / "pam_cgpolicy" / "org.cgpolicy1.Manager.xml"  # shipped in the package
+INSTALLED_CONTRACT = ROOT / "dbus" / "org.cgpolicy1.Manager.xml"  # what install.sh installs
 BUS_POLICY = ROOT / "dbus" / "org.cgpolicy1.conf"
 ACTIVATION = ROOT / "dbus" / "org.cgpolicy1.service"
 
@@ -69,6 +71,14 @@ USERS: dict[str, dict[str, Any]] = {
         "frozen": False,
     },
     "nobody": {"user": "nobody", "uid": NOBODY, "group": "normal", "tier": None, "frozen": False},
+}
+
+STATUS: dict[str, Any] = {
+    "policy": "last good",
+    "problems": ["/etc/cgpolicy/groups.d/a.toml:2: limits.CPUQuota: not a percentage"],
+    "started": 1_800_000_000.25,
+    "pending": ["alice"],
+    "users": 2,
 }
 
 
@@ -127,6 +137,10 @@ class FakeCore:
     async def reload(self, actor: str) -> list[str]:
         await self._do("reload", actor)
         return list(self.problems)
+
+    async def status(self) -> dict[str, Any]:
+        await self._do("status")
+        return STATUS
 
     async def is_admin(self, uid: int) -> bool:
         self.asked_admin.append(uid)
@@ -209,6 +223,7 @@ EVERY_METHOD = {
     "Release": ["string:alice"],
     "Apply": ["string:alice"],
     "Reload": [],
+    "Status": [],
 }
 
 
@@ -263,8 +278,27 @@ def test_the_served_interface_is_the_contract(address: str) -> None:
 
 
 def test_the_contract_names_every_error_the_service_gives() -> None:
-    served = {name for _, name in ERRORS} | {TIMEOUT, FAILED}
-    assert set(re.findall(r"org\.cgpolicy1\.Error\.\w+", CONTRACT.read_text())) == served
+    own = {name for _, name in ERRORS} | {TIMEOUT, FAILED}
+    # The bus's standard errors the service itself answers with, wherever it names one.
+    source = inspect.getsource(dbusapi)
+    standard = {getattr(ErrorType, n).value for n in re.findall(r"ErrorType\.([A-Z_]+)", source)}
+    assert {"org.freedesktop.DBus.Error.AccessDenied"} < standard
+    listed = re.findall(r"org\.(?:cgpolicy1|freedesktop\.DBus)\.Error\.\w+", CONTRACT.read_text())
+    assert set(listed) == own | standard
+
+
+def test_the_interface_served_is_read_from_the_shipped_contract() -> None:
+    assert shape(dbusapi.MANAGER) == shape(contract())
+    assert dbusapi.contract_xml() == CONTRACT.read_text()
+    # One file: install.sh's copy for the bus's interfaces directory is the same one.
+    assert INSTALLED_CONTRACT.resolve() == CONTRACT.resolve()
+
+
+def test_every_contract_method_has_its_handler() -> None:
+    service = ManagerService(None, FakeCore())  # type: ignore[arg-type]
+    assert set(service._handlers) == {method.name for method in contract().methods}
+    assert dbusapi.handler_name("ListUsers") == "_list_users"
+    assert dbusapi.handler_name("Status") == "_status"
 
 
 def test_every_contract_method_answers_with_its_signature(address: str) -> None:
@@ -323,6 +357,22 @@ def test_to_vardict_types_and_leaves_out_none() -> None:
         "frozen": Variant("b", False),
     }
     assert "tier" not in to_vardict(USERS["nobody"])
+    assert to_vardict(STATUS)["problems"] == Variant("as", STATUS["problems"])
+    assert to_vardict({"pending": ("bob", "carol")}) == {
+        "pending": Variant("as", ["bob", "carol"])
+    }
+
+
+def test_status_is_for_admins_and_reaches_them_as_variants(address: str) -> None:
+    async def scenario() -> Sent | None:
+        async with running(address, FakeCore()) as (_, client):
+            reply = await call(client, "Status")
+            assert reply.body == [to_vardict(STATUS)]
+            return await send_as(address, NOBODY, "Status") if IS_ROOT else None
+
+    denied = run(scenario())
+    if denied is not None:
+        assert denied.error == ACCESS_DENIED and "Status is for root" in denied.text
 
 
 @pytest.mark.parametrize(

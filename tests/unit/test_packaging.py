@@ -81,3 +81,13 @@ def test_install_sh_starts_the_daemon_only_when_it_imports() -> None:
 @pytest.mark.skipif(shutil.which("dash") is None, reason="no dash to check POSIX syntax with")
 def test_install_sh_is_posix_sh() -> None:
     assert subprocess.run(["dash", "-n", str(INSTALL)], check=False).returncode == 0
+
+
+def test_the_dbus_contract_ships_in_the_package() -> None:
+    """cgpolicyd reads the interface it serves from it: a wheel without it would not start."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shipped = project["tool"]["setuptools"]["package-data"]["pam_cgpolicy"]
+    assert "org.cgpolicy1.Manager.xml" in shipped
+    assert (ROOT / "pam_cgpolicy" / "org.cgpolicy1.Manager.xml").is_file()

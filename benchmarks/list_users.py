@@ -1,0 +1,90 @@
+"""ListUsers' wall time with thousands of stored users, against real systemd in the test VM.
+
+Boots the VM (cgroup v2), installs cgpolicy, adds USERS accounts to the guest's
+user database, stores a standing for each in cgpolicyd's state database, and
+starts a process in ACTIVE of their slices (so those slices are loaded and read
+back from systemd). Then, inside the VM, times ListUsers through busctl RUNS
+times and prints the fastest, the median and the slowest call. Goal: under 2 s
+for 5,000 stored users; the bus's deadline for a call is 20 s.
+
+    .venv/bin/python benchmarks/list_users.py [USERS] [ACTIVE] [RUNS]
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from vmharness.install import install_cgpolicy  # noqa: E402
+from vmharness.machine import VM  # noqa: E402
+
+FIRST_UID = 100_000
+
+STORE = r"""
+import sys
+from pam_cgpolicy.badness import UserScore
+from pam_cgpolicy.state import StateStore
+
+first, count = int(sys.argv[1]), int(sys.argv[2])
+with StateStore.open("/var/lib/cgpolicy/state.db") as store:
+    store.record_many(
+        [(first + i, f"lbench{i}", UserScore(cpu_badness=1.0), None) for i in range(count)]
+    )
+"""
+
+TIME = r"""
+import json, statistics, subprocess, sys, time
+
+runs = int(sys.argv[1])
+call = ["busctl", "--timeout=60", "--json=short", "call", "org.cgpolicy1", "/org/cgpolicy1",
+        "org.cgpolicy1.Manager", "ListUsers"]
+walls, listed, with_limits = [], 0, 0
+for _ in range(runs):
+    started = time.perf_counter()
+    done = subprocess.run(call, check=True, capture_output=True, text=True)
+    walls.append(time.perf_counter() - started)
+    (users,) = json.loads(done.stdout)["data"]
+    listed = len(users)
+    with_limits = sum(1 for user in users if "limits" in user)
+print(f"ListUsers: {listed} users listed, {with_limits} with their slice's limits read")
+print(f"wall time over {runs} calls: fastest {min(walls):.2f} s, "
+      f"median {statistics.median(walls):.2f} s, slowest {max(walls):.2f} s")
+print("goal: under 2 s")
+"""
+
+
+def main() -> None:
+    users = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    active = int(sys.argv[2]) if len(sys.argv) > 2 else 50
+    runs = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    with VM(cgroup="v2") as vm:
+        install_cgpolicy(vm, REPO)
+        lines = "".join(
+            f"lbench{i}:x:{FIRST_UID + i}:100::/nonexistent:/usr/sbin/nologin\n"
+            for i in range(users)
+        )
+        vm.put_bytes(lines.encode(), "/root/lbench.passwd")
+        vm.ssh("cat /root/lbench.passwd >> /etc/passwd")
+        vm.ssh("systemctl stop cgpolicyd")
+        vm.ssh(f"/opt/cgpolicy/bin/python3 -c {shlex.quote(STORE)} {FIRST_UID} {users}")
+        vm.ssh("systemctl start cgpolicyd")
+        for i in range(active):
+            uid = FIRST_UID + i
+            vm.ssh(
+                f"systemd-run --quiet --uid={uid} --slice=user-{uid}.slice "
+                f"--unit=lbench-{uid} sleep 100000"
+            )
+        cpu = vm.ssh("nproc").stdout.strip()
+        print(
+            f"VM: {cpu} CPUs under software emulation; {users} stored users, "
+            f"{active} of them with a loaded slice"
+        )
+        print(vm.ssh(f"python3 -c {shlex.quote(TIME)} {runs}", timeout=1800).stdout)
+
+
+if __name__ == "__main__":
+    main()
