@@ -74,8 +74,8 @@ ln -sf "$PREFIX/bin/cgpolicyctl" /usr/sbin/cgpolicyctl
 ln -sf "$PREFIX/bin/cgpolicyd" /usr/sbin/cgpolicyd
 # The hook starts its interpreter with -I -S, so it names the venv's site itself.
 SITE=$("$PREFIX/bin/python3" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-sed -e "s|@PYTHON@|$PREFIX/bin/python3|" -e "s|@SITE@|$SITE|" "$SRC/packaging/launcher.in" \
-    >/usr/sbin/cgpolicy-pam-hook.new
+sed -e "s|@PYTHON@|$PREFIX/bin/python3|" -e "s|@SITE@|$SITE|" -e "s|@MODULE@|hook|" \
+    "$SRC/packaging/launcher.in" >/usr/sbin/cgpolicy-pam-hook.new
 chmod 0755 /usr/sbin/cgpolicy-pam-hook.new
 mv -f /usr/sbin/cgpolicy-pam-hook.new /usr/sbin/cgpolicy-pam-hook
 
