@@ -63,7 +63,8 @@ PENALIZED, PENALIZED_UID = "pkgpat", 3101  # in penalty1 across the upgrade
 VISITOR, VISITOR_UID = "pkgvic", 3102  # logs in while apt works
 GROUP_CPU, PENALTY_CPU = "800ms", "400ms"  # CPUQuotaPerSecUSec: 80%, and half of it
 
-PAM_LINE = "grep -l cgpolicy /etc/pam.d/* || true"
+PAM_LINE = "grep -rl cgpolicy-pam-hook /etc/pam.d || true"
+PAM_SEEN = "grep -x cgpolicy /var/lib/pam/seen || true"  # pam-auth-update's memory
 
 
 def root(vm: Any, cmd: str, check: bool = True, timeout: float = 300) -> Any:
@@ -114,7 +115,8 @@ def old_node(vm_v2: Any) -> Iterator[Any]:
     # From nothing: no cgpolicy, and no policy other modules left.
     root(
         vm,
-        "dpkg -s cgpolicy >/dev/null 2>&1 && apt-get -y -q purge cgpolicy; "
+        "dpkg -s cgpolicy >/dev/null 2>&1 && "
+        "DEBIAN_FRONTEND=noninteractive apt-get -y -q purge cgpolicy; "
         "rm -rf /etc/cgpolicy /var/lib/cgpolicy",
     )
     install_deb(vm, previous)
@@ -165,6 +167,8 @@ def test_remove_takes_the_pam_line_first_and_logins_still_work(old_node):
         apt(vm, "remove", "cgpolicy")
     assert not logins.failures(), logins.failures()
     assert root(vm, PAM_LINE).stdout.strip() == ""
+    # Forgotten, so that installing again enables the profile again.
+    assert root(vm, PAM_SEEN).stdout.strip() == ""
     assert root(vm, "test -e /usr/sbin/cgpolicy-pam-hook", check=False).returncode != 0
     state = root(vm, "systemctl is-active cgpolicyd", check=False).stdout.strip()
     assert state != "active"
@@ -185,11 +189,14 @@ def test_purge_leaves_nothing_of_cgpolicy_behind(old_node):
         "ls -d /etc/cgpolicy /var/lib/cgpolicy /usr/sbin/cgpolicy* "
         "/usr/lib/python3/dist-packages/pam_cgpolicy /usr/share/pam-configs/cgpolicy "
         "/etc/systemd/system/*/cgpolicyd.service /etc/systemd/system/dbus-org.cgpolicy1.service "
-        "/lib/systemd/system/cgpolicyd.service /usr/share/dbus-1/*/org.cgpolicy1* 2>/dev/null",
+        "/lib/systemd/system/cgpolicyd.service /usr/share/dbus-1/*/org.cgpolicy1* "
+        "/etc/pam.d/cgpolicy-selftest /usr/share/bash-completion/completions/cgpolicyctl "
+        "/usr/share/man/man*/cgpolicy* 2>/dev/null",
         check=False,
     ).stdout.split()
     assert leftovers == []
     assert root(vm, PAM_LINE).stdout.strip() == ""
+    assert root(vm, PAM_SEEN).stdout.strip() == ""
     assert root(vm, "systemctl list-unit-files 'cgpolicyd*' --no-legend").stdout.strip() == ""
     login_works(vm)
     poll(
