@@ -50,13 +50,17 @@ def build_deb(repo_root: Path, version: str | None = None) -> Path:
 
 
 def install_deb(vm: VM, deb: Path) -> subprocess.CompletedProcess[str]:
-    """apt installs ``deb`` (also over another version, or again); the image has its deps."""
+    """apt installs ``deb`` (over another version too); the image has its dependencies.
+
+    The same version installed already is left as it is, as apt leaves it (its
+    --reinstall refuses a file path here).
+    """
     vm.ssh(f"rm -rf {REMOTE_DEBS} && mkdir -p {REMOTE_DEBS}")
     vm.put(deb, f"{REMOTE_DEBS}/{deb.name}")
     with step(f"apt installing {deb.name} in the VM"):
         # confold: a policy a test changed stays, as an admin's would.
         return vm.ssh(
-            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-download --reinstall "
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-download "
             "--allow-downgrades -o Dpkg::Options::=--force-confold "
             f"{REMOTE_DEBS}/{deb.name}",
             timeout=INSTALL_TIMEOUT,
