@@ -52,15 +52,17 @@ def build_deb(repo_root: Path, version: str | None = None) -> Path:
 def install_deb(vm: VM, deb: Path) -> subprocess.CompletedProcess[str]:
     """apt installs ``deb`` (over another version too); the image has its dependencies.
 
-    The same version installed already is left as it is, as apt leaves it (its
-    --reinstall refuses a file path here).
+    The same version installed already is left as it is, as apt leaves it. No
+    --reinstall nor --no-download: with either, apt refuses a file path here
+    ("Pathname to install is not absolute"); it downloads nothing all the same,
+    as every dependency is in the image.
     """
     vm.ssh(f"rm -rf {REMOTE_DEBS} && mkdir -p {REMOTE_DEBS}")
     vm.put(deb, f"{REMOTE_DEBS}/{deb.name}")
     with step(f"apt installing {deb.name} in the VM"):
         # confold: a policy a test changed stays, as an admin's would.
         return vm.ssh(
-            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-download "
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
             "--allow-downgrades -o Dpkg::Options::=--force-confold "
             f"{REMOTE_DEBS}/{deb.name}",
             timeout=INSTALL_TIMEOUT,
