@@ -17,13 +17,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from vmharness.install import install_cgpolicy  # noqa: E402
+from vmharness.install import install_cgpolicy, installed_python  # noqa: E402
 from vmharness.machine import VM  # noqa: E402
 
 INSIDE = r"""
 import os, statistics, subprocess, sys, time
 
 runs = int(sys.argv[1])
+python = sys.argv[2]  # the installed cgpolicy's interpreter
 hook_env = dict(os.environ, PAM_TYPE="open_session", PAM_USER="bench")
 
 def wall(cmd, env=None):
@@ -39,7 +40,7 @@ series = {
     "bare python3 -c pass": (["python3", "-c", "pass"], None),
     "cgpolicy-pam-hook": (["/usr/sbin/cgpolicy-pam-hook"], hook_env),
     # What the hook would pay just to import a Python D-Bus stack (the road not taken):
-    "import dbus_fast.aio": (["/opt/cgpolicy/bin/python3", "-I", "-c", "import dbus_fast.aio"],
+    "import dbus_fast.aio": ([python, "-I", "-c", "import dbus_fast.aio"],
                              None),
 }
 times = {name: [] for name in series}
@@ -71,7 +72,9 @@ def main() -> None:
             f"VM: {cpu} CPUs under software emulation (absolute times are slow; "
             "the ratio is the figure)"
         )
-        print(vm.ssh(f"python3 -c {shlex.quote(INSIDE)} {runs}", timeout=1800).stdout)
+        python = installed_python(vm)
+        inside = f"python3 -c {shlex.quote(INSIDE)} {runs} {python}"
+        print(vm.ssh(inside, timeout=1800).stdout)
 
 
 if __name__ == "__main__":

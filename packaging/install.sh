@@ -72,17 +72,10 @@ else
 fi
 ln -sf "$PREFIX/bin/cgpolicyctl" /usr/sbin/cgpolicyctl
 ln -sf "$PREFIX/bin/cgpolicyd" /usr/sbin/cgpolicyd
-# The hook runs at every login, as root, with an environment PAM modules may
-# have filled from users' files. -I: ignore PYTHONPATH and the like. -S: skip
-# site, the slowest part of a start; the one directory needed is named here.
+# The hook starts its interpreter with -I -S, so it names the venv's site itself.
 SITE=$("$PREFIX/bin/python3" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-cat >/usr/sbin/cgpolicy-pam-hook.new <<HOOK
-#!$PREFIX/bin/python3 -IS
-import sys
-sys.path.append("$SITE")
-from pam_cgpolicy.hook import main
-sys.exit(main())
-HOOK
+sed -e "s|@PYTHON@|$PREFIX/bin/python3|" -e "s|@SITE@|$SITE|" -e "s|@MODULE@|hook|" \
+    "$SRC/packaging/launcher.in" >/usr/sbin/cgpolicy-pam-hook.new
 chmod 0755 /usr/sbin/cgpolicy-pam-hook.new
 mv -f /usr/sbin/cgpolicy-pam-hook.new /usr/sbin/cgpolicy-pam-hook
 

@@ -26,9 +26,15 @@ NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
 
 
 async def connect(timeout: float, error: ErrorType, address: str | None = None) -> MessageBus:
-    """The system bus (or ``address``), connected and authenticated within ``timeout``."""
-    bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM, auth_timeout=timeout)
+    """The system bus (or ``address``), connected and authenticated within ``timeout``.
+
+    The timeout is ours, not dbus-fast's: its auth_timeout argument came after
+    the dbus-fast Debian 12 ships (1.84); wait_for bounds the whole connect.
+    """
     try:
+        # Older dbus-fast (Debian 12's) opens the socket already here, so a dead
+        # bus raises here too.
+        bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
         await asyncio.wait_for(bus.connect(), timeout)
     except TimeoutError:
         bus.disconnect()

@@ -614,6 +614,16 @@ def cmd_selftest(args: argparse.Namespace) -> None:
         raise _Failed
 
 
+def cmd_tiers(args: argparse.Namespace) -> None:
+    """The penalty tiers' names, one a line: for shell completion, so quiet on errors."""
+    try:
+        policy = load_policy(Path(config_dir(args.config_dir)))
+    except (PolicyError, OSError):
+        raise _Failed from None
+    for tier in policy.penalty.tiers if policy.penalty else ():
+        print(tier.name)
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     checks = _doctor_checks(args)
     for verdict, what, detail in checks:
@@ -676,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
         "session stack and check the limits it leaves",
         "required",
     )
+    # No help text: left out of the usage and the man page; bash completion asks it.
+    sub.add_parser("tiers").set_defaults(func=cmd_tiers)
     return parser
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from test_login_node import POLICY, keep_logged_in, login, root, slice_props, write_policy
 from unit.policygen import limits as random_limits
+from vmharness.install import installed_python
 
 from pam_cgpolicy.errors import LimitError
 from pam_cgpolicy.limits import LIMIT_KEYS, properties_for
@@ -135,7 +136,7 @@ def test_systemd_takes_the_properties_of_every_valid_generated_group(trust_node)
     # A control: one property systemd refuses, to show a refusal would be seen.
     groups.append([("MemoryMax", "t", 0)])
     result = trust_node.ssh(
-        f"/opt/cgpolicy/bin/python3 -I -c {shlex.quote(APPLY)}",
+        f"{installed_python(trust_node)} -I -c {shlex.quote(APPLY)}",
         input=json.dumps(groups),
         timeout=600,
     )

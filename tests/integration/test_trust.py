@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from test_daemon import poll
 from test_login_node import POLICY, hook_lines, root, slice_props, write_policy
+from vmharness.install import installed_python
 
 pytestmark = pytest.mark.vm
 
@@ -96,6 +97,7 @@ def hostile_node(vm: Any) -> Iterator[Any]:
     write_policy(vm, POLICY)
     root(vm, "cgpolicyctl check && systemctl stop cgpolicyd")
     q = shlex.quote
+    python = installed_python(vm)
     setup = f"""
         set -e
         cp -a /etc/pam.d/sshd /root/sshd.pam.orig
@@ -115,8 +117,8 @@ def hostile_node(vm: Any) -> Iterator[Any]:
             printf '%s\n' {q(EVIL_PYTHON)} > {HOME}/py/$f
         done
         printf '%s\n' {q(FAKE_BUS_SERVER)} > /root/fake-bus.py
-        setsid -f /opt/cgpolicy/bin/python3 /root/fake-bus.py </dev/null >/dev/null 2>&1
-        /opt/cgpolicy/bin/python3 -I -c {q(FORGE)}
+        setsid -f {python} /root/fake-bus.py </dev/null >/dev/null 2>&1
+        {python} -I -c {q(FORGE)}
         chown -hR {USER}: {HOME}
     """
     root(vm, textwrap.dedent(setup))

@@ -27,6 +27,7 @@ from test_daemon import (
     poll,
     root,
 )
+from vmharness.install import installed_python
 
 pytestmark = pytest.mark.vm
 
@@ -35,7 +36,6 @@ node = test_daemon.node
 
 LISTENER = "/usr/local/lib/cgpolicy-test/listen.py"
 GO = "/tmp/cgpolicy-visibility-go"  # root creates it when the actions are done
-PYTHON = "/opt/cgpolicy/bin/python"
 CTL = "/usr/sbin/cgpolicyctl"  # users' PATH has no sbin
 
 # Prints one JSON line per cgpolicyd signal it receives. When GO appears it calls
@@ -115,8 +115,9 @@ def test_only_root_and_admins_hear_of_other_users_changes(listening):
     vm = listening
     listeners = ("carol", "ann")
     root(vm, f"rm -f {GO} /tmp/listen-*.out")
+    python = installed_python(vm)
     for user in listeners:
-        cmd = f"{PYTHON} -I {LISTENER} {GO}"
+        cmd = f"{python} -I {LISTENER} {GO}"
         login(vm, user, f"nohup {cmd} >/tmp/listen-{user}.out 2>&1 &")
     for user in listeners:
         wait_for_line(vm, user, "ready")

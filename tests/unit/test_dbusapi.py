@@ -240,13 +240,17 @@ def shape(interface: Interface) -> dict[str, Any]:
     def args(arguments: list[Any]) -> list[tuple[str | None, str]]:
         return [(arg.name, arg.signature) for arg in arguments]
 
+    def notes(member: Any) -> Any:
+        # Debian 12's dbus-fast (1.84) parses no annotations.
+        return getattr(member, "annotations", None)
+
     return {
         "methods": {
-            m.name: (args(m.in_args), args(m.out_args), m.annotations) for m in interface.methods
+            m.name: (args(m.in_args), args(m.out_args), notes(m)) for m in interface.methods
         },
-        "signals": {s.name: (args(s.args), s.annotations) for s in interface.signals},
+        "signals": {s.name: (args(s.args), notes(s)) for s in interface.signals},
         "properties": {p.name: (p.signature, p.access) for p in interface.properties},
-        "annotations": interface.annotations,
+        "annotations": notes(interface),
     }
 
 

@@ -1,4 +1,9 @@
-"""Installs the working tree of cgpolicy into a test VM the way an admin would."""
+"""Installs the working tree of cgpolicy into a test VM the way an admin would.
+
+On the cgroup v2 node: the .deb built from the tree, on Debian's own
+python3-dbus-fast and python3-pampy (in the image). On the v1 node:
+packaging/install.sh, the way for other distributions, with a venv.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,54 @@ from vmharness.machine import VM
 from vmharness.progress import step
 
 REMOTE_SRC = "/root/cgpolicy-src"
+REMOTE_DEBS = "/root/cgpolicy-debs"
 INSTALL_TIMEOUT = 900
+DEB_MODE = "v2"
+DEB_PYTHON = "/usr/bin/python3"
+VENV_PYTHON = "/opt/cgpolicy/bin/python3"  # install.sh's PREFIX
 
 _wheel_dirs: dict[Path, Path] = {}
+_debs: dict[tuple[Path, str | None], Path] = {}
+
+
+def installed_python(vm: VM) -> str:
+    """The interpreter the installed cgpolicy runs on in this VM (its modules import there)."""
+    return DEB_PYTHON if vm.cgroup_mode() == DEB_MODE else VENV_PYTHON
+
+
+def build_deb(repo_root: Path, version: str | None = None) -> Path:
+    """The tree's .deb (with ``version`` instead of the changelog's), built once per process."""
+    key = (repo_root.resolve(), version)
+    if key not in _debs:
+        out = Path(tempfile.mkdtemp(prefix="cgpolicy-deb-"))
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
+        argv = [str(key[0] / "packaging" / "build-deb"), str(out), *([version] if version else [])]
+        with step(f"building the cgpolicy .deb{f' {version}' if version else ''} on the host"):
+            result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"packaging/build-deb failed:\n{result.stdout}{result.stderr}")
+        (_debs[key],) = out.glob("cgpolicy_*.deb")
+    return _debs[key]
+
+
+def install_deb(vm: VM, deb: Path) -> subprocess.CompletedProcess[str]:
+    """apt installs ``deb`` (over another version too); the image has its dependencies.
+
+    The same version installed already is left as it is, as apt leaves it. No
+    --reinstall nor --no-download: with either, apt refuses a file path here
+    ("Pathname to install is not absolute"); it downloads nothing all the same,
+    as every dependency is in the image.
+    """
+    vm.ssh(f"rm -rf {REMOTE_DEBS} && mkdir -p {REMOTE_DEBS}")
+    vm.put(deb, f"{REMOTE_DEBS}/{deb.name}")
+    with step(f"apt installing {deb.name} in the VM"):
+        # confold: a policy a test changed stays, as an admin's would.
+        return vm.ssh(
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+            "--allow-downgrades -o Dpkg::Options::=--force-confold "
+            f"{REMOTE_DEBS}/{deb.name}",
+            timeout=INSTALL_TIMEOUT,
+        )
 
 
 def build_wheels(repo_root: Path) -> Path:
@@ -75,8 +125,10 @@ def make_tarball(repo_root: Path, wheels: Path, dest: Path) -> Path:
 
 
 def install_cgpolicy(vm: VM, repo_root: str | Path) -> subprocess.CompletedProcess[str]:
-    """Copy the tree and wheels to the guest and run packaging/install.sh there."""
+    """The .deb on the v2 node; elsewhere the tree and wheels, and packaging/install.sh."""
     repo_root = Path(repo_root).resolve()
+    if vm.cgroup_mode() == DEB_MODE:
+        return install_deb(vm, build_deb(repo_root))
     wheels = build_wheels(repo_root)
     with tempfile.TemporaryDirectory(prefix="cgpolicy-src-") as tmp:
         tarball = make_tarball(repo_root, wheels, Path(tmp) / "cgpolicy-src.tar.gz")
