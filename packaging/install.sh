@@ -114,7 +114,7 @@ done
 # activation, the interface for introspection tools, and the unit.
 install -D -o root -g root -m 0644 "$SRC/dbus/org.cgpolicy1.conf" "$BUS_POLICY"
 install -D -o root -g root -m 0644 "$SRC/dbus/org.cgpolicy1.service" "$BUS_ACTIVATION"
-install -D -o root -g root -m 0644 "$SRC/dbus/org.cgpolicy1.Manager.xml" "$BUS_INTERFACE"
+install -D -o root -g root -m 0644 "$SRC/pam_cgpolicy/org.cgpolicy1.Manager.xml" "$BUS_INTERFACE"
 install -D -o root -g root -m 0644 "$SRC/packaging/systemd/cgpolicyd.service" "$UNIT"
 if ! systemd_running; then
     echo "cgpolicyd: systemd is not running here; enable it later: systemctl enable --now cgpolicyd"

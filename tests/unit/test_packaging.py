@@ -57,7 +57,7 @@ def test_install_sh_installs_every_file_of_the_daemon() -> None:
         ("dbus/org.cgpolicy1.conf", "/usr/share/dbus-1/system.d/org.cgpolicy1.conf"),
         ("dbus/org.cgpolicy1.service", "/usr/share/dbus-1/system-services/org.cgpolicy1.service"),
         (
-            "dbus/org.cgpolicy1.Manager.xml",
+            "pam_cgpolicy/org.cgpolicy1.Manager.xml",
             "/usr/share/dbus-1/interfaces/org.cgpolicy1.Manager.xml",
         ),
         ("packaging/systemd/cgpolicyd.service", "/etc/systemd/system/cgpolicyd.service"),
