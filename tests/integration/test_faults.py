@@ -494,7 +494,7 @@ def test_logins_go_on_and_the_penalty_stays_under(node, fault):
         why = (
             f"{len(logind)} logins waited for pam_systemd ('Failed to create session')"
             if logind
-            else "the guest's CPU, shared with the fault's own recovery under emulation"
+            else "not pam_systemd; not measured further (an emulated guest's CPU is shared)"
         )
         row.notes.append(f"{len(slow)} logins over hook_timeout outside the hook: {why}")
         pytest.xfail(
