@@ -36,6 +36,7 @@ from . import control, log
 from .accounts import Account, Accounts, is_admin
 from .badness import UserScore
 from .classify import decide
+from .clockstep import ClockWatch, boot_clock
 from .compiled import fingerprint, read_last_good, save, save_penalties
 from .constants import (
     MAIN_FILE,
@@ -135,6 +136,7 @@ class Daemon:
         self.locks: dict[int, asyncio.Lock] = {}  # one send at a time per uid
         self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
         self.stepped: set[int] = set()  # users whose MemoryMax was above target this cycle
+        self.clock_watch = ClockWatch()  # notices a step of the wall clock
 
     @property
     def policy(self) -> Policy:
@@ -246,8 +248,28 @@ class Daemon:
         except OSError as err:
             log.error(f"cannot write {self.penalties_file}: {err}")
 
+    async def follow_clock(self, wall: float, boot: float) -> None:
+        """If the wall clock was set since the last cycle, the recorded times move with it.
+
+        Before anything is judged: a day forward must not end every penalty. Then
+        the hook's copy and the penalized slices are set again, since a login in
+        between read the copy against the stepped clock.
+        """
+        step = self.clock_watch.step(wall, boot)
+        if not step:
+            self.clock_watch.mark(wall, boot)
+            return
+        moved = self.store.shift_times(step)  # a failure here leaves the step to the next cycle
+        self.clock_watch.mark(wall, boot)
+        log.info(log.fields(event="clock-step", step=f"{step:+.1f}", penalties_shifted=moved))
+        rows = self.store.in_penalty(wall)
+        self.write_penalties()
+        for row in rows:
+            await self.send(row.uid, row.user)
+
     async def cycle(self) -> None:
         self.cached.clear()  # group membership is at most one interval old
+        await self.follow_clock(self.clock(), boot_clock())
         marks = fingerprint(self.config_dir)
         if marks != self.marks or self.refused:
             # The hook reads the files at every login: follow an edit at once, so

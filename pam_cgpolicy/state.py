@@ -300,6 +300,20 @@ class StateStore:
                 if change is not None:
                     self._write_event(uid, user, change, actor, when)
 
+    def shift_times(self, step: float) -> int:
+        """Move every tier expiry and zero-badness start by ``step`` seconds, in one
+        transaction: the wall clock was set by that much. Returns the tiers moved."""
+        with self._errors("cannot shift the recorded times"), self._transaction():
+            moved = self._conn.execute(
+                "UPDATE users SET tier_expiry = tier_expiry + ? WHERE tier_expiry IS NOT NULL",
+                (step,),
+            ).rowcount
+            self._conn.execute(
+                "UPDATE users SET zero_since = zero_since + ? WHERE zero_since IS NOT NULL",
+                (step,),
+            )
+        return int(moved)
+
     def copy_rows_from(self, path: str) -> dict[str, int]:
         """Copy into this store every row each table of the (damaged) file at ``path``
         still yields, table by table, stopping a table at its first unreadable page.
