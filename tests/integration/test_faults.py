@@ -84,12 +84,13 @@ POLICY = {
         """,
 }
 
-# name: (uid, supplementary groups), in this module's range 3000-3099.
+# name: (uid, supplementary groups), in this module's range 3300-3399: each user's own
+# group takes the uid as its gid, and test_login_node.py makes groups with gids 3000 and 3001.
 USERS = {
-    "fxadm": (3001, ["cgadmins"]),  # admins: exempt
-    "fxstu": (3002, []),  # students
-    "fxnor": (3003, []),  # normal (fallback)
-    "fxpen": (3004, []),  # students, in penalty1 throughout
+    "fxadm": (3301, ["cgadmins"]),  # admins: exempt
+    "fxstu": (3302, []),  # students
+    "fxnor": (3303, []),  # normal (fallback)
+    "fxpen": (3304, []),  # students, in penalty1 throughout
 }
 PENALIZED = "fxpen"
 TIER = "penalty1"
