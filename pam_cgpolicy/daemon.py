@@ -269,7 +269,10 @@ class Daemon:
 
     async def cycle(self) -> None:
         self.cached.clear()  # group membership is at most one interval old
-        await self.follow_clock(self.clock(), boot_clock())
+        # One reading judges the whole cycle: a step landing after it is seen whole
+        # by the next cycle's follow_clock, before anything expires by it.
+        now = self.clock()
+        await self.follow_clock(now, boot_clock())
         marks = fingerprint(self.config_dir)
         if marks != self.marks or self.refused:
             # The hook reads the files at every login: follow an edit at once, so
@@ -295,7 +298,7 @@ class Daemon:
             current = await self._memory_current(uid)
             if current is not None:
                 memory[uid] = current
-        await self.apply(self.engine.cycle(samples, self.clock(), memory))
+        await self.apply(self.engine.cycle(samples, now, memory))
 
     async def _memory_current(self, uid: int) -> int | None:
         """The slice's memory as its cgroup counts it against MemoryMax; None if unread."""

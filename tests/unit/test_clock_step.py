@@ -7,6 +7,7 @@ import pytest
 from fakeslices import DictAccounts, NoSlices, NoSliceUnits
 from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
 
+from pam_cgpolicy import clockstep
 from pam_cgpolicy import daemon as daemon_mod
 from pam_cgpolicy.accounts import Account
 from pam_cgpolicy.badness import UserScore
@@ -121,3 +122,18 @@ def test_a_step_the_store_could_not_follow_is_followed_at_the_next_cycle(daemon,
             asyncio.run(daemon.follow_clock(wall + 2 + DAY, boot + 2))
     asyncio.run(daemon.follow_clock(wall + 4 + DAY, boot + 4))
     assert daemon.store.get(2002).tier_expiry == pytest.approx(expiry + DAY)
+
+
+def test_a_step_landing_during_a_cycle_ends_no_penalty(daemon):
+    """The cycle judges by the time it read first; the next cycle sees the step whole."""
+    wall = time.time()
+    asyncio.run(daemon.penalize("bob", "penalty1", "admin"))
+    expiry = daemon.store.get(2002).tier_expiry
+    asyncio.run(daemon.follow_clock(wall, clockstep.boot_clock()))
+    readings = iter([wall])
+    daemon.clock = lambda: next(readings, wall + DAY)  # set a day on right after the first read
+    asyncio.run(daemon.cycle())
+    assert daemon.store.get(2002).tier == "penalty1"
+    asyncio.run(daemon.cycle())
+    assert daemon.store.get(2002).tier == "penalty1"
+    assert daemon.store.get(2002).tier_expiry == pytest.approx(expiry + DAY, abs=1.0)
