@@ -37,7 +37,8 @@ def main() -> None:
     mode = "v1" if "--v1" in sys.argv else "v2"
     say(f"Booting a Debian 12 login node (cgroup {mode}) under emulation")
     with VM(cgroup=mode) as vm:
-        say("Installing cgpolicy the way the README says (packaging/install.sh)")
+        how = "its Debian package" if mode == "v2" else "packaging/install.sh"
+        say(f"Installing cgpolicy the way the README says ({how})")
         install_cgpolicy(vm, REPO)
         show(vm, "cgpolicyctl doctor")
         show(vm, "cat /etc/cgpolicy/cgpolicy.toml | grep -v '^#' | grep -v '^$'")
