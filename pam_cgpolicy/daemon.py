@@ -202,10 +202,12 @@ class Daemon:
         """
         async with self.locks.setdefault(uid, asyncio.Lock()):
             try:
-                limits = self.engine.limits(self._account(uid), self.store.get(uid))
+                account = self._account(uid)
+                limits = self.engine.limits(account, self.store.get(uid))
             except CgpolicyError as err:  # an account gone: nothing to send, nor to retry
                 log.error(log.fields(user=user, uid=uid, action="failed", error=err))
                 return None
+            user = account.name  # callers that know only the uid pass it as the name
             try:
                 if limits.properties:
                     await asyncio.to_thread(self.write, uid, limits.properties)
