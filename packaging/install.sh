@@ -65,10 +65,13 @@ if [ "$ACTION" = uninstall ]; then
 fi
 
 python3 -m venv "$PREFIX"
+# With the plots of reports and mails, and the driver of [sync].
+EXTRAS="[plot,sync]"
 if [ -n "$WHEELS" ]; then
-    "$PREFIX/bin/pip" install --quiet --force-reinstall --no-index --find-links "$WHEELS" cgpolicy
+    "$PREFIX/bin/pip" install --quiet --force-reinstall --no-index --find-links "$WHEELS" \
+        "cgpolicy$EXTRAS"
 else
-    "$PREFIX/bin/pip" install --quiet --force-reinstall "$SRC"
+    "$PREFIX/bin/pip" install --quiet --force-reinstall "$SRC$EXTRAS"
 fi
 ln -sf "$PREFIX/bin/cgpolicyctl" /usr/sbin/cgpolicyctl
 ln -sf "$PREFIX/bin/cgpolicyd" /usr/sbin/cgpolicyd

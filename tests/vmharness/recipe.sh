@@ -6,10 +6,16 @@ set -eu
 
 ROOTFS=${1:?usage: recipe.sh ROOTFS_DIR}
 SUITE=bookworm
-# Debian's own python3-dbus-fast and python3-pampy are what the .deb runs on.
+# Debian's own python3-dbus-fast, python3-pampy and the optional libraries are what the
+# .deb runs on. The mail server, node_exporter, PostgreSQL, CRIU and nspawn are the real
+# components the suite starts itself (disabled at boot below).
 PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,openssh-server,linux-image-amd64,\
 initramfs-tools,python3,python3-venv,sudo,procps,iproute2,kmod,udev,ca-certificates,\
-psmisc,zstd,less,acl,rsync,python3-dbus-fast,python3-pampy,python3-six
+psmisc,zstd,less,acl,rsync,python3-dbus-fast,python3-pampy,python3-six,\
+python3-prometheus-client,python3-matplotlib,python3-psycopg2,\
+exim4-daemon-light,bsd-mailx,prometheus-node-exporter,postgresql,criu,systemd-container,\
+openssh-client
+SERVICES_OFF="exim4.service exim4-base.timer prometheus-node-exporter.service postgresql.service"
 
 # The mirror the host itself uses for Debian (a site may have a local one), unless
 # CGPOLICY_VM_MIRROR names another. Reads one-line and deb822 apt sources.
@@ -101,6 +107,11 @@ if [ -n "$missing" ]; then
     for mod in $missing; do echo "$mod" >>"$ROOTFS/etc/initramfs-tools/modules"; done
     in_root update-initramfs -u -k all
 fi
+
+step "services the suite starts itself"
+for unit in $SERVICES_OFF; do
+    in_root systemctl disable "$unit" 2>/dev/null || true
+done
 
 step "cleanup"
 in_root apt-get clean
