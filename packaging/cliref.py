@@ -56,13 +56,14 @@ def positionals(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 
 def synopsis(name: str, parser: argparse.ArgumentParser) -> str:
-    words = [f"\\fB{name}\\fR"]
+    words = [f"\\fB{roff(name)}\\fR"]
     for action in options(parser):
         flag = roff(action.option_strings[-1])
         value = f" \\fI{action.metavar or action.dest.upper()}\\fR" if action.nargs != 0 else ""
         words.append(f"[\\fB{flag}\\fR{value}]")
     for action in positionals(parser):
         word = f"\\fI{roff(str(action.metavar or action.dest).upper())}\\fR"
+        word += " ..." if action.nargs == "+" else ""
         words.append(f"[{word}]" if action.nargs == "?" else word)
     return " ".join(words)
 
@@ -125,7 +126,7 @@ def completion(parser: argparse.ArgumentParser) -> str:
 _cgpolicyctl() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}}
     local i word command="" config=() nth=0 flags args
-    if [ "$prev" = --config-dir ]; then
+    if [ "$prev" = --config-dir ] || [ "$prev" = --out ]; then
         COMPREPLY=($(compgen -d -- "$cur"))
         return
     fi
@@ -156,6 +157,7 @@ _cgpolicyctl() {{
     shift "$nth" 2>/dev/null || return
     case $1 in
         user) COMPREPLY=($(compgen -u -- "$cur")) ;;
+        config) COMPREPLY=($(compgen -f -- "$cur")) ;;
         tier) COMPREPLY=($(compgen -W "$(cgpolicyctl "${{config[@]}}" tiers 2>/dev/null)" \\
             -- "$cur")) ;;
     esac

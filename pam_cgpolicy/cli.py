@@ -31,6 +31,7 @@ from .compiled import Loaded, load_in_force, read_penalty
 from .constants import (
     DEFAULT_CONFIG_DIR,
     HOOK_PATH,
+    MAIN_FILE,
     compiled_policy_file,
     config_dir,
     penalties_file,
@@ -624,6 +625,28 @@ def cmd_tiers(args: argparse.Namespace) -> None:
         print(tier.name)
 
 
+def cmd_import_arbiter2(args: argparse.Namespace) -> None:
+    from . import arbiter2
+
+    paths = [Path(name) for name in args.config]
+    tpc = args.threads_per_core or arbiter2.threads_per_core()
+    # Arbiter2 reads relative paths from its program's directory, arbiter/ beside etc/.
+    base = paths[0].resolve().parent.parent / "arbiter"
+    imported = arbiter2.import_site(arbiter2.read_configs(paths), base, tpc, args.config)
+    out = Path(args.out)
+    arbiter2.write_policy(imported, out)
+    notes = arbiter2.merged_notes(imported.notes)
+    print(f"wrote {out}: {', '.join(sorted(imported.files))}")
+    print(f"{len(imported.notes)} settings not carried over exactly (also atop {MAIN_FILE}):")
+    for note in notes:
+        print(f"  {note}")
+    policy = _strict_policy(argparse.Namespace(config_dir=str(out)))
+    print(
+        f"{out}: valid; {len(policy.groups)} groups, order {', '.join(policy.order)}; "
+        f"fallback {policy.fallback}. Review it, copy it to /etc/cgpolicy, then cgpolicyctl reload"
+    )
+
+
 def cmd_doctor(args: argparse.Namespace) -> None:
     checks = _doctor_checks(args)
     for verdict, what, detail in checks:
@@ -685,6 +708,30 @@ def build_parser() -> argparse.ArgumentParser:
         "open a real PAM session for USER through the node's "
         "session stack and check the limits it leaves",
         "required",
+    )
+    arbiter = add(
+        "import-arbiter2",
+        cmd_import_arbiter2,
+        "write a policy directory equivalent to an Arbiter2 configuration, and list "
+        "every setting it could not carry over exactly, and why",
+    )
+    arbiter.add_argument(
+        "config",
+        nargs="+",
+        metavar="CONFIG",
+        help="Arbiter2's configuration files; later ones override earlier ones",
+    )
+    arbiter.add_argument(
+        "--out",
+        default="cgpolicy-imported",
+        metavar="DIR",
+        help="the directory to write; it must not exist or be empty (default cgpolicy-imported)",
+    )
+    arbiter.add_argument(
+        "--threads-per-core",
+        type=_positive,
+        metavar="N",
+        help="what div_cpu_quotas_by_threads_per_core divides by (default this machine's)",
     )
     # No help text: left out of the usage and the man page; bash completion asks it.
     sub.add_parser("tiers").set_defaults(func=cmd_tiers)

@@ -53,6 +53,10 @@ def policy_error(err: Exception, where: str) -> PolicyError:
     return PolicyError([Problem(where, f"cannot be loaded: {type(err).__name__}: {err}")])
 
 
+class SiteImportError(CgpolicyError):
+    """A configuration to import cannot be read, or cannot make a policy at all."""
+
+
 class UnknownUser(CgpolicyError):
     """The name does not resolve through NSS."""
 

@@ -33,6 +33,11 @@ _TOML_LINE_RE = re.compile(r"at line (\d+)")
 _TABLE_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]")
 
 
+def is_group_name(name: str) -> bool:
+    """Whether ``name`` may name a status group (and its file's stem)."""
+    return _NAME_RE.fullmatch(name) is not None
+
+
 @dataclass(frozen=True)
 class General:
     min_uid: int = 1000

@@ -17,7 +17,7 @@ from pam_cgpolicy import cli
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTED = [
     "check", "classify", "apply", "freeze", "thaw", "status", "penalize",
-    "release", "reload", "history", "doctor", "selftest",
+    "release", "reload", "history", "doctor", "selftest", "import-arbiter2",
 ]  # fmt: skip
 
 
@@ -42,8 +42,8 @@ def test_tiers_prints_the_policys_tier_names(tmp_path, capsys) -> None:
 
 def test_the_man_page_documents_every_command_but_the_hidden_one() -> None:
     page = cliref().man_page(cli.build_parser())
-    documented = re.findall(r"^\.TP\n\\fB([a-z]+)\\fR", page, re.M)
-    assert documented == DOCUMENTED
+    documented = re.findall(r"^\.TP\n\\fB([a-z][a-z0-9\\-]*)\\fR", page, re.M)
+    assert [name.replace("\\-", "-") for name in documented] == DOCUMENTED
     assert "\\fBtiers" not in page
     assert "\\fB\\-\\-limit\\fR" in page and "\\fB\\-\\-config\\-dir\\fR" in page
 
@@ -80,6 +80,9 @@ def test_completion_offers_commands_options_users_and_tiers(tmp_path) -> None:
     assert complete(tmp_path, "history", "--") == ["--limit", "--json", "--help"]
     assert complete(tmp_path, "freeze", "roo") == ["root"]
     assert complete(tmp_path, "freeze", "root", "") == []
+    assert complete(tmp_path, "import-arbiter2", "--") == ["--out", "--threads-per-core", "--help"]
+    assert complete(tmp_path, "import-arbiter2", "pyproject.t") == ["pyproject.toml"]
+    assert complete(tmp_path, "import-arbiter2", "--out", "packag") == ["packaging"]
     policy = write_policy(tmp_path / "etc", MAIN + DAEMON_SECTIONS)
     assert complete(tmp_path, "--config-dir", str(policy), "penalize", "root", "pen") == [
         "penalty1",

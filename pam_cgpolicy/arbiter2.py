@@ -1,0 +1,574 @@
+"""Import an Arbiter2 site: its configuration becomes a cgpolicy policy directory.
+
+``import_site`` reads one or more Arbiter2 configuration files (later files override
+earlier ones, table by table, as Arbiter2's own ``-g`` list does) and returns the
+policy's files as text, with a note for every setting that has no exact equivalent.
+``write_policy`` writes them. The badness model is the same in both (see badness.py),
+so only units change:
+
+- ``cpu_quota`` is a percentage of one CPU thread, divided by the threads per core
+  when ``div_cpu_quotas_by_threads_per_core`` is set: it becomes ``CPUQuota`` in
+  percent of one CPU, which is what systemd counts too.
+- ``mem_quota`` is in GB of 1024^3 bytes: it becomes ``MemoryMax``.
+- A penalty's relative quotas are fractions of the user's own status group's quotas:
+  they become a tier's ``cpu_factor`` and ``memory_factor``.
+
+Arbiter2 judges badness against the status group's quotas, and cgpolicy against the
+group's CPUQuota and MemoryMax: with the quotas carried over, the same usage gives
+the same badness. Every written value carries a comment naming where it came from,
+so that the output can be reviewed line by line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import textwrap
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .constants import GROUPS_DIR, MAIN_FILE
+from .errors import SiteImportError
+from .policy import ID_MAX, is_group_name
+
+GIB = 1024**3
+PERMYRIAD_MAX = 2**31 - 1  # systemd's largest CPUQuota, in hundredths of a percent
+WIDTH = 88  # of the written lines, where the values allow
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_SPECIAL_RE = re.compile(r"%H|\$\{")  # Arbiter2 expands these in strings
+
+# Settings cgpolicy has no counterpart for, and why; the report lists those present.
+NO_EQUIVALENT = {
+    "general.history_per_refresh": "cgpolicyd reads each slice's cgroup counters once per "
+    "interval; their difference is the exact average over it, with no samples in between",
+    "general.poll": "cgpolicyd reads cgroup counters once per interval: nothing to poll",
+    "self.groupname": "cgpolicyd runs as root and needs no group; [general] admin_group "
+    "names who may use its D-Bus API (left unset: root only)",
+    "badness.max_history_kept": "cgpolicy keeps no usage history for plots; penalties "
+    "and their events are in its state database (cgpolicyctl history)",
+    "badness.imported_badness_timeout": "cgpolicyd keeps each user's badness in its state "
+    "database across restarts, without a timeout",
+    "email": "this version of cgpolicy sends no mail: penalties are logged to the journal "
+    "and listed by cgpolicyctl history",
+    "database": "cgpolicy keeps its state and history in /var/lib/cgpolicy/state.db and "
+    "logs to the journal, whose own retention applies; nothing is shared between nodes",
+    "processes.pss": "cgpolicy measures a slice's memory from its cgroup (anonymous plus "
+    "mapped-file pages), not per process, so shared pages count once",
+    "processes.pss_threshold": "cgpolicy measures memory per slice, not per process",
+    "processes.proc_owner_whitelist": "cgpolicy charges every process in a user's slice, "
+    "whoever owns it",
+    "high_usage_watcher": "cgpolicy does not watch the node's total usage nor mail about it",
+}
+NOT_IN_PENALTY = "Arbiter2 does not use it in a penalty either"
+
+# Arbiter2's defaults for the settings whose default changes what a site does.
+DEFAULTS: dict[str, Any] = {
+    "general.min_uid": 1000,
+    "badness.cap_badness_incr": True,
+    "processes.whitelist_other_processes": True,
+    "processes.proc_owner_whitelist": [0],
+    "status.div_cpu_quotas_by_threads_per_core": False,
+    "status.penalty.relative_quotas": True,
+}
+
+
+@dataclass(frozen=True)
+class Note:
+    """A setting the policy does not carry over exactly, and why."""
+
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.reason}"
+
+
+def merged_notes(notes: list[Note]) -> list[Note]:
+    """One note for the keys that share a reason (a whole [email] table), in first order."""
+    keys: dict[str, list[str]] = {}
+    for note in notes:
+        keys.setdefault(note.reason, []).append(note.key)
+    return [Note(", ".join(names), reason) for reason, names in keys.items()]
+
+
+Entry = tuple[str, Any, str]  # key, value, where it came from
+
+
+@dataclass
+class _Table:
+    header: str | None
+    entries: list[Entry] = field(default_factory=list)
+
+    def add(self, key: str, value: Any, source: str) -> None:
+        self.entries.append((key, value, source))
+
+
+@dataclass
+class Imported:
+    """The policy's files, relative to its directory, as text; and the notes."""
+
+    files: dict[str, str]
+    notes: list[Note]
+
+
+def read_configs(paths: list[Path]) -> dict[str, Any]:
+    """The configuration the files make together: a later file's tables override."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as file:
+                data = tomllib.load(file)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise SiteImportError(f"{path}: {err}") from None
+        _merge(merged, data)
+    return merged
+
+
+def _merge(into: dict[str, Any], data: dict[str, Any]) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def threads_per_core() -> int:
+    """This machine's hardware threads per core, as CPU 0's siblings list them."""
+    path = "/sys/devices/system/cpu/cpu0/topology/thread_siblings_list"
+    try:
+        with open(path) as file:
+            text = file.read().strip()
+    except OSError:
+        return 1
+    count = 0
+    for item in text.split(","):
+        low, _, high = item.partition("-")
+        count += int(high or low) - int(low) + 1
+    return max(count, 1)
+
+
+class _Site:
+    """One Arbiter2 configuration being converted: what was used, and the notes."""
+
+    def __init__(self, config: dict[str, Any], base_dir: Path, tpc: int) -> None:
+        self.config = config
+        self.base_dir = base_dir
+        self.tpc = tpc
+        self.used: set[str] = set()
+        self.notes: list[Note] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value at dotted ``key``, Arbiter2's default if it has one, else ``default``."""
+        table: Any = self.config
+        for part in key.split("."):
+            if not isinstance(table, dict) or part not in table:
+                return DEFAULTS.get(key, default)
+            table = table[part]
+        return table
+
+    def use(self, key: str, default: Any = None) -> Any:
+        self.used.add(key)
+        return self.get(key, default)
+
+    def note(self, key: str, reason: str) -> None:
+        self.used.add(key)
+        self.notes.append(Note(key, reason))
+
+    def number(self, key: str, low: float, high: float, fallback: float) -> float:
+        """A number within cgpolicy's range; outside it, the nearest bound, noted."""
+        value = self.use(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.note(key, f"{value!r} is not a number; cgpolicy's default {fallback:g} is used")
+            return fallback
+        if not low <= value <= high:
+            near = min(max(value, low), high)
+            self.note(key, f"{value!r} is outside cgpolicy's range {low:g} to {high:g}: {near:g}")
+            return near
+        return value
+
+    def whitelist(self, table: str) -> list[str]:
+        """``whitelist`` and ``whitelist_file``'s lines in ``table``, as cgpolicy takes them."""
+        entries = list(self.use(f"{table}.whitelist", []) or [])
+        file_key = f"{table}.whitelist_file"
+        name = self.use(file_key, "")
+        if name:
+            entries += self._whitelist_file(file_key, name)
+        valid: list[str] = []
+        for entry in entries:
+            if not isinstance(entry, str) or not entry or ("/" in entry and not _absolute(entry)):
+                self.note(f"{table}.whitelist", f"{entry!r} names no program; left out")
+            elif entry not in valid:
+                valid.append(entry)
+        return valid
+
+    def _whitelist_file(self, key: str, name: str) -> list[str]:
+        if _SPECIAL_RE.search(name):
+            self.note(key, f"{name!r} uses %H or ${{...}}: not read; add its entries by hand")
+            return []
+        # Arbiter2 reads relative paths from the directory of its program.
+        path = Path(os.path.normpath(self.base_dir / name))
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            self.note(key, f"cannot read {path}: {err}; add its entries by hand")
+            return []
+        return [line.strip() for line in lines if line.strip()]
+
+    def leaves(self, table: dict[str, Any], prefix: str = "") -> Iterator[str]:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                yield from self.leaves(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key
+
+
+def _absolute(entry: str) -> bool:
+    return entry.startswith("/") and not entry.startswith("//") and os.path.normpath(entry) == entry
+
+
+def cpu_quota(percent_of_thread: float, tpc: int) -> tuple[str, str | None]:
+    """An Arbiter2 cpu_quota as CPUQuota, and what was lost in the conversion, if anything."""
+    percent = percent_of_thread / tpc
+    permyriad = round(percent * 100)
+    if permyriad > PERMYRIAD_MAX:
+        return "infinity", "above systemd's largest CPUQuota: no CPU limit and no CPU badness"
+    if permyriad < 1:
+        return "0.01%", f"{percent:g}% is below systemd's smallest CPUQuota 0.01%"
+    text = f"{permyriad // 100}%" if permyriad % 100 == 0 else f"{permyriad / 100:.2f}%"
+    lost = None if permyriad == percent * 100 else f"{percent:g}% rounded to {text}"
+    return text, lost
+
+
+def memory_size(gb: float) -> int | str:
+    """An Arbiter2 mem_quota (GB of 1024^3 bytes) as MemoryMax: exact, in the largest unit."""
+    size = round(gb * GIB)
+    if size >= 2**64 - 1:
+        return "infinity"
+    for suffix, unit in (("T", 1024**4), ("G", GIB), ("M", 1024**2), ("K", 1024)):
+        if size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return size
+
+
+def import_site(config: dict[str, Any], base_dir: Path, tpc: int, sources: list[str]) -> Imported:
+    """The policy equivalent to ``config``; ``base_dir`` is where Arbiter2's program lives."""
+    site = _Site(config, base_dir, tpc)
+    general = _general(site)
+    groups, order, fallback = _groups(site)
+    main = [general, _status(order, fallback), _badness(site), _processes(site)]
+    main += _penalty(site, config_groups(site.config), fallback)
+    for key in site.leaves(config):
+        if key in site.used:
+            continue
+        reason = NO_EQUIVALENT.get(key) or NO_EQUIVALENT.get(key.partition(".")[0])
+        site.note(key, reason or "not a setting of Arbiter2 this importer knows; ignored")
+    owners = "processes.proc_owner_whitelist"
+    if owners not in site.used:  # absent: Arbiter2's default whitelists root's processes
+        site.note(owners, f"{site.get(owners)!r}: {NO_EQUIVALENT[owners]}")
+    files = {MAIN_FILE: _header(sources, site.notes) + _text(main)}
+    for name, tables in groups.items():
+        files[f"{GROUPS_DIR}/{name}.toml"] = _text(tables)
+    return Imported(files, site.notes)
+
+
+def config_groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Arbiter2's status groups: the tables of [status] but its penalty table."""
+    status = config.get("status", {})
+    return {
+        name: table
+        for name, table in status.items()
+        if isinstance(table, dict) and name != "penalty"
+    }
+
+
+def _general(site: _Site) -> _Table:
+    table = _Table("general")
+    debug = site.use("general.debug_mode", False)
+    if debug:
+        site.note(
+            "general.debug_mode",
+            "true: Arbiter2 set no limits; cgpolicy has no such mode, and the imported "
+            "policy sets its limits at login and its penalties",
+        )
+    min_uid = int(site.number("general.min_uid", 1, ID_MAX, 1000))
+    table.add("min_uid", min_uid, "general.min_uid")
+    refresh = site.number("general.arbiter_refresh", 1, 3600, 10)
+    table.add("interval", refresh, "general.arbiter_refresh")
+    return table
+
+
+def _status(order: list[str], fallback: str) -> _Table:
+    table = _Table("status")
+    table.add("order", order, "status.order")
+    table.add("fallback", fallback, "status.fallback_status")
+    return table
+
+
+def _groups(site: _Site) -> tuple[dict[str, list[_Table]], list[str], str]:
+    defined = config_groups(site.config)
+    fallback = site.use("status.fallback_status")
+    order = site.use("status.order", [])
+    if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
+        raise SiteImportError(f"status.order must be a list of names, not {order!r}")
+    if not isinstance(fallback, str) or fallback not in defined:
+        raise SiteImportError(f"status.fallback_status {fallback!r} names no [status.NAME] table")
+    if not is_group_name(fallback):
+        raise SiteImportError(f"status.fallback_status {fallback!r} is not a valid group name")
+    div = site.use("status.div_cpu_quotas_by_threads_per_core")
+    if div:
+        site.notes.append(
+            Note(
+                "status.div_cpu_quotas_by_threads_per_core",
+                f"true: every cpu_quota was divided by {site.tpc} threads per core",
+            )
+        )
+    tpc = site.tpc if div else 1
+    groups: dict[str, list[_Table]] = {}
+    for name, table in defined.items():
+        prefix = f"status.{name}"
+        if not is_group_name(name):
+            site.note(prefix, "not a valid cgpolicy group name; left out")
+        elif name != fallback and name not in order:
+            site.note(prefix, "not in status.order, so Arbiter2 never selected it; left out")
+        elif name != fallback and not (table.get("uids") or table.get("gids")):
+            site.note(prefix, "has no uids or gids, so it matches nobody; left out")
+        else:
+            groups[name] = _group(site, name, tpc)
+            continue
+        site.used.update(f"{prefix}.{key}" for key in table)
+    for name in order:
+        if name not in defined:
+            site.note("status.order", f"{name!r} has no [status.{name}] table; left out")
+    return groups, [name for name in order if name in groups], fallback
+
+
+def _group(site: _Site, name: str, tpc: int) -> list[_Table]:
+    prefix = f"status.{name}"
+    rules = _Table(None)
+    rules.add("description", f"imported from [{prefix}]", prefix)
+    for kind in ("uids", "gids"):
+        ids = site.use(f"{prefix}.{kind}", []) or []
+        valid = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+        valid = [i for i in valid if 0 <= i <= ID_MAX]
+        if len(valid) != len(ids):
+            site.note(f"{prefix}.{kind}", f"left out what is not an id from 0 to {ID_MAX}")
+        if valid:
+            rules.add(kind, valid, f"{prefix}.{kind}")
+    whitelist = site.whitelist(prefix)
+    if whitelist:
+        rules.add("whitelist", whitelist, f"{prefix}.whitelist, whitelist_file")
+    limits = _Table("limits")
+    cpu = site.use(f"{prefix}.cpu_quota")
+    if _positive(cpu):
+        quota, lost = cpu_quota(cpu, tpc)
+        if lost:
+            site.notes.append(Note(f"{prefix}.cpu_quota", lost))
+        limits.add("CPUQuota", quota, f"{prefix}.cpu_quota = {cpu!r}" + (f" / {tpc}" * (tpc > 1)))
+    else:
+        site.note(f"{prefix}.cpu_quota", f"{cpu!r} is not a positive quota: no CPU limit")
+    memory = site.use(f"{prefix}.mem_quota")
+    if _positive(memory):
+        limits.add("MemoryMax", memory_size(memory), f"{prefix}.mem_quota = {memory!r} GB")
+    else:
+        site.note(f"{prefix}.mem_quota", f"{memory!r} is not a positive quota: no memory limit")
+    return [rules, limits]
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _badness(site: _Site) -> _Table:
+    table = _Table("badness")
+    for ours, theirs in (
+        ("cpu_threshold", "cpu_badness_threshold"),
+        ("memory_threshold", "mem_badness_threshold"),
+    ):
+        key = f"badness.{theirs}"
+        value = site.number(key, 0.01, 1, 0.5)
+        table.add(ours, value, key)
+    for key in ("time_to_max_bad", "time_to_min_bad"):
+        table.add(key, site.number(f"badness.{key}", 1, 86400 * 7, 600), f"badness.{key}")
+    if not site.use("badness.cap_badness_incr"):
+        site.note(
+            "badness.cap_badness_incr",
+            "false: cgpolicy always counts usage above the quota as the quota",
+        )
+    return table
+
+
+def _processes(site: _Site) -> _Table:
+    table = _Table("processes")
+    whitelist = site.whitelist("processes")
+    table.add("whitelist", whitelist, "processes.whitelist, whitelist_file")
+    if whitelist:
+        site.notes.append(
+            Note(
+                "processes.whitelist",
+                'Arbiter2 trusted process names; cgpolicy\'s match = "executable" (its '
+                "default) trusts a name only for a program owned by root in a root-only "
+                'directory. match = "name" would trust names as Arbiter2 did',
+            )
+        )
+    if site.use("processes.memsw"):
+        site.note(
+            "processes.memsw",
+            "true: MemoryMax limits memory without swap; swap has its own limit, "
+            "MemorySwapMax (cgroup v2), left unset",
+        )
+    if site.use("processes.whitelist_other_processes"):  # Arbiter2's default too
+        site.note(
+            "processes.whitelist_other_processes",
+            "true: cgpolicy charges all of a slice's CPU but whitelisted programs', "
+            "short-lived processes it cannot name included",
+        )
+    return table
+
+
+def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> list[_Table]:
+    if "penalty" not in site.config.get("status", {}):
+        site.notes.append(Note("status.penalty", "absent: nobody is ever penalized"))
+        return []
+    head = _Table("penalty")
+    relative = site.use("status.penalty.relative_quotas")
+    if not relative:
+        site.notes.append(
+            Note(
+                "status.penalty.relative_quotas",
+                "false: a cgpolicy tier scales each group's own limits; its factors are "
+                f"the penalty's quotas as fractions of the fallback group {fallback!r}'s, "
+                "so other groups get proportionally different limits than in Arbiter2",
+            )
+        )
+    order = site.use("status.penalty.order", [])
+    if not isinstance(order, list):
+        raise SiteImportError(f"status.penalty.order must be a list of names, not {order!r}")
+    tiers: dict[str, _Table] = {}
+    for name in map(str, order):
+        tier = _tier(site, name, relative, groups[fallback])
+        if tier is not None:
+            tiers[name] = tier
+    head.add("order", list(tiers), "status.penalty.order")
+    timeout = site.number("status.penalty.occur_timeout", 1, 86400 * 365, 10800)
+    head.add("occurrence_timeout", timeout, "status.penalty.occur_timeout")
+    for key, value in site.get("status.penalty", {}).items():
+        if isinstance(value, dict) and key not in order:
+            site.note(f"status.penalty.{key}", "not in status.penalty.order; left out")
+            site.used.update(f"status.penalty.{key}.{k}" for k in value)
+    if not tiers:
+        site.notes.append(Note("status.penalty", "no tier could be imported: no penalties"))
+        return []
+    return [head, *tiers.values()]
+
+
+def _tier(site: _Site, name: str, relative: bool, fallback: dict[str, Any]) -> _Table | None:
+    prefix = f"status.penalty.{name}"
+    table = site.get(prefix)
+    if not isinstance(table, dict) or name in ("order", "occurrence_timeout") or not name:
+        site.note("status.penalty.order", f"{name!r} has no usable [{prefix}] table; left out")
+        return None
+    result = _Table(f"penalty.{_key(name)}")
+    result.add(
+        "timeout", site.number(f"{prefix}.timeout", 1, 86400 * 365, 1800), f"{prefix}.timeout"
+    )
+    for ours, theirs in (("cpu_factor", "cpu_quota"), ("memory_factor", "mem_quota")):
+        key = f"{prefix}.{theirs}"
+        value = site.use(key)
+        base = 1 if relative else fallback.get(theirs)
+        if not _positive(value) or not _positive(base):
+            site.note(key, f"{value!r} is not a positive quota; tier left out")
+            return None
+        factor = value / base
+        source = key if relative else f"{key} = {value!r} / fallback's {base!r}"
+        if factor > 1:
+            site.notes.append(Note(key, f"{factor:g} raises the limit; a tier only lowers: 1"))
+            factor = 1
+        result.add(ours, factor, source)
+    expression = site.use(f"{prefix}.expression", "")
+    if isinstance(expression, str) and expression:
+        result.add("message", expression, f"{prefix}.expression")
+    for key in table:
+        if f"{prefix}.{key}" not in site.used:
+            site.note(f"{prefix}.{key}", NOT_IN_PENALTY)
+    return result
+
+
+# --- writing ------------------------------------------------------------------------
+
+
+def _key(name: str) -> str:
+    return name if _BARE_KEY_RE.fullmatch(name) else json.dumps(name)
+
+
+def _value(value: Any) -> str:
+    """A TOML value: strings as basic strings (JSON's escapes are TOML's), lists inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _text(tables: list[_Table]) -> str:
+    blocks = []
+    for table in tables:
+        lines = [f"[{table.header}]"] if table.header else []
+        for key, value, source in table.entries:
+            line = f"{_key(key)} = {_value(value)}  # {_comment(source)}"
+            if len(line) > WIDTH and isinstance(value, list):  # one array over lines
+                items = textwrap.wrap(
+                    " ".join(_value(v) + "," for v in value),
+                    WIDTH,
+                    initial_indent="    ",
+                    subsequent_indent="    ",
+                    break_on_hyphens=False,
+                    break_long_words=False,
+                )
+                line = "\n".join([f"# {_comment(source)}", f"{_key(key)} = [", *items, "]"])
+            lines.append(line)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def _comment(text: str) -> str:
+    return " ".join(text.split())  # one line whatever the source holds
+
+
+def _header(sources: list[str], notes: list[Note]) -> str:
+    lines = [
+        "# Imported from an Arbiter2 configuration by cgpolicyctl import-arbiter2,",
+        f"# from {', '.join(_comment(s) for s in sources)}.",
+        "# Each value's comment names the Arbiter2 setting it comes from.",
+    ]
+    if notes:
+        lines.append("#\n# Settings not carried over exactly:")
+        for note in merged_notes(notes):
+            lines += textwrap.wrap(
+                _comment(str(note)), WIDTH, initial_indent="#   ", subsequent_indent="#     "
+            )
+    return "\n".join(lines) + "\n\n"
+
+
+def write_policy(imported: Imported, out: Path) -> None:
+    """Write the files into ``out``, which must not exist or be empty.
+
+    Modes are set, not left to the umask: the policy's own check refuses files
+    anyone but their owner may write.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SiteImportError(f"{out} exists and is not an empty directory")
+    (out / GROUPS_DIR).mkdir(parents=True, exist_ok=True)
+    for directory in (out, out / GROUPS_DIR):
+        directory.chmod(0o755)
+    for name, text in imported.files.items():
+        path = out / name
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o644)
