@@ -113,6 +113,7 @@ class Imported:
 
     files: dict[str, str]
     notes: list[Note]
+    same: list[str]  # settings whose value is cgpolicy's behaviour: nothing to write
 
 
 def read_configs(paths: list[Path]) -> dict[str, Any]:
@@ -160,19 +161,31 @@ class _Site:
         self.tpc = tpc
         self.used: set[str] = set()
         self.notes: list[Note] = []
+        self.same: list[str] = []  # set as cgpolicy behaves anyway: nothing to write
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value at dotted ``key``, Arbiter2's default if it has one, else ``default``."""
+        found, value = self._find(key)
+        return value if found else DEFAULTS.get(key, default)
+
+    def _find(self, key: str) -> tuple[bool, Any]:
         table: Any = self.config
         for part in key.split("."):
             if not isinstance(table, dict) or part not in table:
-                return DEFAULTS.get(key, default)
+                return False, None
             table = table[part]
-        return table
+        return True, table
 
     def use(self, key: str, default: Any = None) -> Any:
         self.used.add(key)
         return self.get(key, default)
+
+    def matched(self, key: str) -> None:
+        """``key``'s value is what cgpolicy does without a setting."""
+        self.used.add(key)
+        found, value = self._find(key)
+        if found:
+            self.same.append(f"{key} = {_value(value)}")
 
     def note(self, key: str, reason: str) -> None:
         self.used.add(key)
@@ -186,11 +199,11 @@ class _Site:
             return fallback
         if not low <= value <= high:
             near = min(max(value, low), high)
-            self.note(key, f"{value!r} is outside cgpolicy's range {low:g} to {high:g}: {near:g}")
+            self.note(key, f"{value!r} is outside cgpolicy's range {low!r} to {high!r}: {near!r}")
             return near
         return value
 
-    def whitelist(self, table: str) -> list[str]:
+    def whitelist(self, table: str) -> tuple[list[str], str]:
         """``whitelist`` and ``whitelist_file``'s lines in ``table``, as cgpolicy takes them."""
         entries = list(self.use(f"{table}.whitelist", []) or [])
         file_key = f"{table}.whitelist_file"
@@ -203,7 +216,7 @@ class _Site:
                 self.note(f"{table}.whitelist", f"{entry!r} names no program; left out")
             elif entry not in valid:
                 valid.append(entry)
-        return valid
+        return valid, f"{table}.whitelist" + (", whitelist_file" if name else "")
 
     def _whitelist_file(self, key: str, name: str) -> list[str]:
         if _SPECIAL_RE.search(name):
@@ -269,10 +282,10 @@ def import_site(config: dict[str, Any], base_dir: Path, tpc: int, sources: list[
     owners = "processes.proc_owner_whitelist"
     if owners not in site.used:  # absent: Arbiter2's default whitelists root's processes
         site.note(owners, f"{site.get(owners)!r}: {NO_EQUIVALENT[owners]}")
-    files = {MAIN_FILE: _header(sources, site.notes) + _text(main)}
+    files = {MAIN_FILE: _header(sources, site.notes, site.same) + _text(main)}
     for name, tables in groups.items():
         files[f"{GROUPS_DIR}/{name}.toml"] = _text(tables)
-    return Imported(files, site.notes)
+    return Imported(files, site.notes, site.same)
 
 
 def config_groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -287,8 +300,9 @@ def config_groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _general(site: _Site) -> _Table:
     table = _Table("general")
-    debug = site.use("general.debug_mode", False)
-    if debug:
+    if not site.use("general.debug_mode", False):
+        site.matched("general.debug_mode")
+    else:
         site.note(
             "general.debug_mode",
             "true: Arbiter2 set no limits; cgpolicy has no such mode, and the imported "
@@ -319,7 +333,9 @@ def _groups(site: _Site) -> tuple[dict[str, list[_Table]], list[str], str]:
     if not is_group_name(fallback):
         raise SiteImportError(f"status.fallback_status {fallback!r} is not a valid group name")
     div = site.use("status.div_cpu_quotas_by_threads_per_core")
-    if div:
+    if not div:
+        site.matched("status.div_cpu_quotas_by_threads_per_core")
+    else:
         site.notes.append(
             Note(
                 "status.div_cpu_quotas_by_threads_per_core",
@@ -358,9 +374,9 @@ def _group(site: _Site, name: str, tpc: int) -> list[_Table]:
             site.note(f"{prefix}.{kind}", f"left out what is not an id from 0 to {ID_MAX}")
         if valid:
             rules.add(kind, valid, f"{prefix}.{kind}")
-    whitelist = site.whitelist(prefix)
+    whitelist, source = site.whitelist(prefix)
     if whitelist:
-        rules.add("whitelist", whitelist, f"{prefix}.whitelist, whitelist_file")
+        rules.add("whitelist", whitelist, source)
     limits = _Table("limits")
     cpu = site.use(f"{prefix}.cpu_quota")
     if _positive(cpu):
@@ -393,7 +409,9 @@ def _badness(site: _Site) -> _Table:
         table.add(ours, value, key)
     for key in ("time_to_max_bad", "time_to_min_bad"):
         table.add(key, site.number(f"badness.{key}", 1, 86400 * 7, 600), f"badness.{key}")
-    if not site.use("badness.cap_badness_incr"):
+    if site.use("badness.cap_badness_incr"):
+        site.matched("badness.cap_badness_incr")
+    else:
         site.note(
             "badness.cap_badness_incr",
             "false: cgpolicy always counts usage above the quota as the quota",
@@ -403,8 +421,8 @@ def _badness(site: _Site) -> _Table:
 
 def _processes(site: _Site) -> _Table:
     table = _Table("processes")
-    whitelist = site.whitelist("processes")
-    table.add("whitelist", whitelist, "processes.whitelist, whitelist_file")
+    whitelist, source = site.whitelist("processes")
+    table.add("whitelist", whitelist, source)
     if whitelist:
         site.notes.append(
             Note(
@@ -414,13 +432,17 @@ def _processes(site: _Site) -> _Table:
                 'directory. match = "name" would trust names as Arbiter2 did',
             )
         )
-    if site.use("processes.memsw"):
+    if not site.use("processes.memsw"):
+        site.matched("processes.memsw")
+    else:
         site.note(
             "processes.memsw",
             "true: MemoryMax limits memory without swap; swap has its own limit, "
             "MemorySwapMax (cgroup v2), left unset",
         )
-    if site.use("processes.whitelist_other_processes"):  # Arbiter2's default too
+    if not site.use("processes.whitelist_other_processes"):
+        site.matched("processes.whitelist_other_processes")
+    else:
         site.note(
             "processes.whitelist_other_processes",
             "true: cgpolicy charges all of a slice's CPU but whitelisted programs', "
@@ -435,7 +457,9 @@ def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> l
         return []
     head = _Table("penalty")
     relative = site.use("status.penalty.relative_quotas")
-    if not relative:
+    if relative:
+        site.matched("status.penalty.relative_quotas")
+    else:
         site.notes.append(
             Note(
                 "status.penalty.relative_quotas",
@@ -482,7 +506,7 @@ def _tier(site: _Site, name: str, relative: bool, fallback: dict[str, Any]) -> _
         if not _positive(value) or not _positive(base):
             site.note(key, f"{value!r} is not a positive quota; tier left out")
             return None
-        factor = value / base
+        factor = value if relative else round(value / base, 6)  # 6 digits: still readable
         source = key if relative else f"{key} = {value!r} / fallback's {base!r}"
         if factor > 1:
             site.notes.append(Note(key, f"{factor:g} raises the limit; a tier only lowers: 1"))
@@ -542,12 +566,17 @@ def _comment(text: str) -> str:
     return " ".join(text.split())  # one line whatever the source holds
 
 
-def _header(sources: list[str], notes: list[Note]) -> str:
+def _header(sources: list[str], notes: list[Note], same: list[str]) -> str:
     lines = [
         "# Imported from an Arbiter2 configuration by cgpolicyctl import-arbiter2,",
         f"# from {', '.join(_comment(s) for s in sources)}.",
         "# Each value's comment names the Arbiter2 setting it comes from.",
     ]
+    if same:
+        lines.append("#\n# Settings that are cgpolicy's own behaviour, with nothing to write:")
+        lines += textwrap.wrap(
+            ", ".join(same), WIDTH, initial_indent="#   ", subsequent_indent="#   "
+        )
     if notes:
         lines.append("#\n# Settings not carried over exactly:")
         for note in merged_notes(notes):

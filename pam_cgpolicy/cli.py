@@ -637,6 +637,8 @@ def cmd_import_arbiter2(args: argparse.Namespace) -> None:
     arbiter2.write_policy(imported, out)
     notes = arbiter2.merged_notes(imported.notes)
     print(f"wrote {out}: {', '.join(sorted(imported.files))}")
+    if imported.same:
+        print(f"what cgpolicy does anyway: {', '.join(imported.same)}")
     print(f"{len(imported.notes)} settings not carried over exactly (also atop {MAIN_FILE}):")
     for note in notes:
         print(f"  {note}")

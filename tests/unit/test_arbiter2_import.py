@@ -1,0 +1,280 @@
+"""cgpolicyctl import-arbiter2: Arbiter2's example and two hand-written sites.
+
+Data in arbiter2/: etc/config.toml and etc/whitelist.txt are Arbiter2's own example
+(GPL-2.0-only, as this project); site-a.toml and site-b.toml (with its per-node
+override site-b-node1.toml) are written for these tests and use every section.
+The expected badness comes from Arbiter2's formulas, written out below.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pam_cgpolicy import arbiter2, cli
+from pam_cgpolicy.badness import UserScore, evaluate
+from pam_cgpolicy.errors import SiteImportError
+from pam_cgpolicy.policy import Policy, load_policy
+from pam_cgpolicy.slicelimits import group_quotas, tier_limits
+
+DATA = Path(__file__).parent / "arbiter2" / "etc"
+EXAMPLE = [DATA / "config.toml"]
+SITE_A = [DATA / "site-a.toml"]
+SITE_B = [DATA / "site-b.toml", DATA / "site-b-node1.toml"]
+GIB = 1024**3
+
+
+def run_import(tmp_path: Path, configs: list[Path], tpc: int, capsys) -> tuple[Policy, str]:
+    out = tmp_path / "out"
+    argv = ["import-arbiter2", *map(str, configs), "--out", str(out), "--threads-per-core"]
+    assert cli.main([*argv, str(tpc)]) == 0
+    return load_policy(out), capsys.readouterr().out
+
+
+def imported(configs: list[Path], tpc: int) -> arbiter2.Imported:
+    config = arbiter2.read_configs(configs)
+    return arbiter2.import_site(config, DATA.parent / "arbiter", tpc, list(map(str, configs)))
+
+
+def leaves(table: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            keys += leaves(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix + key)
+    return keys
+
+
+@pytest.mark.parametrize("configs", [EXAMPLE, SITE_A, SITE_B], ids=["example", "site-a", "site-b"])
+def test_every_setting_is_carried_over_or_reported(configs) -> None:
+    """Each key of the configuration is a written value's source, has a note, or is
+    listed as what cgpolicy does anyway."""
+    result = imported(configs, 2)
+    text = "\n".join(result.files.values())
+    noted = {note.key for note in result.notes}
+    noted |= {same.partition(" = ")[0] for same in result.same}
+    for key in leaves(arbiter2.read_configs(configs)):
+        table, _, name = key.rpartition(".")
+        written = f"# {key}" in text or f"# {table}.whitelist, {name}" in text
+        assert written or key in noted or table in noted, key
+
+
+def test_arbiters_example_becomes_a_valid_policy(tmp_path, capsys) -> None:
+    policy, out = run_import(tmp_path, EXAMPLE, 2, capsys)
+    assert policy.order == ("admin", "normal")  # invincible matches nobody
+    assert policy.fallback == "normal"
+    normal, admin = policy.groups["normal"], policy.groups["admin"]
+    assert normal.limits == {"CPUQuota": "400%", "MemoryMax": "4G"}  # 800 / 2 threads
+    assert admin.limits == {"CPUQuota": "800%", "MemoryMax": "6G"}
+    assert admin.uids == ((1000, 1000),)
+    assert admin.whitelist == ("bash", "python", "python3")
+    assert policy.whitelist[:3] == ("gcc", "clang", "bzip2")  # then whitelist.txt's lines
+    assert len(policy.whitelist) == 38
+    assert policy.general.interval == 30 and policy.general.min_uid == 1000
+    b = policy.badness
+    assert (b.cpu_threshold, b.memory_threshold) == (0.45, 0.5)
+    assert (b.time_to_max_bad, b.time_to_min_bad) == (600, 1800)
+    assert policy.penalty is not None
+    assert policy.penalty.occurrence_timeout == 10800
+    tiers = [(t.name, t.timeout, t.cpu_factor, t.memory_factor, t.message)
+             for t in policy.penalty.tiers]  # fmt: skip
+    assert tiers == [
+        ("penalty1", 1800, 0.8, 0.8, "new"),
+        ("penalty2", 3600, 0.5, 0.5, "repeated"),
+        ("penalty3", 7200, 0.3, 0.3, "severe"),
+    ]
+    assert "status.invincible: has no uids or gids" in out
+    assert "email.email_domain, email.from_email" in out
+    assert f"{tmp_path / 'out'}: valid; 2 groups" in out
+
+
+def test_site_a_absolute_penalties_and_what_is_left_out(tmp_path, capsys) -> None:
+    policy, out = run_import(tmp_path, SITE_A, 2, capsys)
+    assert policy.order == ("staff", "students") and policy.fallback == "general"
+    assert sorted(policy.groups) == ["general", "staff", "students"]  # not retired, guests
+    assert policy.groups["general"].limits == {"CPUQuota": "150%", "MemoryMax": "1536M"}
+    assert policy.groups["students"].limits == {"CPUQuota": "100%", "MemoryMax": "768M"}
+    assert policy.groups["students"].gids == (5000,)  # -1 is no gid
+    assert policy.groups["staff"].gids == (4000,)
+    assert policy.groups["staff"].whitelist == ("matlab",)
+    # Relative paths start from Arbiter2's program directory; bin/mover is no program.
+    assert policy.whitelist == ("rsync", "/usr/libexec/openssh/sftp-server", "tar", "zstd")
+    assert policy.general.interval == 20 and policy.general.min_uid == 500
+    assert policy.penalty is not None
+    factors = [(t.cpu_factor, t.memory_factor) for t in policy.penalty.tiers]
+    assert factors == [(0.5, 0.8), (1.0, 0.5)]  # of the fallback's 150 and 1.5 GB
+    for text in (
+        "general.debug_mode: true",
+        "badness.cap_badness_incr: false",
+        "status.retired: not in status.order",
+        "status.guests: has no uids or gids",
+        "status.penalty.relative_quotas: false",
+        "status.penalty.slower.cpu_quota: 2 raises the limit",
+        "status.penalty.slower.whitelist: Arbiter2 does not use it in a penalty either",
+        "'bin/mover' names no program",
+        "database.log_location, database.log_rotate_period, database.statusdb_url",
+        "colour.shade: not a setting of Arbiter2",
+        "processes.proc_owner_whitelist: cgpolicy charges every process",
+    ):
+        assert text in out
+    assert "processes.whitelist_other_processes:" not in out  # false: as cgpolicy does
+    assert "processes.whitelist_other_processes = false" in out
+    main = (tmp_path / "out" / "cgpolicy.toml").read_text()
+    assert main.startswith("# Imported from an Arbiter2 configuration")
+    assert "#   general.debug_mode: true" in main
+
+
+def test_site_b_cascades_and_divides_by_threads_per_core(tmp_path, capsys) -> None:
+    policy, out = run_import(tmp_path, SITE_B, 4, capsys)
+    assert policy.general.interval == 10  # the node's file overrides
+    assert policy.general.min_uid == 1  # root is never limited
+    assert policy.groups["normal"].limits == {"CPUQuota": "25%", "MemoryMax": "8G"}
+    assert policy.groups["power"].limits == {"CPUQuota": "250%", "MemoryMax": "64G"}
+    assert policy.groups["power"].uids == ((2000, 2000), (2001, 2001))
+    assert policy.whitelist == ()
+    assert policy.penalty is not None
+    factors = [(t.cpu_factor, t.memory_factor) for t in policy.penalty.tiers]
+    assert factors == [(0.5, 0.9), (0.25, 1.0)]
+    for text in (
+        "divided by 4 threads per core",
+        "processes.whitelist_file: '/etc/arbiter/%H-whitelist.txt' uses %H",
+        "status.power.whitelist_file: cannot read",
+        "status.penalty.penalty2.mem_quota: 1.5 raises the limit",
+        "processes.memsw: true",
+        "processes.whitelist_other_processes: true",
+        "general.min_uid: 0 is outside",
+    ):
+        assert text in out
+
+
+def test_the_output_is_the_same_each_time_and_valid_toml() -> None:
+    first, second = imported(SITE_A, 2), imported(SITE_A, 2)
+    assert first.files == second.files
+    for text in first.files.values():
+        tomllib.loads(text)
+
+
+def test_it_writes_only_into_a_new_or_empty_directory(tmp_path) -> None:
+    result = imported(EXAMPLE, 2)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(SiteImportError, match="not an empty directory"):
+        arbiter2.write_policy(result, tmp_path / "full")
+    old = os.umask(0o002)  # a group-writable file would fail the policy's own check
+    try:
+        arbiter2.write_policy(result, tmp_path / "new")
+    finally:
+        os.umask(old)
+    load_policy(tmp_path / "new")
+
+
+def test_a_configuration_it_cannot_use_is_an_error(tmp_path, capsys) -> None:
+    broken = tmp_path / "config.toml"
+    broken.write_text('[status]\norder = ["a"]\nfallback_status = "missing"\n')
+    assert cli.main(["import-arbiter2", str(broken), "--out", str(tmp_path / "o")]) == 1
+    assert "names no [status.NAME] table" in capsys.readouterr().err
+    broken.write_text("[status\n")
+    assert cli.main(["import-arbiter2", str(broken), "--out", str(tmp_path / "o")]) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_units() -> None:
+    assert arbiter2.cpu_quota(800, 2) == ("400%", None)
+    assert arbiter2.cpu_quota(100, 3) == ("33.33%", "33.3333% rounded to 33.33%")
+    assert arbiter2.cpu_quota(1e5, 1) == ("100000%", None)
+    assert arbiter2.cpu_quota(1e12, 1)[0] == "infinity"
+    assert arbiter2.memory_size(4) == "4G"
+    assert arbiter2.memory_size(1.5) == "1536M"
+    assert arbiter2.memory_size(2048) == "2T"
+    assert arbiter2.memory_size(1e-9) == 1  # 1.07 bytes: no unit divides it
+
+
+# --- the badness model ----------------------------------------------------------------
+#
+# Arbiter2's arithmetic (arbiter/badness.py, calc_delta_badness; CONFIG.md), in its own
+# units: CPU in percent of one thread, memory in percent of the machine's RAM. Every
+# arbiter_refresh seconds, for each resource with quota q, threshold t and usage u:
+#
+#     max_incr_per_interval = 100 / (time_to_max_bad * t) * arbiter_refresh
+#     max_decr_per_interval = 100 / time_to_min_bad * arbiter_refresh
+#     u = min(u, q)                          (cap_badness_incr, its default)
+#     rel = u / q
+#     change = rel * max_incr_per_interval   if rel >= t
+#            = (1 - rel) * -max_decr_per_interval   otherwise
+#     badness = min(100, max(0, badness + change))
+#
+# A sum of 100 or more is a violation; the penalty's quotas are then its fractions of
+# the default status group's (relative_quotas).
+
+MACHINE_GB = 64  # memory percentages need a machine; the ratio does not depend on it
+
+
+def arbiter_step(badness: float, usage: float, quota: float, threshold: float, cfg) -> float:
+    refresh = cfg["general"]["arbiter_refresh"]
+    max_incr_per_interval = 100.0 / (cfg["badness"]["time_to_max_bad"] * threshold) * refresh
+    max_decr_per_interval = 100.0 / cfg["badness"]["time_to_min_bad"] * refresh
+    rel = min(usage, quota) / quota
+    above = rel >= threshold
+    change = rel * max_incr_per_interval if above else (1 - rel) * -max_decr_per_interval
+    return min(100.0, max(0.0, badness + change))
+
+
+def test_arbiters_formula_as_written_here() -> None:
+    """The formula above, against numbers worked by hand for the example configuration."""
+    cfg = tomllib.loads((DATA / "config.toml").read_text())
+    # At the full quota: 1 * 100 / (600 * 0.45) * 30 = 100/9 a step.
+    assert arbiter_step(0, 400, 400, 0.45, cfg) == pytest.approx(100 / 9)
+    # At a quarter of it, below the threshold: 0.75 * 100 / 1800 * 30 = 1.25 down.
+    assert arbiter_step(50, 100, 400, 0.45, cfg) == pytest.approx(48.75)
+    assert arbiter_step(1, 0, 400, 0.45, cfg) == 0.0
+
+
+# (CPU in percent of a thread, memory in GB) every 30 s: a user warming up, easing
+# off, then running flat out until the violation.
+SERIES = [(0, 0.5), (200, 1.0), (380, 2.5), (800, 3.0), (100, 1.0), (0, 0.2), (50, 2.2)]
+SERIES += [(700, 4.5)] * 12
+
+
+@pytest.mark.parametrize("user_group", ["normal", "admin"])
+def test_the_imported_policy_scores_usage_as_arbiter_does(tmp_path, capsys, user_group) -> None:
+    cfg = arbiter2.read_configs(EXAMPLE)
+    policy, _ = run_import(tmp_path, EXAMPLE, 2, capsys)
+    tpc = 2  # div_cpu_quotas_by_threads_per_core = true
+    status = cfg["status"][user_group]
+    cpu_quota = status["cpu_quota"] / tpc  # Arbiter2's statuses.quotas()
+    mem_quota = status["mem_quota"] / MACHINE_GB * 100
+    cpu_t, mem_t = cfg["badness"]["cpu_badness_threshold"], cfg["badness"]["mem_badness_threshold"]
+
+    memory_total = MACHINE_GB * GIB
+    quotas = group_quotas(policy.compile()["groups"][user_group], memory_total)
+    assert policy.penalty is not None
+    state, cpu_bad, mem_bad, now = UserScore(), 0.0, 0.0, 1_000_000.0
+    violated_at = None
+    for step, (cpu, gb) in enumerate(SERIES):
+        cpu_bad = arbiter_step(cpu_bad, cpu, cpu_quota, cpu_t, cfg)
+        mem_bad = arbiter_step(mem_bad, gb / MACHINE_GB * 100, mem_quota, mem_t, cfg)
+        now += policy.general.interval
+        state, change = evaluate(
+            state, cpu / 100, quotas.cores, gb * GIB, quotas.memory_max, now,
+            policy.general.interval, policy.badness, policy.penalty,
+        )  # fmt: skip
+        if cpu_bad + mem_bad >= 100:
+            violated_at = step
+            assert change is not None and change.kind == "penalized", step
+            break
+        assert change is None, step
+        assert state.cpu_badness == pytest.approx(cpu_bad, abs=1e-9), step
+        assert state.memory_badness == pytest.approx(mem_bad, abs=1e-9), step
+    assert violated_at is not None and violated_at >= 8  # the flat-out stretch decides
+
+    # The first penalty: Arbiter2's quotas are 0.8 of the status group's.
+    assert state.tier == "penalty1"
+    tier = policy.penalty.tiers[0]
+    lowered = tier_limits(quotas, tier.cpu_factor, tier.memory_factor)
+    penalty = cfg["status"]["penalty"]["penalty1"]
+    assert lowered["CPUQuotaPerSecUSec"] == round(penalty["cpu_quota"] * cpu_quota * 10_000)
+    assert lowered["MemoryMax"] == int(penalty["mem_quota"] * status["mem_quota"] * GIB)
