@@ -21,24 +21,23 @@ so that the output can be reviewed line by line.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import textwrap
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import tomlwrite
 from .constants import GROUPS_DIR, MAIN_FILE
 from .errors import SiteImportError
 from .policy import ID_MAX, is_group_name
+from .tomlwrite import WIDTH, Table
 
 GIB = 1024**3
 PERMYRIAD_MAX = 2**31 - 1  # systemd's largest CPUQuota, in hundredths of a percent
-WIDTH = 88  # of the written lines, where the values allow
-_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _SPECIAL_RE = re.compile(r"%H|\$\{")  # Arbiter2 expands these in strings
 
 # Settings cgpolicy has no counterpart for, and why; the report lists those present.
@@ -93,18 +92,6 @@ def merged_notes(notes: list[Note]) -> list[Note]:
     for note in notes:
         keys.setdefault(note.reason, []).append(note.key)
     return [Note(", ".join(names), reason) for reason, names in keys.items()]
-
-
-Entry = tuple[str, Any, str]  # key, value, where it came from
-
-
-@dataclass
-class _Table:
-    header: str | None
-    entries: list[Entry] = field(default_factory=list)
-
-    def add(self, key: str, value: Any, source: str) -> None:
-        self.entries.append((key, value, source))
 
 
 @dataclass
@@ -185,7 +172,7 @@ class _Site:
         self.used.add(key)
         found, value = self._find(key)
         if found:
-            self.same.append(f"{key} = {_value(value)}")
+            self.same.append(f"{key} = {tomlwrite.value(value)}")
 
     def note(self, key: str, reason: str) -> None:
         self.used.add(key)
@@ -282,9 +269,9 @@ def import_site(config: dict[str, Any], base_dir: Path, tpc: int, sources: list[
     owners = "processes.proc_owner_whitelist"
     if owners not in site.used:  # absent: Arbiter2's default whitelists root's processes
         site.note(owners, f"{site.get(owners)!r}: {NO_EQUIVALENT[owners]}")
-    files = {MAIN_FILE: _header(sources, site.notes, site.same) + _text(main)}
+    files = {MAIN_FILE: _header(sources, site.notes, site.same) + tomlwrite.text(main)}
     for name, tables in groups.items():
-        files[f"{GROUPS_DIR}/{name}.toml"] = _text(tables)
+        files[f"{GROUPS_DIR}/{name}.toml"] = tomlwrite.text(tables)
     return Imported(files, site.notes, site.same)
 
 
@@ -298,8 +285,8 @@ def config_groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _general(site: _Site) -> _Table:
-    table = _Table("general")
+def _general(site: _Site) -> Table:
+    table = Table("general")
     if not site.use("general.debug_mode", False):
         site.matched("general.debug_mode")
     else:
@@ -315,14 +302,14 @@ def _general(site: _Site) -> _Table:
     return table
 
 
-def _status(order: list[str], fallback: str) -> _Table:
-    table = _Table("status")
+def _status(order: list[str], fallback: str) -> Table:
+    table = Table("status")
     table.add("order", order, "status.order")
     table.add("fallback", fallback, "status.fallback_status")
     return table
 
 
-def _groups(site: _Site) -> tuple[dict[str, list[_Table]], list[str], str]:
+def _groups(site: _Site) -> tuple[dict[str, list[Table]], list[str], str]:
     defined = config_groups(site.config)
     fallback = site.use("status.fallback_status")
     order = site.use("status.order", [])
@@ -343,7 +330,7 @@ def _groups(site: _Site) -> tuple[dict[str, list[_Table]], list[str], str]:
             )
         )
     tpc = site.tpc if div else 1
-    groups: dict[str, list[_Table]] = {}
+    groups: dict[str, list[Table]] = {}
     for name, table in defined.items():
         prefix = f"status.{name}"
         if not is_group_name(name):
@@ -362,9 +349,9 @@ def _groups(site: _Site) -> tuple[dict[str, list[_Table]], list[str], str]:
     return groups, [name for name in order if name in groups], fallback
 
 
-def _group(site: _Site, name: str, tpc: int) -> list[_Table]:
+def _group(site: _Site, name: str, tpc: int) -> list[Table]:
     prefix = f"status.{name}"
-    rules = _Table(None)
+    rules = Table()
     rules.add("description", f"imported from [{prefix}]", prefix)
     for kind in ("uids", "gids"):
         ids = site.use(f"{prefix}.{kind}", []) or []
@@ -377,7 +364,7 @@ def _group(site: _Site, name: str, tpc: int) -> list[_Table]:
     whitelist, source = site.whitelist(prefix)
     if whitelist:
         rules.add("whitelist", whitelist, source)
-    limits = _Table("limits")
+    limits = Table("limits")
     cpu = site.use(f"{prefix}.cpu_quota")
     if _positive(cpu):
         quota, lost = cpu_quota(cpu, tpc)
@@ -398,8 +385,8 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
-def _badness(site: _Site) -> _Table:
-    table = _Table("badness")
+def _badness(site: _Site) -> Table:
+    table = Table("badness")
     for ours, theirs in (
         ("cpu_threshold", "cpu_badness_threshold"),
         ("memory_threshold", "mem_badness_threshold"),
@@ -419,8 +406,8 @@ def _badness(site: _Site) -> _Table:
     return table
 
 
-def _processes(site: _Site) -> _Table:
-    table = _Table("processes")
+def _processes(site: _Site) -> Table:
+    table = Table("processes")
     whitelist, source = site.whitelist("processes")
     table.add("whitelist", whitelist, source)
     if whitelist:
@@ -451,11 +438,11 @@ def _processes(site: _Site) -> _Table:
     return table
 
 
-def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> list[_Table]:
+def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> list[Table]:
     if "penalty" not in site.config.get("status", {}):
         site.notes.append(Note("status.penalty", "absent: nobody is ever penalized"))
         return []
-    head = _Table("penalty")
+    head = Table("penalty")
     relative = site.use("status.penalty.relative_quotas")
     if relative:
         site.matched("status.penalty.relative_quotas")
@@ -471,7 +458,7 @@ def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> l
     order = site.use("status.penalty.order", [])
     if not isinstance(order, list):
         raise SiteImportError(f"status.penalty.order must be a list of names, not {order!r}")
-    tiers: dict[str, _Table] = {}
+    tiers: dict[str, Table] = {}
     for name in map(str, order):
         tier = _tier(site, name, relative, groups[fallback])
         if tier is not None:
@@ -489,13 +476,13 @@ def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> l
     return [head, *tiers.values()]
 
 
-def _tier(site: _Site, name: str, relative: bool, fallback: dict[str, Any]) -> _Table | None:
+def _tier(site: _Site, name: str, relative: bool, fallback: dict[str, Any]) -> Table | None:
     prefix = f"status.penalty.{name}"
     table = site.get(prefix)
     if not isinstance(table, dict) or name in ("order", "occurrence_timeout") or not name:
         site.note("status.penalty.order", f"{name!r} has no usable [{prefix}] table; left out")
         return None
-    result = _Table(f"penalty.{_key(name)}")
+    result = Table("penalty", name)
     result.add(
         "timeout", site.number(f"{prefix}.timeout", 1, 86400 * 365, 1800), f"{prefix}.timeout"
     )
@@ -524,52 +511,10 @@ def _tier(site: _Site, name: str, relative: bool, fallback: dict[str, Any]) -> _
 # --- writing ------------------------------------------------------------------------
 
 
-def _key(name: str) -> str:
-    return name if _BARE_KEY_RE.fullmatch(name) else json.dumps(name)
-
-
-def _value(value: Any) -> str:
-    """A TOML value: strings as basic strings (JSON's escapes are TOML's), lists inline."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | str):
-        return json.dumps(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {value!r}")
-
-
-def _text(tables: list[_Table]) -> str:
-    blocks = []
-    for table in tables:
-        lines = [f"[{table.header}]"] if table.header else []
-        for key, value, source in table.entries:
-            line = f"{_key(key)} = {_value(value)}  # {_comment(source)}"
-            if len(line) > WIDTH and isinstance(value, list):  # one array over lines
-                items = textwrap.wrap(
-                    " ".join(_value(v) + "," for v in value),
-                    WIDTH,
-                    initial_indent="    ",
-                    subsequent_indent="    ",
-                    break_on_hyphens=False,
-                    break_long_words=False,
-                )
-                line = "\n".join([f"# {_comment(source)}", f"{_key(key)} = [", *items, "]"])
-            lines.append(line)
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"
-
-
-def _comment(text: str) -> str:
-    return " ".join(text.split())  # one line whatever the source holds
-
-
 def _header(sources: list[str], notes: list[Note], same: list[str]) -> str:
     lines = [
         "# Imported from an Arbiter2 configuration by cgpolicyctl import-arbiter2,",
-        f"# from {', '.join(_comment(s) for s in sources)}.",
+        f"# from {', '.join(tomlwrite.comment(s) for s in sources)}.",
         "# Each value's comment names the Arbiter2 setting it comes from.",
     ]
     if same:
@@ -581,7 +526,10 @@ def _header(sources: list[str], notes: list[Note], same: list[str]) -> str:
         lines.append("#\n# Settings not carried over exactly:")
         for note in merged_notes(notes):
             lines += textwrap.wrap(
-                _comment(str(note)), WIDTH, initial_indent="#   ", subsequent_indent="#     "
+                tomlwrite.comment(str(note)),
+                WIDTH,
+                initial_indent="#   ",
+                subsequent_indent="#     ",
             )
     return "\n".join(lines) + "\n\n"
 
