@@ -21,6 +21,7 @@ so that the output can be reviewed line by line.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import textwrap
@@ -33,7 +34,7 @@ from typing import Any
 from . import tomlwrite
 from .constants import GROUPS_DIR, MAIN_FILE
 from .errors import SiteImportError
-from .policy import ID_MAX, is_group_name
+from .policy import ID_MAX, is_group_name, is_whitelist_entry
 from .tomlwrite import WIDTH, Table
 
 GIB = 1024**3
@@ -67,6 +68,8 @@ NOT_IN_PENALTY = "Arbiter2 does not use it in a penalty either"
 # Arbiter2's defaults for the settings whose default changes what a site does.
 DEFAULTS: dict[str, Any] = {
     "general.min_uid": 1000,
+    "general.debug_mode": False,
+    "processes.memsw": False,
     "badness.cap_badness_incr": True,
     "processes.whitelist_other_processes": True,
     "processes.proc_owner_whitelist": [0],
@@ -167,11 +170,18 @@ class _Site:
         self.used.add(key)
         return self.get(key, default)
 
+    def flag(self, key: str) -> bool:
+        """A true-or-false setting; anything else is taken as Arbiter2's default."""
+        value = self.use(key)
+        if not isinstance(value, bool):
+            value = bool(DEFAULTS[key])
+            self.note(key, f"{self.get(key)!r} is not true or false: taken as {value}")
+        return value
+
     def matched(self, key: str) -> None:
-        """``key``'s value is what cgpolicy does without a setting."""
-        self.used.add(key)
+        """``key``'s value is what cgpolicy does without a setting (a flag's)."""
         found, value = self._find(key)
-        if found:
+        if found and isinstance(value, bool):
             self.same.append(f"{key} = {tomlwrite.value(value)}")
 
     def note(self, key: str, reason: str) -> None:
@@ -181,25 +191,30 @@ class _Site:
     def number(self, key: str, low: float, high: float, fallback: float) -> float:
         """A number within cgpolicy's range; outside it, the nearest bound, noted."""
         value = self.use(key)
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not _real(value):
             self.note(key, f"{value!r} is not a number; cgpolicy's default {fallback:g} is used")
             return fallback
         if not low <= value <= high:
             near = min(max(value, low), high)
             self.note(key, f"{value!r} is outside cgpolicy's range {low!r} to {high!r}: {near!r}")
-            return near
-        return value
+            return float(near)
+        return float(value) if isinstance(value, float) else int(value)
 
     def whitelist(self, table: str) -> tuple[list[str], str]:
         """``whitelist`` and ``whitelist_file``'s lines in ``table``, as cgpolicy takes them."""
-        entries = list(self.use(f"{table}.whitelist", []) or [])
+        entries = self.use(f"{table}.whitelist", [])
+        if not isinstance(entries, list):
+            self.note(f"{table}.whitelist", f"{entries!r} is not a list; left out")
+            entries = []
         file_key = f"{table}.whitelist_file"
         name = self.use(file_key, "")
-        if name:
-            entries += self._whitelist_file(file_key, name)
+        if name and isinstance(name, str):
+            entries = entries + self._whitelist_file(file_key, name)
+        elif name:
+            self.note(file_key, f"{name!r} is not a file name; left out")
         valid: list[str] = []
         for entry in entries:
-            if not isinstance(entry, str) or not entry or ("/" in entry and not _absolute(entry)):
+            if not isinstance(entry, str) or not entry or not is_whitelist_entry(entry):
                 self.note(f"{table}.whitelist", f"{entry!r} names no program; left out")
             elif entry not in valid:
                 valid.append(entry)
@@ -226,16 +241,17 @@ class _Site:
                 yield prefix + key
 
 
-def _absolute(entry: str) -> bool:
-    return entry.startswith("/") and not entry.startswith("//") and os.path.normpath(entry) == entry
+def _real(value: Any) -> bool:
+    """A finite number (TOML has inf and nan; true is no number)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def cpu_quota(percent_of_thread: float, tpc: int) -> tuple[str, str | None]:
     """An Arbiter2 cpu_quota as CPUQuota, and what was lost in the conversion, if anything."""
     percent = percent_of_thread / tpc
-    permyriad = round(percent * 100)
-    if permyriad > PERMYRIAD_MAX:
+    if percent * 100 > PERMYRIAD_MAX:
         return "infinity", "above systemd's largest CPUQuota: no CPU limit and no CPU badness"
+    permyriad = round(percent * 100)
     if permyriad < 1:
         return "0.01%", f"{percent:g}% is below systemd's smallest CPUQuota 0.01%"
     text = f"{permyriad // 100}%" if permyriad % 100 == 0 else f"{permyriad / 100:.2f}%"
@@ -243,11 +259,16 @@ def cpu_quota(percent_of_thread: float, tpc: int) -> tuple[str, str | None]:
     return text, lost
 
 
-def memory_size(gb: float) -> int | str:
-    """An Arbiter2 mem_quota (GB of 1024^3 bytes) as MemoryMax: exact, in the largest unit."""
-    size = round(gb * GIB)
-    if size >= 2**64 - 1:
+def memory_size(gb: float) -> int | str | None:
+    """An Arbiter2 mem_quota (GB of 1024^3 bytes) as MemoryMax: exact, in the largest unit.
+
+    None below one byte, which no limit can be.
+    """
+    if gb * GIB >= 2**64 - 1:
         return "infinity"
+    size = round(gb * GIB)
+    if size < 1:
+        return None
     for suffix, unit in (("T", 1024**4), ("G", GIB), ("M", 1024**2), ("K", 1024)):
         if size % unit == 0:
             return f"{size // unit}{suffix}"
@@ -277,7 +298,9 @@ def import_site(config: dict[str, Any], base_dir: Path, tpc: int, sources: list[
 
 def config_groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Arbiter2's status groups: the tables of [status] but its penalty table."""
-    status = config.get("status", {})
+    status = config.get("status")
+    if not isinstance(status, dict):
+        return {}
     return {
         name: table
         for name, table in status.items()
@@ -287,7 +310,7 @@ def config_groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _general(site: _Site) -> Table:
     table = Table("general")
-    if not site.use("general.debug_mode", False):
+    if not site.flag("general.debug_mode"):
         site.matched("general.debug_mode")
     else:
         site.note(
@@ -317,9 +340,12 @@ def _groups(site: _Site) -> tuple[dict[str, list[Table]], list[str], str]:
         raise SiteImportError(f"status.order must be a list of names, not {order!r}")
     if not isinstance(fallback, str) or fallback not in defined:
         raise SiteImportError(f"status.fallback_status {fallback!r} names no [status.NAME] table")
-    if not is_group_name(fallback):
-        raise SiteImportError(f"status.fallback_status {fallback!r} is not a valid group name")
-    div = site.use("status.div_cpu_quotas_by_threads_per_core")
+    if not is_group_name(fallback) or "." in fallback:
+        raise SiteImportError(
+            f"status.fallback_status {fallback!r} cannot name a group: use letters, digits, "
+            "'_' and '-'"
+        )
+    div = site.flag("status.div_cpu_quotas_by_threads_per_core")
     if not div:
         site.matched("status.div_cpu_quotas_by_threads_per_core")
     else:
@@ -333,11 +359,11 @@ def _groups(site: _Site) -> tuple[dict[str, list[Table]], list[str], str]:
     groups: dict[str, list[Table]] = {}
     for name, table in defined.items():
         prefix = f"status.{name}"
-        if not is_group_name(name):
-            site.note(prefix, "not a valid cgpolicy group name; left out")
+        if not is_group_name(name) or "." in name:  # a dot would split its dotted keys
+            site.note(prefix, "not a cgpolicy group name without dots; left out")
         elif name != fallback and name not in order:
             site.note(prefix, "not in status.order, so Arbiter2 never selected it; left out")
-        elif name != fallback and not (table.get("uids") or table.get("gids")):
+        elif name != fallback and not (_ids(table.get("uids")) or _ids(table.get("gids"))):
             site.note(prefix, "has no uids or gids, so it matches nobody; left out")
         else:
             groups[name] = _group(site, name, tpc)
@@ -346,7 +372,8 @@ def _groups(site: _Site) -> tuple[dict[str, list[Table]], list[str], str]:
     for name in order:
         if name not in defined:
             site.note("status.order", f"{name!r} has no [status.{name}] table; left out")
-    return groups, [name for name in order if name in groups], fallback
+    kept = list(dict.fromkeys(name for name in order if name in groups))  # first match wins
+    return groups, kept or [fallback], fallback  # policy needs an order; all fall back anyway
 
 
 def _group(site: _Site, name: str, tpc: int) -> list[Table]:
@@ -354,10 +381,9 @@ def _group(site: _Site, name: str, tpc: int) -> list[Table]:
     rules = Table()
     rules.add("description", f"imported from [{prefix}]", prefix)
     for kind in ("uids", "gids"):
-        ids = site.use(f"{prefix}.{kind}", []) or []
-        valid = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
-        valid = [i for i in valid if 0 <= i <= ID_MAX]
-        if len(valid) != len(ids):
+        ids = site.use(f"{prefix}.{kind}", [])
+        valid = _ids(ids)
+        if len(valid) != (len(ids) if isinstance(ids, list) else 1):
             site.note(f"{prefix}.{kind}", f"left out what is not an id from 0 to {ID_MAX}")
         if valid:
             rules.add(kind, valid, f"{prefix}.{kind}")
@@ -374,15 +400,22 @@ def _group(site: _Site, name: str, tpc: int) -> list[Table]:
     else:
         site.note(f"{prefix}.cpu_quota", f"{cpu!r} is not a positive quota: no CPU limit")
     memory = site.use(f"{prefix}.mem_quota")
-    if _positive(memory):
-        limits.add("MemoryMax", memory_size(memory), f"{prefix}.mem_quota = {memory!r} GB")
+    size = memory_size(memory) if _positive(memory) else None
+    if size is not None:
+        limits.add("MemoryMax", size, f"{prefix}.mem_quota = {memory!r} GB")
     else:
-        site.note(f"{prefix}.mem_quota", f"{memory!r} is not a positive quota: no memory limit")
+        site.note(f"{prefix}.mem_quota", f"{memory!r} is not a quota of a byte or more: no limit")
     return [rules, limits]
 
 
+def _ids(value: Any) -> list[int]:
+    """The uids or gids in an Arbiter2 list: whole numbers within the kernel's range."""
+    items = value if isinstance(value, list) else [] if value is None else [value]
+    return [i for i in items if type(i) is int and 0 <= i <= ID_MAX]
+
+
 def _positive(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    return _real(value) and value > 0
 
 
 def _badness(site: _Site) -> Table:
@@ -396,7 +429,7 @@ def _badness(site: _Site) -> Table:
         table.add(ours, value, key)
     for key in ("time_to_max_bad", "time_to_min_bad"):
         table.add(key, site.number(f"badness.{key}", 1, 86400 * 7, 600), f"badness.{key}")
-    if site.use("badness.cap_badness_incr"):
+    if site.flag("badness.cap_badness_incr"):
         site.matched("badness.cap_badness_incr")
     else:
         site.note(
@@ -419,7 +452,7 @@ def _processes(site: _Site) -> Table:
                 'directory. match = "name" would trust names as Arbiter2 did',
             )
         )
-    if not site.use("processes.memsw"):
+    if not site.flag("processes.memsw"):
         site.matched("processes.memsw")
     else:
         site.note(
@@ -427,7 +460,7 @@ def _processes(site: _Site) -> Table:
             "true: MemoryMax limits memory without swap; swap has its own limit, "
             "MemorySwapMax (cgroup v2), left unset",
         )
-    if not site.use("processes.whitelist_other_processes"):
+    if not site.flag("processes.whitelist_other_processes"):
         site.matched("processes.whitelist_other_processes")
     else:
         site.note(
@@ -443,7 +476,7 @@ def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> l
         site.notes.append(Note("status.penalty", "absent: nobody is ever penalized"))
         return []
     head = Table("penalty")
-    relative = site.use("status.penalty.relative_quotas")
+    relative = site.flag("status.penalty.relative_quotas")
     if relative:
         site.matched("status.penalty.relative_quotas")
     else:

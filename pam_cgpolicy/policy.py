@@ -300,16 +300,21 @@ def _parse_badness(main: _File, data: dict[str, Any]) -> BadnessParams:
     )
 
 
+def is_whitelist_entry(entry: str) -> bool:
+    """A program's name ("rsync"), or its absolute path as the kernel reports it: plain, no "."."""
+    if "\0" in entry:
+        return False
+    if "/" in entry:
+        plain = entry.startswith("/") and not entry.startswith("//")
+        return plain and os.path.normpath(entry) == entry != "/"
+    return entry not in (".", "..")
+
+
 def _parse_whitelist(file: _File, table: dict[str, Any], prefix: str = "") -> tuple[str, ...]:
     """Program names ("rsync": that name in a root-only directory) or absolute paths."""
     entries = file.string_list(table, "whitelist", prefix)
     for entry in entries:
-        if "/" in entry:  # an absolute path, as the kernel reports a program's: plain, no "."
-            valid = entry.startswith("/") and not entry.startswith("//")
-            valid = valid and os.path.normpath(entry) == entry != "/"
-        else:
-            valid = entry not in (".", "..")
-        if not valid or "\0" in entry:
+        if not is_whitelist_entry(entry):
             file.report(
                 f"{entry!r} is neither a program's name nor its absolute path, "
                 'e.g. "rsync" or "/usr/bin/rsync"',

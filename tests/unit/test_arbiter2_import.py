@@ -9,10 +9,13 @@ The expected badness comes from Arbiter2's formulas, written out below.
 from __future__ import annotations
 
 import os
+import tempfile
 import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pam_cgpolicy import arbiter2, cli
 from pam_cgpolicy.badness import UserScore, evaluate
@@ -191,6 +194,8 @@ def test_units() -> None:
     assert arbiter2.memory_size(1.5) == "1536M"
     assert arbiter2.memory_size(2048) == "2T"
     assert arbiter2.memory_size(1e-9) == 1  # 1.07 bytes: no unit divides it
+    assert arbiter2.memory_size(1e-12) is None  # no limit is below a byte
+    assert arbiter2.memory_size(1e300) == "infinity"
 
 
 # --- the badness model ----------------------------------------------------------------
@@ -278,3 +283,32 @@ def test_the_imported_policy_scores_usage_as_arbiter_does(tmp_path, capsys, user
     penalty = cfg["status"]["penalty"]["penalty1"]
     assert lowered["CPUQuotaPerSecUSec"] == round(penalty["cpu_quota"] * cpu_quota * 10_000)
     assert lowered["MemoryMax"] == int(penalty["mem_quota"] * status["mem_quota"] * GIB)
+
+
+LEAVES = [*leaves(arbiter2.read_configs(EXAMPLE)), "status.admin.gids", "status.extra.uids"]
+ODD_VALUES = st.one_of(
+    st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=8),
+    st.lists(st.one_of(st.integers(-5, 2**33), st.text(max_size=5), st.floats()), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(LEAVES), ODD_VALUES), min_size=1, max_size=4))
+def test_any_configuration_gives_a_valid_policy_or_a_clear_error(changes) -> None:
+    """Wrong types, inf and nan, odd names: never a crash, never an invalid policy."""
+    config = arbiter2.read_configs(EXAMPLE)
+    for key, value in changes:
+        table = config
+        *path, name = key.split(".")
+        for part in path:
+            table = table.setdefault(part, {}) if isinstance(table, dict) else {}
+        if isinstance(table, dict):
+            table[name] = value
+    try:
+        result = arbiter2.import_site(config, DATA.parent / "arbiter", 2, ["fuzzed"])
+    except SiteImportError:
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        arbiter2.write_policy(result, Path(directory) / "out")
+        load_policy(Path(directory) / "out")
