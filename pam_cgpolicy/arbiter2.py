@@ -145,10 +145,11 @@ def threads_per_core() -> int:
 class _Site:
     """One Arbiter2 configuration being converted: what was used, and the notes."""
 
-    def __init__(self, config: dict[str, Any], base_dir: Path, tpc: int) -> None:
+    def __init__(self, config: dict[str, Any], base_dir: Path, tpc: int, tpc_origin: str) -> None:
         self.config = config
         self.base_dir = base_dir
         self.tpc = tpc
+        self.tpc_origin = tpc_origin
         self.used: set[str] = set()
         self.notes: list[Note] = []
         self.same: list[str] = []  # set as cgpolicy behaves anyway: nothing to write
@@ -275,9 +276,14 @@ def memory_size(gb: float) -> int | str | None:
     return size
 
 
-def import_site(config: dict[str, Any], base_dir: Path, tpc: int, sources: list[str]) -> Imported:
-    """The policy equivalent to ``config``; ``base_dir`` is where Arbiter2's program lives."""
-    site = _Site(config, base_dir, tpc)
+def import_site(
+    config: dict[str, Any], base_dir: Path, tpc: int, sources: list[str], tpc_origin: str = "given"
+) -> Imported:
+    """The policy equivalent to ``config``; ``base_dir`` is where Arbiter2's program lives.
+
+    ``tpc``: the login nodes' threads per core, and ``tpc_origin`` where it came from.
+    """
+    site = _Site(config, base_dir, tpc, tpc_origin)
     general = _general(site)
     groups, order, fallback = _groups(site)
     main = [general, _status(order, fallback), _badness(site), _processes(site)]
@@ -352,7 +358,8 @@ def _groups(site: _Site) -> tuple[dict[str, list[Table]], list[str], str]:
         site.notes.append(
             Note(
                 "status.div_cpu_quotas_by_threads_per_core",
-                f"true: every cpu_quota was divided by {site.tpc} threads per core",
+                f"true: every cpu_quota was divided by {site.tpc} threads per core "
+                f"({site.tpc_origin})",
             )
         )
     tpc = site.tpc if div else 1

@@ -630,9 +630,15 @@ def cmd_import_arbiter2(args: argparse.Namespace) -> None:
 
     paths = [Path(name) for name in args.config]
     tpc = args.threads_per_core or arbiter2.threads_per_core()
+    origin = (
+        "--threads-per-core"
+        if args.threads_per_core
+        else ("this machine's; if the login nodes differ, give --threads-per-core")
+    )
     # Arbiter2 reads relative paths from its program's directory, arbiter/ beside etc/.
     base = paths[0].resolve().parent.parent / "arbiter"
-    imported = arbiter2.import_site(arbiter2.read_configs(paths), base, tpc, args.config)
+    config = arbiter2.read_configs(paths)
+    imported = arbiter2.import_site(config, base, tpc, args.config, origin)
     out = Path(args.out)
     arbiter2.write_policy(imported, out)
     notes = arbiter2.merged_notes(imported.notes)

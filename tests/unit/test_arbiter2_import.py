@@ -312,3 +312,15 @@ def test_any_configuration_gives_a_valid_policy_or_a_clear_error(changes) -> Non
     with tempfile.TemporaryDirectory() as directory:
         arbiter2.write_policy(result, Path(directory) / "out")
         load_policy(Path(directory) / "out")
+
+
+def test_without_threads_per_core_it_takes_this_machines_and_says_so(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(arbiter2, "threads_per_core", lambda: 4)
+    out = tmp_path / "out"
+    assert cli.main(["import-arbiter2", str(EXAMPLE[0]), "--out", str(out)]) == 0
+    assert load_policy(out).groups["normal"].limits["CPUQuota"] == "200%"  # 800 / 4
+    assert "divided by 4 threads per core (this machine's; if the login nodes" in (
+        capsys.readouterr().out
+    )
