@@ -629,12 +629,10 @@ def cmd_import_arbiter2(args: argparse.Namespace) -> None:
     from . import arbiter2
 
     paths = [Path(name) for name in args.config]
-    tpc = args.threads_per_core or arbiter2.threads_per_core()
-    origin = (
-        "--threads-per-core"
-        if args.threads_per_core
-        else ("this machine's; if the login nodes differ, give --threads-per-core")
-    )
+    tpc, origin = args.threads_per_core, "--threads-per-core"
+    if tpc is None:
+        tpc = arbiter2.threads_per_core()
+        origin = "this machine's; if the login nodes differ, give --threads-per-core"
     # Arbiter2 reads relative paths from its program's directory, arbiter/ beside etc/.
     base = paths[0].resolve().parent.parent / "arbiter"
     config = arbiter2.read_configs(paths)
