@@ -479,8 +479,10 @@ def _processes(site: _Site) -> Table:
 
 
 def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> list[Table]:
-    if "penalty" not in site.config.get("status", {}):
-        site.notes.append(Note("status.penalty", "absent: nobody is ever penalized"))
+    table = site.get("status.penalty")
+    if not isinstance(table, dict):
+        reason = "absent" if table is None else f"{table!r} is not a table"
+        site.note("status.penalty", f"{reason}: nobody is ever penalized")
         return []
     head = Table("penalty")
     relative = site.flag("status.penalty.relative_quotas")
@@ -506,7 +508,7 @@ def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> l
     head.add("order", list(tiers), "status.penalty.order")
     timeout = site.number("status.penalty.occur_timeout", 1, 86400 * 365, 10800)
     head.add("occurrence_timeout", timeout, "status.penalty.occur_timeout")
-    for key, value in site.get("status.penalty", {}).items():
+    for key, value in table.items():
         if isinstance(value, dict) and key not in order:
             site.note(f"status.penalty.{key}", "not in status.penalty.order; left out")
             site.used.update(f"status.penalty.{key}.{k}" for k in value)

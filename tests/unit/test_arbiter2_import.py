@@ -301,7 +301,10 @@ def test_the_imported_policy_scores_usage_as_arbiter_does(
     assert lowered["MemoryMax"] == int(penalty["mem_quota"] * status["mem_quota"] * GIB)
 
 
-LEAVES = [*leaves(arbiter2.read_configs(EXAMPLE)), "status.admin.gids", "status.extra.uids"]
+LEAVES = [
+    *leaves(arbiter2.read_configs(EXAMPLE)),
+    *("status.admin.gids", "status.extra.uids", "status.penalty", "status.normal", "badness"),
+]
 ODD_VALUES = st.one_of(
     st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=8),
     st.lists(st.one_of(st.integers(-5, 2**33), st.text(max_size=5), st.floats()), max_size=4),
