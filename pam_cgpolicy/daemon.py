@@ -37,7 +37,7 @@ from .accounts import Account, Accounts, is_admin
 from .badness import UserScore
 from .classify import decide
 from .clockstep import ClockWatch, boot_clock
-from .compiled import fingerprint, read_last_good, save, save_penalties
+from .compiled import fingerprint, read_last_good, read_penalties, save, save_penalties
 from .constants import (
     MAIN_FILE,
     compiled_policy_file,
@@ -51,7 +51,7 @@ from .errors import CgpolicyError, NotManaged, policy_error
 from .policy import General, Policy, StatusGroup, load_policy
 from .salvage import last_salvage, open_or_salvage
 from .setprops import set_slice_properties
-from .slicelimits import SliceLimits, physical_memory
+from .slicelimits import SliceLimits, Standing, physical_memory
 from .state import StateStore
 from .systemd import Systemd
 from .usage import UsageSampler
@@ -500,10 +500,19 @@ class Daemon:
         """Start-up: end expired penalties, re-apply those in force, refresh the hook's copy."""
         if self.has_policy and not self.refused:
             self.save_last_good()
-        actions = self.engine.reconcile(self.clock())
+        actions = self.engine.reconcile(self.clock(), self._memory_reached())
         await self.apply(actions)
         self.write_penalties()
         return actions
+
+    def _memory_reached(self) -> dict[int, Standing]:
+        """Each penalty's MemoryMax on its way down, from the hook's copy of before a restart."""
+        try:
+            copy = read_penalties(self.penalties_file)
+        except (OSError, ValueError) as err:  # unusable: the steps start again from the top
+            log.error(f"cannot read {self.penalties_file}: {err}")
+            return {}
+        return {uid: Standing(tier, memory_max) for uid, (_, tier, memory_max) in copy.items()}
 
     async def is_admin(self, uid: int) -> bool:
         # Not the cached account: a member taken out of the group loses the right at once.
