@@ -12,7 +12,7 @@ from typing import Any
 from dbus_fast import Message, Variant
 from dbus_fast.aio import MessageBus
 
-from . import bus
+from . import bus, userrows
 from .constants import CGPOLICY_BUS_NAME, CGPOLICY_INTERFACE, CGPOLICY_PATH
 from .errors import DaemonError
 
@@ -76,8 +76,9 @@ class Daemon:
         return _plain(info)
 
     async def list_users(self) -> list[dict[str, Any]]:
+        """GetUser's dictionary for every user, from ListUsers' typed rows."""
         (users,) = await self.call("ListUsers")
-        return [_plain(info) for info in users]
+        return [userrows.info(row) for row in users]
 
     async def freeze(self, name: str) -> None:
         await self.call("FreezeUser", "s", [name])

@@ -257,14 +257,19 @@ def read_penalty(path: str, uid: int, now: float) -> Standing | None:
     OSError (Untrusted among them) or ValueError when the copy cannot be used:
     the caller says so, since then no penalty is known.
     """
-    payload = read_state_file(path)
-    if payload is None:
-        return None  # cgpolicyd never ran
-    penalties = _unmarshal(payload, "penalties")
-    if not isinstance(penalties, dict):
-        raise ValueError(f"{path}: not a penalties copy of this cgpolicy")
-    entry = penalties.get(uid)
+    entry = read_penalties(path).get(uid)
     if entry is None or entry[0] <= now:
         return None  # an expired entry: the daemon releases it at its next cycle
     _expiry, tier, memory_max = entry
     return Standing(tier, memory_max)
+
+
+def read_penalties(path: str) -> dict[int, tuple[float, str, int | None]]:
+    """The whole copy save_penalties wrote; empty if cgpolicyd never ran. Errors: read_penalty's."""
+    payload = read_state_file(path)
+    if payload is None:
+        return {}
+    penalties = _unmarshal(payload, "penalties")
+    if not isinstance(penalties, dict):
+        raise ValueError(f"{path}: not a penalties copy of this cgpolicy")
+    return penalties

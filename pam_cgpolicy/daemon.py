@@ -37,7 +37,7 @@ from .accounts import Account, Accounts, is_admin
 from .badness import UserScore
 from .classify import decide
 from .clockstep import ClockWatch, boot_clock
-from .compiled import fingerprint, read_last_good, save, save_penalties
+from .compiled import fingerprint, read_last_good, read_penalties, save, save_penalties
 from .constants import (
     MAIN_FILE,
     compiled_policy_file,
@@ -51,7 +51,7 @@ from .errors import CgpolicyError, NotManaged, policy_error
 from .policy import General, Policy, StatusGroup, load_policy
 from .salvage import last_salvage, open_or_salvage
 from .setprops import set_slice_properties
-from .slicelimits import SliceLimits, physical_memory
+from .slicelimits import SliceLimits, Standing, physical_memory
 from .state import StateStore
 from .systemd import Systemd
 from .usage import UsageSampler
@@ -338,12 +338,18 @@ class Daemon:
     async def get_user(self, name: str) -> dict[str, Any]:
         account = self.accounts.by_name(name)
         status = await control.slice_status(self.systemd, account.uid)
-        return self._user_info(account, self.store.get(account.uid), status)
+        stepping = self.engine.memory_stepping()
+        return self._user_info(account, self.store.get(account.uid), status, stepping)
 
     def _user_info(
-        self, account: Account, state: UserScore | None, status: dict[str, Any] | None
+        self,
+        account: Account,
+        state: UserScore | None,
+        status: dict[str, Any] | None,
+        stepping: dict[int, tuple[int, int]],
     ) -> dict[str, Any]:
-        """GetUser's keys for ``account``; ``status`` is its slice's, None if unread."""
+        """GetUser's keys for ``account``; ``status`` is its slice's, None if unread;
+        ``stepping`` is the engine's memory_stepping(), read once for a whole list."""
         decision = decide(self.engine.compiled, account)
         info: dict[str, Any] = {
             "user": account.name,
@@ -358,7 +364,7 @@ class Daemon:
                 cpu_badness=state.cpu_badness,
                 memory_badness=state.memory_badness,
             )
-        step = self.engine.memory_stepping().get(account.uid)
+        step = stepping.get(account.uid)
         if step is not None:
             info.update(memory_max_in_force=step[0], memory_max_target=step[1])
         if status and status.get("active"):
@@ -371,12 +377,16 @@ class Daemon:
 
         Thousands of users answer within the bus's deadline: NSS is read in one
         pass, systemd lists the user slices in one call, and only the slices it
-        has loaded are read, several at once.
+        has loaded are read, several at once, while NSS is read.
         """
         stored = self.store.all()
         uids = set(stored) | set(self.sampler.active_uids(self.policy.general.min_uid))
-        accounts = await asyncio.to_thread(self.accounts.many, uids)
-        paths = await self.systemd.user_slice_paths()
+        nss = asyncio.ensure_future(asyncio.to_thread(self.accounts.many, uids))
+        try:
+            paths = await self.systemd.user_slice_paths()
+        except BaseException:
+            await asyncio.gather(nss, return_exceptions=True)  # never a task left behind
+            raise
         reads = asyncio.Semaphore(SLICE_READS)
 
         async def status(uid: int) -> dict[str, Any] | None:
@@ -386,10 +396,12 @@ class Daemon:
                 except CgpolicyError:  # gone since it was listed: shown without limits
                     return None
 
-        loaded = [uid for uid in sorted(accounts) if uid in paths]
-        statuses = dict(zip(loaded, await asyncio.gather(*map(status, loaded)), strict=True))
+        loaded = sorted(uids & paths.keys())
+        read, accounts = await asyncio.gather(asyncio.gather(*map(status, loaded)), nss)
+        statuses = dict(zip(loaded, read, strict=True))
+        stepping = self.engine.memory_stepping()
         return [
-            self._user_info(accounts[uid], stored.get(uid), statuses.get(uid))
+            self._user_info(accounts[uid], stored.get(uid), statuses.get(uid), stepping)
             for uid in sorted(accounts)
         ]
 
@@ -500,10 +512,19 @@ class Daemon:
         """Start-up: end expired penalties, re-apply those in force, refresh the hook's copy."""
         if self.has_policy and not self.refused:
             self.save_last_good()
-        actions = self.engine.reconcile(self.clock())
+        actions = self.engine.reconcile(self.clock(), self._memory_reached())
         await self.apply(actions)
         self.write_penalties()
         return actions
+
+    def _memory_reached(self) -> dict[int, Standing]:
+        """Each penalty's MemoryMax on its way down, from the hook's copy of before a restart."""
+        try:
+            copy = read_penalties(self.penalties_file)
+        except (OSError, ValueError) as err:  # unusable: the steps start again from the top
+            log.error(f"cannot read {self.penalties_file}: {err}")
+            return {}
+        return {uid: Standing(tier, memory_max) for uid, (_, tier, memory_max) in copy.items()}
 
     async def is_admin(self, uid: int) -> bool:
         # Not the cached account: a member taken out of the group loses the right at once.

@@ -51,7 +51,7 @@ from dbus_fast import (
 from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Method, Node
 
-from . import log
+from . import log, userrows
 from .constants import CGPOLICY_BUS_NAME, CGPOLICY_INTERFACE, CGPOLICY_PATH
 from .errors import (
     CgpolicyError,
@@ -441,7 +441,7 @@ class ManagerService:
 
     async def _list_users(self, caller: Caller) -> list[Any]:
         await self._require_admin(caller, "ListUsers")
-        return [[to_vardict(user) for user in await self._core.list_users()]]
+        return [[userrows.row(user) for user in await self._core.list_users()]]
 
     async def _freeze_user(self, caller: Caller, user: str) -> list[Any]:
         await self._require_admin(caller, "FreezeUser")

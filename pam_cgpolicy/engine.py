@@ -209,14 +209,22 @@ class Engine:
             "released", state.tier, None, state.occurrences, state.occurrences, reason
         )
 
-    def reconcile(self, now: float) -> list[Action]:
-        """At start-up: penalties in force come back, expired ones end."""
+    def reconcile(self, now: float, reached: Mapping[int, Standing] | None = None) -> list[Action]:
+        """At start-up: penalties in force come back, expired ones end.
+
+        ``reached`` is the MemoryMax each penalty had stepped down to before (the
+        hook's copy): the step goes on from there, not from the group's limit again.
+        """
         actions = []
         for row in self.store.in_penalty(now):
             try:
                 account = self.lookup(row.uid)
             except CgpolicyError:
                 continue
+            before, tier = (reached or {}).get(row.uid), row.state.tier
+            if before and tier and before.tier == tier and before.memory_max is not None:
+                # the target is the tier's, set by remember below
+                self.memory_in_force[row.uid] = (tier, before.memory_max, 0)
             limits = self.limits(account, row.state)
             self.remember(row.uid, limits)
             actions.append(Action(row.uid, row.user, limits.properties, None))

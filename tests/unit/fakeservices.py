@@ -29,7 +29,7 @@ USERS: dict[str, dict[str, Any]] = {
         "limits": {"CPUQuota": "50%"},
         "frozen": False,
     },
-    "daemon": {"user": "daemon", "uid": 1, "group": "normal", "frozen": False},
+    "daemon": {"user": "daemon", "uid": 1, "group": "normal"},  # no slice: no limits, no freezer
 }
 
 

@@ -17,7 +17,7 @@ from policyfiles import DAEMON_SECTIONS, GROUPS, MAIN, write_policy
 from pam_cgpolicy import daemon as daemon_mod
 from pam_cgpolicy.accounts import Account
 from pam_cgpolicy.badness import UserScore
-from pam_cgpolicy.compiled import read_last_good, read_penalty
+from pam_cgpolicy.compiled import read_last_good, read_penalty, save_penalties
 from pam_cgpolicy.errors import SystemdError
 from pam_cgpolicy.policy import Policy
 from pam_cgpolicy.slicelimits import slice_limits
@@ -346,6 +346,42 @@ def test_start_reapplies_penalties_in_force_and_ends_expired_ones(node):
     assert ("CPUQuotaPerSecUSec", "t", 500_000) in bob
     assert node.hook_sends(daemon, BOB, read_penalty(str(node.penalties), BOB, node.clock())) == bob
     assert daemon.service.tiers == [("carol", "penalty1", None)]
+
+
+def test_a_restart_goes_on_stepping_memory_max_from_where_it_had_reached(node):
+    # bob in penalty2 (students' 2G halved: 1G), stepped down to 1.5G before the restart
+    node.store.record(
+        BOB, "bob", UserScore(tier="penalty2", tier_expiry=T0 + 600, occurrences=2), None
+    )
+    save_penalties(str(node.penalties), {BOB: (T0 + 600, "penalty2", 3 * GiB // 2)})
+    daemon = node.daemon()
+    assert ("MemoryMax", "t", 3 * GiB // 2) in node.writer.last(BOB)  # not the group's 2G
+    assert daemon.engine.memory_stepping() == {BOB: (3 * GiB // 2, GiB)}
+    assert read_penalty(str(node.penalties), BOB, node.clock()).memory_max == 3 * GiB // 2
+    node.sampler.cores = {BOB: 0.0}  # the slice now holds 1024 bytes: the step reaches 1G
+    run_cycles(daemon, node, 2)
+    assert ("MemoryMax", "t", GiB) in node.writer.last(BOB)
+    assert daemon.engine.memory_stepping() == {}
+
+
+def test_a_copy_of_another_tier_does_not_carry_its_memory_max(node):
+    node.store.record(
+        BOB, "bob", UserScore(tier="penalty2", tier_expiry=T0 + 600, occurrences=2), None
+    )
+    save_penalties(str(node.penalties), {BOB: (T0 + 600, "penalty1", 3 * GiB // 2)})
+    node.daemon()
+    assert ("MemoryMax", "t", 2 * GiB) in node.writer.last(BOB)  # from the top again
+
+
+def test_an_unreadable_copy_at_start_is_said_and_the_steps_start_from_the_top(node):
+    node.store.record(
+        BOB, "bob", UserScore(tier="penalty2", tier_expiry=T0 + 600, occurrences=2), None
+    )
+    node.penalties.write_bytes(b"not a copy")
+    node.penalties.chmod(0o600)
+    node.daemon()
+    assert ("MemoryMax", "t", 2 * GiB) in node.writer.last(BOB)
+    assert any(f"cannot read {node.penalties}" in line for line in node.errors), node.errors
 
 
 # Failures and admins

@@ -394,7 +394,13 @@ def test_get_user_reaches_the_caller_as_variants(address: str) -> None:
             reply = await call(client, "GetUser", "s", ["alice"])
             assert reply.body == [to_vardict(USERS["alice"])]
             reply = await call(client, "ListUsers")
-            assert reply.body == [[to_vardict(user) for user in USERS.values()]]
+            assert reply.signature == "a(sxssdxddxxa{ss}b)"
+            alice, nobody = map(list, reply.body[0])  # structs arrive as tuples
+            assert alice == [
+                "alice", 1000, "students", "penalty1", 1_800_000_000.5, 1, 80.25, 23.0,
+                -1, -1, {"CPUQuota": "50%", "MemoryMax": "1G"}, False,
+            ]  # fmt: skip
+            assert nobody == ["nobody", NOBODY, "normal", "", -1, -1, -1, -1, -1, -1, {}, False]
 
     run(scenario())
 

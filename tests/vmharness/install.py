@@ -8,6 +8,8 @@ packaging/install.sh, the way for other distributions, with a venv.
 from __future__ import annotations
 
 import atexit
+import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -24,9 +26,11 @@ INSTALL_TIMEOUT = 900
 DEB_MODE = "v2"
 DEB_PYTHON = "/usr/bin/python3"
 VENV_PYTHON = "/opt/cgpolicy/bin/python3"  # install.sh's PREFIX
+INSTALLED_TREE = "/root/cgpolicy-src.installed"  # the digest of the tree install.sh installed
 
 _wheel_dirs: dict[Path, Path] = {}
 _debs: dict[tuple[Path, str | None], Path] = {}
+_digests: dict[Path, str] = {}
 
 
 def installed_python(vm: VM) -> str:
@@ -126,11 +130,36 @@ def make_tarball(repo_root: Path, wheels: Path, dest: Path) -> Path:
     return dest
 
 
+def tree_digest(repo_root: Path) -> str:
+    """What install.sh would install from this tree (its files' names and bytes), as a hash."""
+    repo_root = repo_root.resolve()
+    if repo_root not in _digests:
+        digest = hashlib.sha256()
+        for name in source_files(repo_root):
+            path = repo_root / name
+            digest.update(name.encode() + b"\0")
+            digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+        _digests[repo_root] = digest.hexdigest()
+    return _digests[repo_root]
+
+
 def install_cgpolicy(vm: VM, repo_root: str | Path) -> subprocess.CompletedProcess[str]:
-    """The .deb on the v2 node; elsewhere the tree and wheels, and packaging/install.sh."""
+    """The .deb on the v2 node; elsewhere the tree and wheels, and packaging/install.sh.
+
+    As apt leaves the same version installed as it is, install.sh is not run
+    again for the tree it installed last on this disk (about half a minute a
+    module under emulation): the digest of that tree is kept in the guest.
+    """
     repo_root = Path(repo_root).resolve()
     if vm.cgroup_mode() == DEB_MODE:
         return install_deb(vm, build_deb(repo_root))
+    digest = tree_digest(repo_root)
+    done = vm.ssh(
+        f"test -x {VENV_PYTHON} && test -x /usr/sbin/cgpolicy-pam-hook && cat {INSTALLED_TREE}",
+        check=False,
+    )
+    if done.returncode == 0 and done.stdout.strip() == digest:
+        return done
     wheels = build_wheels(repo_root)
     with tempfile.TemporaryDirectory(prefix="cgpolicy-src-") as tmp:
         tarball = make_tarball(repo_root, wheels, Path(tmp) / "cgpolicy-src.tar.gz")
@@ -139,8 +168,11 @@ def install_cgpolicy(vm: VM, repo_root: str | Path) -> subprocess.CompletedProce
         f"rm -rf {REMOTE_SRC} && mkdir -p {REMOTE_SRC} && "
         f"tar -xzf /root/cgpolicy-src.tar.gz -C {REMOTE_SRC} && rm /root/cgpolicy-src.tar.gz"
     )
+    vm.ssh(f"rm -f {INSTALLED_TREE}")
     with step("running packaging/install.sh in the VM"):
-        return vm.ssh(
+        done = vm.ssh(
             f"sh {REMOTE_SRC}/packaging/install.sh --wheels {REMOTE_SRC}/wheels",
             timeout=INSTALL_TIMEOUT,
         )
+    vm.put_bytes(f"{digest}\n".encode(), INSTALLED_TREE)
+    return done
