@@ -123,6 +123,13 @@ def open_log(ident: str, echo: bool = False) -> None:
     syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
 
 
+def close_log() -> None:
+    """Close the journal's socket; the next entry opens it again."""
+    if _Log.socket is not None:
+        _Log.socket.close()
+        _Log.socket = None
+
+
 def entry(
     priority: int,
     event: str,
