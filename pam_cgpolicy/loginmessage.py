@@ -2,9 +2,9 @@
 
 The hook writes it to its stdout, which pam_exec's ``stdout`` option turns
 into a PAM text message (PAM_TEXT_INFO). sshd shows those with the login
-messages of a session with a terminal, and never writes them into the data
-of a session without one (scp, sftp, rsync, ``ssh host command``). Users
-who are neither penalized nor frozen get no line at all.
+messages to a login shell on a terminal (not after ~/.hushlogin), and never
+writes them into a session's data (scp, sftp, rsync, ``ssh host command``).
+Users who are neither penalized nor frozen get no line at all.
 
 The line says what slicelimits decided (the tier and the limits it sent),
 until when, and why (the tier's message and what put the user in it, from

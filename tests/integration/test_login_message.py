@@ -1,7 +1,7 @@
 """The login message and the journal's fields, over real ssh, sshd and PAM.
 
-lena is penalized by root; mona is not. With a terminal (`ssh -tt`) lena sees
-the hook's one line among sshd's login messages and mona sees none. Without
+lena is penalized by root; mona is not. Logging in with a terminal (`ssh -tt`), lena
+sees the hook's one line among sshd's login messages and mona sees none. Without
 one, lena's scp, sftp, rsync and `ssh host command` carry her file byte for
 byte: pam_exec's stdout option makes the line a PAM text message, which sshd
 never writes into a session's data. The clients run inside the guest, with the
@@ -71,8 +71,12 @@ def node(vm) -> Iterator[Any]:
 
 
 def with_terminal(vm, user: str) -> str:
-    """What a login with a terminal prints: sshd's login messages, then the command's."""
-    return root(vm, f"{SSH} -tt {user}@127.0.0.1 true </dev/null", check=False).stdout
+    """What an interactive login prints: sshd's login messages, the shell's prompt.
+
+    sshd shows login messages only to a login shell on a terminal (not with a
+    command, nor after ~/.hushlogin), so the shell reads its exit from stdin.
+    """
+    return root(vm, f"printf 'exit\\n' | {SSH} -tt {user}@127.0.0.1", check=False).stdout
 
 
 def test_the_line_a_penalized_user_sees_and_nothing_in_the_data(node) -> None:
