@@ -31,7 +31,8 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PAM_LINE="session optional pam_exec.so quiet /usr/sbin/cgpolicy-pam-hook"
+# The hook's PAM line, from its one source: the pam-auth-update profile.
+PAM_LINE="session $(sed -n 's/^[[:space:]]\{1,\}//p' "$SRC/packaging/pam-configs/cgpolicy" | tr -s '\t' ' ')"
 UNIT=/etc/systemd/system/cgpolicyd.service
 BUS_POLICY=/usr/share/dbus-1/system.d/org.cgpolicy1.conf
 BUS_ACTIVATION=/usr/share/dbus-1/system-services/org.cgpolicy1.service

@@ -197,7 +197,9 @@ def cmd_apply(args: argparse.Namespace) -> None:
         return
     sent = apply_limits(policy, account, BUS_TIMEOUT, _penalty_copy(account), system_bus_address())
     log.open_log("cgpolicyctl")
-    log.info(sent.log_line() + " " + log.fields(by="cgpolicyctl"))
+    account = sent.decision.account
+    text = sent.log_line() + " " + log.fields(by="cgpolicyctl")
+    log.info(sent.action, text, user=account.name, uid=account.uid, tier=sent.tier)
     if sent.error:
         raise sent.error
     print(sent.log_line())
@@ -260,13 +262,16 @@ def _freezer_command(args: argparse.Namespace, action: str) -> None:
     how, through = _on_bus(work)
     log.open_log("cgpolicyctl")
     log.info(
+        action,
         log.fields(
             user=args.user,
             uid=uid,
             action=action,
             via=how.replace(" ", "-"),
             through=through,
-        )
+        ),
+        user=args.user,
+        uid=uid,
     )
     print(f"{args.user}: {action} ({how})")
 

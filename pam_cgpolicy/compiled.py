@@ -240,19 +240,30 @@ def load_in_force(config_dir: str, cache_file: str | None) -> Loaded:
     return Loaded(compiled, "files", refused=refused)
 
 
-def save_penalties(path: str, penalties: dict[int, tuple[float, str, int | None]]) -> None:
-    """cgpolicyd's penalties in force: uid -> (expiry, tier, the MemoryMax it has reached).
+def save_penalties(path: str, penalties: dict[int, tuple[float, str, int | None, str]]) -> None:
+    """cgpolicyd's penalties in force: uid -> (expiry, tier, the MemoryMax it has reached, why).
 
     The daemon keeps its state in SQLite; this copy of the part the login hook
     needs is what the hook reads, without importing sqlite3 at every login. It
     holds the standing, not properties: the hook decides with slice_limits, as
-    the daemon does.
+    the daemon does. ``why`` is for the user's login message.
     """
     _write_atomically(path, marshal.dumps({"format": FORMAT, "penalties": penalties}))
 
 
-def read_penalty(path: str, uid: int, now: float) -> Standing | None:
-    """The standing of ``uid``'s penalty if one is in force; None otherwise.
+class Penalty:
+    """A penalty in force as the hook's copy has it: the standing, its end, and why."""
+
+    __slots__ = ("expiry", "standing", "why")
+
+    def __init__(self, standing: Standing, expiry: float, why: str) -> None:
+        self.standing = standing
+        self.expiry = expiry
+        self.why = why
+
+
+def read_penalty_entry(path: str, uid: int, now: float) -> Penalty | None:
+    """``uid``'s penalty if one is in force; None otherwise.
 
     OSError (Untrusted among them) or ValueError when the copy cannot be used:
     the caller says so, since then no penalty is known.
@@ -260,11 +271,18 @@ def read_penalty(path: str, uid: int, now: float) -> Standing | None:
     entry = read_penalties(path).get(uid)
     if entry is None or entry[0] <= now:
         return None  # an expired entry: the daemon releases it at its next cycle
-    _expiry, tier, memory_max = entry
-    return Standing(tier, memory_max)
+    expiry, tier, memory_max = entry[:3]
+    why = entry[3] if len(entry) > 3 else ""  # a copy from before the login message
+    return Penalty(Standing(tier, memory_max), expiry, str(why))
 
 
-def read_penalties(path: str) -> dict[int, tuple[float, str, int | None]]:
+def read_penalty(path: str, uid: int, now: float) -> Standing | None:
+    """The standing of ``uid``'s penalty if one is in force; None otherwise (see above)."""
+    penalty = read_penalty_entry(path, uid, now)
+    return None if penalty is None else penalty.standing
+
+
+def read_penalties(path: str) -> dict[int, tuple[float, str, int | None, str]]:
     """The whole copy save_penalties wrote; empty if cgpolicyd never ran. Errors: read_penalty's."""
     payload = read_state_file(path)
     if payload is None:

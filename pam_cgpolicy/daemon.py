@@ -166,19 +166,27 @@ class Daemon:
             memory = {"memory_max": step[0], "memory_target": step[1]} if step else {}
             # the limits systemd has now; a failed send was logged with those meant
             limits = sent.limits_text() if sent and not sent.error else None
+            tier = self._tier_of(action.uid)
+            in_tier = tier if tier != "-" else None
             if change is None:
+                event = "memory-step" if action.uid in self.stepped else "reapplied"
                 log.info(
+                    event,
                     log.fields(
                         user=action.user,
                         uid=action.uid,
-                        event="memory-step" if action.uid in self.stepped else "reapplied",
-                        tier=self._tier_of(action.uid),
+                        event=event,
+                        tier=tier,
                         limits=limits,
                         **memory,
-                    )
+                    ),
+                    user=action.user,
+                    uid=action.uid,
+                    tier=in_tier,
                 )
                 continue
             log.info(
+                change.kind,
                 log.fields(
                     user=action.user,
                     uid=action.uid,
@@ -189,7 +197,10 @@ class Daemon:
                     reason=change.reason,
                     actor=actor or None,
                     **memory,
-                )
+                ),
+                user=action.user,
+                uid=action.uid,
+                tier=in_tier,
             )
             await self._emit_tier(action)
 
@@ -205,7 +216,8 @@ class Daemon:
                 account = self._account(uid)
                 limits = self.engine.limits(account, self.store.get(uid))
             except CgpolicyError as err:  # an account gone: nothing to send, nor to retry
-                log.error(log.fields(user=user, uid=uid, action="failed", error=err))
+                text = log.fields(user=user, uid=uid, action="failed", error=err)
+                log.error("failed", text, user=user, uid=uid)
                 return None
             user = account.name  # callers that know only the uid pass it as the name
             try:
@@ -215,6 +227,7 @@ class Daemon:
                 self.pending.add(uid)
                 limits.fail(err)
                 log.error(
+                    "failed",
                     log.fields(
                         user=user,
                         uid=uid,
@@ -223,7 +236,10 @@ class Daemon:
                         limits=limits.limits_text(),
                         error=err,
                         retry="next-cycle",
-                    )
+                    ),
+                    user=user,
+                    uid=uid,
+                    tier=limits.tier,
                 )
                 return limits
             self.pending.discard(uid)
@@ -238,17 +254,34 @@ class Daemon:
         return f"{state.tier_expiry:.1f}" if state and state.tier_expiry else "-"
 
     def write_penalties(self) -> None:
-        """The login hook's copy of the penalties in force: uid -> (expiry, tier, MemoryMax)."""
+        """The login hook's copy of the penalties in force: uid -> (expiry, tier, MemoryMax,
+        why).
+        ."""
         now = self.clock()
-        penalties: dict[int, tuple[float, str, int | None]] = {}
+        penalties: dict[int, tuple[float, str, int | None, str]] = {}
         for row in self.store.in_penalty(now):
             standing = self.engine.standing(row.uid, row.state)
             if row.state.tier_expiry is not None and standing.tier is not None:
-                penalties[row.uid] = (row.state.tier_expiry, standing.tier, standing.memory_max)
+                why = self._why_penalized(row.uid, standing.tier)
+                penalties[row.uid] = (
+                    row.state.tier_expiry,
+                    standing.tier,
+                    standing.memory_max,
+                    why,
+                )
         try:
             save_penalties(self.penalties_file, penalties)
         except OSError as err:
-            log.error(f"cannot write {self.penalties_file}: {err}")
+            log.error("state-file-error", f"cannot write {self.penalties_file}: {err}")
+
+    def _why_penalized(self, uid: int, tier: str) -> str:
+        """For the user's login message: the tier's message, and what put them in it."""
+        penalty = self.policy.penalty
+        found = penalty.find(tier) if penalty else None
+        said = found.message if found else ""
+        event = next((e for e in self.store.history(uid, limit=20) if e.new_tier == tier), None)
+        reason = event.reason if event else ""
+        return f"{said} ({reason})" if said and reason else said or reason
 
     async def follow_clock(self, wall: float, boot: float) -> None:
         """If the wall clock was set since the last cycle, the recorded times move with it.
@@ -263,7 +296,8 @@ class Daemon:
             return
         moved = self.store.shift_times(step)  # a failure here leaves the step to the next cycle
         self.clock_watch.mark(wall, boot)
-        log.info(log.fields(event="clock-step", step=f"{step:+.1f}", penalties_shifted=moved))
+        text = log.fields(event="clock-step", step=f"{step:+.1f}", penalties_shifted=moved)
+        log.info("clock-step", text)
         rows = self.store.in_penalty(wall)
         self.write_penalties()
         for row in rows:
@@ -287,7 +321,8 @@ class Daemon:
         await self._limit_new_slices(uids)
         if self.sampler.mode != "unified":  # on v2 the kernel freezes what enters a slice
             for uid, count in (await asyncio.to_thread(control.hold_frozen)).items():
-                log.info(f'uid={uid} event=held tasks={count} reason="frozen, entered later"')
+                text = f'uid={uid} event=held tasks={count} reason="frozen, entered later"'
+                log.info("held", text, uid=uid)
         whitelists: dict[int, frozenset[str]] = {}
         for uid in uids:
             with contextlib.suppress(CgpolicyError):
@@ -324,11 +359,10 @@ class Daemon:
             try:
                 await self.cycle()
             except CgpolicyError as err:
-                log.error(log.fields(event="cycle-failed", error=err))
+                log.error("cycle-failed", log.fields(event="cycle-failed", error=err))
             except Exception as err:  # one bad cycle must not end the daemon
-                log.error(
-                    log.fields(event="cycle-failed", error=f"internal: {type(err).__name__}: {err}")
-                )
+                text = f"internal: {type(err).__name__}: {err}"
+                log.error("cycle-failed", log.fields(event="cycle-failed", error=text))
             wait = self.policy.general.interval - (self.ticks() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(wait, 0.1))
@@ -440,10 +474,14 @@ class Daemon:
         if account.uid == 0 or (state == "frozen" and decision.action == "skipped"):
             raise NotManaged(f"{name} (uid {account.uid}) is never frozen: {decision.reason}")
         how = await act(self.systemd, account.uid)
+        event = "frozen" if state == "frozen" else "thawed"
         log.info(
+            event,
             log.fields(
                 user=name, uid=account.uid, event=state, via=how.replace(" ", "-"), actor=actor
-            )
+            ),
+            user=name,
+            uid=account.uid,
         )
         if self.service is not None:
             await self.service.emit_freezer_changed(name, state)
@@ -469,7 +507,8 @@ class Daemon:
         if sent is None:
             raise CgpolicyError(f"{name}: the account could not be read; nothing was set")
         line = sent.log_line()
-        log.info(f"{line} {log.fields(actor=actor)}")
+        text = f"{line} {log.fields(actor=actor)}"
+        log.info(sent.action, text, user=account.name, uid=account.uid, tier=sent.tier)
         if sent.error:
             raise sent.error
         return line
@@ -483,12 +522,13 @@ class Daemon:
             problems = refusal(err, self.config_dir)
             if actor != RETRY or problems != self.refused:  # not the same at every cycle
                 log.error(
+                    "reload-refused",
                     log.fields(
                         event="reload-refused",
                         actor=actor,
                         policy="old" if self.has_policy else "none",
                         errors="; ".join(problems),
-                    )
+                    ),
                 )
             self.refused = problems
             return problems
@@ -498,7 +538,7 @@ class Daemon:
         self.known = set()  # every slice gets the new policy's limits at the next cycle
         self.save_last_good()
         self.write_penalties()
-        log.info(log.fields(event="reloaded", actor=actor, groups=len(policy.groups)))
+        log.info("reloaded", log.fields(event="reloaded", actor=actor, groups=len(policy.groups)))
         return []
 
     def save_last_good(self) -> None:
@@ -506,7 +546,8 @@ class Daemon:
         try:
             save(self.last_good_file, self.engine.compiled, self.marks)
         except OSError as err:  # a copy not saved must not refuse a valid policy
-            log.error(f"cannot save the last good policy in {self.last_good_file}: {err}")
+            text = f"cannot save the last good policy in {self.last_good_file}: {err}"
+            log.error("state-file-error", text)
 
     async def start(self) -> list[Action]:
         """Start-up: end expired penalties, re-apply those in force, refresh the hook's copy."""
@@ -522,9 +563,9 @@ class Daemon:
         try:
             copy = read_penalties(self.penalties_file)
         except (OSError, ValueError) as err:  # unusable: the steps start again from the top
-            log.error(f"cannot read {self.penalties_file}: {err}")
+            log.error("state-file-error", f"cannot read {self.penalties_file}: {err}")
             return {}
-        return {uid: Standing(tier, memory_max) for uid, (_, tier, memory_max) in copy.items()}
+        return {uid: Standing(entry[1], entry[2]) for uid, entry in copy.items()}
 
     async def is_admin(self, uid: int) -> bool:
         # Not the cached account: a member taken out of the group loses the right at once.
@@ -555,7 +596,7 @@ def starting_policy(config: str, last_good: str) -> tuple[Policy | None, list[st
         saved = read_last_good(last_good)
         return (None if saved is None else Policy.from_data(saved["policy"])), problems
     except Exception as err:  # unreadable or untrusted: as if there were none
-        log.error(f"the last good policy in {last_good} cannot be used: {err}")
+        log.error("policy-error", f"the last good policy in {last_good} cannot be used: {err}")
         return None, problems
 
 
@@ -564,26 +605,29 @@ async def serve_forever() -> int:
     policy, problems = starting_policy(config_dir(), compiled_policy_file())
     if problems:
         log.error(
+            "start-degraded",
             log.fields(
                 event="start-degraded",
                 policy="last good" if policy else "none",
                 limits="last good policy's" if policy else "none applied: nobody is limited",
                 errors="; ".join(problems),
-            )
+            ),
         )
     store, salvage = open_or_salvage(state_db_file())
     if salvage is not None:
-        log.error("the state database was damaged; moved aside and salvaged: " + salvage.summary())
+        text = "the state database was damaged; moved aside and salvaged: " + salvage.summary()
+        log.error("salvaged", text)
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     daemon = Daemon(policy, store, Systemd(bus, BUS_TIMEOUT), UsageSampler(), refused=problems)
     daemon.salvage = salvage.summary() if salvage else last_salvage(state_db_file())
     actions = await daemon.start()
     policy = daemon.policy
     log.info(
+        "started",
         f"started: {len(policy.groups)} groups, interval {policy.general.interval:g}s, "
         f"policy {daemon.policy_in_force()}, "
         f"{sum(1 for a in actions if a.change is None)} penalties in force re-applied, "
-        f"{sum(1 for a in actions if a.change is not None)} expired ones ended"
+        f"{sum(1 for a in actions if a.change is not None)} expired ones ended",
     )
 
     from .dbusapi import serve  # after start-up work: the name is taken last
@@ -612,7 +656,10 @@ async def serve_forever() -> int:
         daemon.service.stop()
         bus.disconnect()
         store.close()
-        log.info("lost the system bus; exiting to be restarted" if lost.is_set() else "stopped")
+        log.info(
+            "stopped",
+            "lost the system bus; exiting to be restarted" if lost.is_set() else "stopped",
+        )
     return 1 if lost.is_set() else 0
 
 

@@ -288,9 +288,10 @@ class ManagerService:
                     )
                 )
         except TimeoutError:
-            log.error(f"{member} not sent: could not tell its recipients in {self.timeout:g}s")
+            text = f"{member} not sent: could not tell its recipients in {self.timeout:g}s"
+            log.error("signal-failed", text)
         except Exception as err:  # a signal lost must not fail what it announces
-            log.error(f"{member} not sent: {type(err).__name__}: {err}")
+            log.error("signal-failed", f"{member} not sent: {type(err).__name__}: {err}")
 
     async def _admin_connections(self) -> list[str]:
         """The bus's connections (but ours) whose uid is root's or an admin's at this moment."""
@@ -308,7 +309,8 @@ class ManagerService:
         try:
             return await self._core.is_admin(uid)
         except Exception:  # fail closed, as for a method call
-            log.error(f"cannot tell whether uid {uid} is an admin\n{traceback.format_exc()}")
+            text = f"cannot tell whether uid {uid} is an admin\n{traceback.format_exc()}"
+            log.error("call-failed", text, uid=uid)
             return False
 
     async def _connection_uid(self, sender: str) -> int | None:
@@ -374,9 +376,10 @@ class ManagerService:
             self._bus.send(reply)
         except Exception:  # the core's value would not marshal; answer all the same
             log.error(
+                "call-failed",
                 log.fields(
                     call=member, error="cannot send the reply", traceback=traceback.format_exc()
-                )
+                ),
             )
             self._bus.send(Message.new_error(msg, FAILED, f"{member} failed; see cgpolicyd's log"))
 
@@ -396,23 +399,23 @@ class ManagerService:
     def _error(self, member: str, who: str, err: Exception, expired: bool) -> tuple[str, str]:
         """The D-Bus error for what a call raised; the unexpected ones go to the log."""
         if isinstance(err, Denied):
-            log.info(log.fields(event="denied", call=member, caller=who, error=err))
+            log.info("denied", log.fields(event="denied", call=member, caller=who, error=err))
             return ACCESS_DENIED, str(err)
         if expired and isinstance(err, TimeoutError):
-            log.error(
-                log.fields(call=member, caller=who, error=f"did not finish in {self.timeout:g}s")
-            )
+            text = f"did not finish in {self.timeout:g}s"
+            log.error("call-failed", log.fields(call=member, caller=who, error=text))
             return TIMEOUT, f"cgpolicyd did not finish {member} in {self.timeout:g}s"
         for error_type, name in ERRORS:
             if isinstance(err, error_type):
                 return name, str(err)
         log.error(
+            "call-failed",
             log.fields(
                 call=member,
                 caller=who,
                 error="internal",
                 traceback="".join(traceback.format_exception(err)),
-            )
+            ),
         )
         return FAILED, f"{member} failed unexpectedly; cgpolicyd's log has the details"
 

@@ -9,6 +9,10 @@ cgpolicy. Every decision is one log line, with the limits it sent.
 It runs at every login, so it imports only builtin modules and the project's
 small hot-path modules: compiled policy, accounts, classify, slicelimits, setprops.
 
+A user in a penalty, or frozen, gets one line on stdout (loginmessage.py),
+which pam_exec's ``stdout`` option hands to sshd as a PAM text message. The
+same option points stderr at that pipe, so the hook writes nothing else there.
+
 It runs as root with an environment that is partly the user's: pam_exec
 hands its child the PAM environment (which pam_env fills from the user's
 ~/.pam_environment when user_readenv=1, and sshd from AcceptEnv) followed
@@ -26,15 +30,17 @@ from __future__ import annotations
 # costs more than the rest of the hook's start.
 import _signal
 import os
+import stat
 import sys
 import time
 
 from . import log
 from .accounts import lookup_account
-from .compiled import load_in_force, read_penalty
+from .compiled import Penalty, load_in_force, read_penalty_entry
 from .constants import COMPILED_POLICY, DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR, PENALTIES
 from .errors import CgpolicyError
 from .freezer import hold_frozen_login
+from .loginmessage import FROZEN_LINE, penalty_line, show
 from .setprops import apply_limits, kill_pending
 
 DEFAULT_TIMEOUT = 2.0  # until the policy says otherwise
@@ -68,12 +74,14 @@ class _Clock:
     def expire(self, _signum: int, _frame: FrameType | None) -> None:
         kill_pending()
         log.error(
+            "timeout",
             log.fields(
                 user=self.user,
                 action="timeout",
                 elapsed_ms=self.elapsed_ms(),
                 result="login let through without limits",
-            )
+            ),
+            user=self.user,
         )
         os._exit(0)
 
@@ -108,34 +116,71 @@ def parse_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return options, problems
 
 
-def _open_session(clock: _Clock, user: str, options: dict[str, str]) -> str:
+class _Outcome:
+    """What the hook did, for its log entry: the event kind, the text, and about whom."""
+
+    __slots__ = ("event", "text", "tier", "uid", "user")
+
+    def __init__(self, event: str, text: str, user: str, uid: int, tier: str | None = None):
+        self.event, self.text, self.user, self.uid, self.tier = event, text, user, uid, tier
+
+
+def _penalty(state_dir: str, user: str, uid: int) -> Penalty | None:
+    try:
+        return read_penalty_entry(os.path.join(state_dir, PENALTIES), uid, time.time())
+    except (OSError, ValueError) as err:
+        log.error(
+            "state-file-error",
+            f"{err}; no cgpolicyd penalty is known for {log.quote(user)}",
+            user=user,
+            uid=uid,
+        )
+        return None
+
+
+def _open_session(clock: _Clock, user: str, options: dict[str, str]) -> _Outcome:
     account = lookup_account(user)
     state_dir = options["--state-dir"]
     loaded = load_in_force(options["--config-dir"], os.path.join(state_dir, COMPILED_POLICY))
     if loaded.refused:
-        log.error(f"{loaded.refused}; the last good policy is not used")
+        log.error("policy-error", f"{loaded.refused}; the last good policy is not used")
     if loaded.error:
         log.error(
+            "policy-error",
             f"policy error, using the {loaded.source} policy: "
-            + "; ".join(str(p) for p in loaded.error.problems)
+            + "; ".join(str(p) for p in loaded.error.problems),
         )
     policy = loaded.policy
     if policy is None:
-        return log.fields(user=user, uid=account.uid, action="skipped", reason="no valid policy")
+        text = log.fields(user=user, uid=account.uid, action="skipped", reason="no valid policy")
+        return _Outcome("skipped", text, user, account.uid)
     timeout = policy["hook_timeout"]
     clock.arm(timeout)
-    penalties = os.path.join(state_dir, PENALTIES)
-    try:
-        standing = read_penalty(penalties, account.uid, time.time())
-    except (OSError, ValueError) as err:
-        log.error(f"{err}; no cgpolicyd penalty is known for {log.quote(user)}")
-        standing = None
+    penalty = _penalty(state_dir, user, account.uid)
     bus = options["--bus-address"] or None
-    line = apply_limits(policy, account, clock.remaining(timeout), standing, bus).log_line()
+    standing = penalty.standing if penalty else None
+    limits = apply_limits(policy, account, clock.remaining(timeout), standing, bus)
+    outcome = _Outcome(limits.action, limits.log_line(), user, account.uid, limits.tier)
+    message = penalty_line(limits, penalty.expiry, penalty.why) if penalty else None
     # Last: once held, sshd's session process waits for the thaw (cgroup v1 only).
     if hold_frozen_login(account.uid, time.monotonic() + clock.remaining(timeout) / 2):
-        line += " frozen=held"
-    return line
+        outcome.text += " frozen=held"
+        message = FROZEN_LINE
+    if message:
+        show(message)
+    return outcome
+
+
+def _stderr_is_the_users() -> bool:
+    """Whether stderr is stdout's pipe, as pam_exec's ``stdout`` option makes it.
+
+    Then whatever the hook writes there reaches the user's terminal.
+    """
+    try:
+        out, err = os.fstat(1), os.fstat(2)
+    except OSError:
+        return False
+    return stat.S_ISFIFO(err.st_mode) and (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,27 +191,34 @@ def main(argv: list[str] | None = None) -> int:
     if items.get("PAM_TYPE") != "open_session":
         return 0  # close_session and the rest: nothing to undo
     clock = _Clock()
-    log.open_log("cgpolicy-pam-hook", echo=True)  # pam_exec discards stderr
+    # Echoed for a hook run by hand; pam_exec discards stderr, or gives it to the user.
+    log.open_log("cgpolicy-pam-hook", echo=not _stderr_is_the_users())
     clock.user = user = items.get("PAM_USER", "")
     _signal.signal(_signal.SIGALRM, clock.expire)
     clock.arm(DEFAULT_TIMEOUT)
     try:
         options, problems = parse_options(sys.argv[1:] if argv is None else argv)
         for problem in problems:
-            log.error(f"PAM line: {problem}")
-        line = _open_session(clock, user, options)
-        log.info(f"{line} {log.fields(elapsed_ms=clock.elapsed_ms())}")
-    except CgpolicyError as err:
-        log.error(log.fields(user=user, action="failed", elapsed_ms=clock.elapsed_ms(), error=err))
-    except Exception as err:  # a bug must not lock anyone out
-        log.error(
-            log.fields(
-                user=user,
-                action="failed",
-                elapsed_ms=clock.elapsed_ms(),
-                error=f"internal: {type(err).__name__}: {err}",
-            )
+            log.error("pam-line", f"PAM line: {problem}", user=user)
+        done = _open_session(clock, user, options)
+        log.info(
+            done.event,
+            f"{done.text} {log.fields(elapsed_ms=clock.elapsed_ms())}",
+            user=done.user,
+            uid=done.uid,
+            tier=done.tier,
         )
+    except CgpolicyError as err:
+        text = log.fields(user=user, action="failed", elapsed_ms=clock.elapsed_ms(), error=err)
+        log.error("failed", text, user=user)
+    except Exception as err:  # a bug must not lock anyone out
+        text = log.fields(
+            user=user,
+            action="failed",
+            elapsed_ms=clock.elapsed_ms(),
+            error=f"internal: {type(err).__name__}: {err}",
+        )
+        log.error("failed", text, user=user)
     finally:
         _signal.setitimer(_signal.ITIMER_REAL, 0)
     return 0

@@ -95,4 +95,6 @@ def hook_wiring(service: str, hook: str, pam_dir: Path = PAM_DIR) -> tuple[bool,
         return False, f"hook at {where} runs before pam_systemd.so: the slice may not exist yet"
     if stack[hook_at].control not in ("optional", "[default=ignore]"):
         return False, f"hook at {where} is '{stack[hook_at].control}': make it 'optional'"
+    if "stdout" not in stack[hook_at].args:
+        return True, f"hook at {where}, after pam_systemd.so; without stdout: no login message"
     return True, f"hook at {where}, after pam_systemd.so"

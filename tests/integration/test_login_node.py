@@ -107,8 +107,11 @@ def node(vm):
 
     install_cgpolicy(vm, REPO)
     # A fresh node: no cgpolicyd standings left by other tests on this VM.
-    root(vm, "systemctl stop cgpolicyd; rm -f /var/lib/cgpolicy/state.db* "
-         "/var/lib/cgpolicy/penalties.compiled")
+    root(
+        vm,
+        "systemctl stop cgpolicyd; rm -f /var/lib/cgpolicy/state.db* "
+        "/var/lib/cgpolicy/penalties.compiled",
+    )
     for name, (uid, groups, _) in USERS.items():
         for group, gid in groups:
             root(vm, f"getent group {group} >/dev/null || groupadd -g {gid} {group}")

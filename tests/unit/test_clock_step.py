@@ -61,7 +61,7 @@ def test_shift_times_moves_expiries_and_zero_starts_in_one_go(tmp_path):
 def daemon(tmp_path, monkeypatch):
     root = write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS)
     lines: list[str] = []
-    monkeypatch.setattr(daemon_mod.log, "info", lines.append)
+    monkeypatch.setattr(daemon_mod.log, "info", lambda _kind, text, **_who: lines.append(text))
     sent: list[tuple[int, tuple]] = []
     store = StateStore.open(tmp_path / "state.db")
     made = daemon_mod.Daemon(

@@ -126,8 +126,12 @@ class Node:
     def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.errors: list[str] = []
         self.infos: list[str] = []
-        monkeypatch.setattr(daemon_mod.log, "error", self.errors.append)
-        monkeypatch.setattr(daemon_mod.log, "info", self.infos.append)
+        monkeypatch.setattr(
+            daemon_mod.log, "error", lambda _kind, text, **_who: self.errors.append(text)
+        )
+        monkeypatch.setattr(
+            daemon_mod.log, "info", lambda _kind, text, **_who: self.infos.append(text)
+        )
         self.config = write_policy(tmp / "etc", ADMINS + DAEMON_SECTIONS)
         self.state = tmp / "state"
         self.state.mkdir(mode=0o700)

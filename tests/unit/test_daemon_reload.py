@@ -16,8 +16,8 @@ from pam_cgpolicy.state import StateStore
 def node(tmp_path, monkeypatch):
     root = write_policy(tmp_path / "etc")
     errors: list[str] = []
-    monkeypatch.setattr(daemon_mod.log, "error", errors.append)
-    monkeypatch.setattr(daemon_mod.log, "info", lambda _line: None)
+    monkeypatch.setattr(daemon_mod.log, "error", lambda _kind, text, **_who: errors.append(text))
+    monkeypatch.setattr(daemon_mod.log, "info", lambda _kind, _text, **_who: None)
     store = StateStore.open(tmp_path / "state.db")
     daemon = daemon_mod.Daemon(
         load_policy(root),

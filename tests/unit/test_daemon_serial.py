@@ -26,7 +26,7 @@ ACCOUNTS = {
 @pytest.fixture
 def daemon(tmp_path, monkeypatch):
     root = write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS)
-    monkeypatch.setattr(daemon_mod.log, "info", lambda _line: None)
+    monkeypatch.setattr(daemon_mod.log, "info", lambda _kind, _text, **_who: None)
     store = StateStore.open(tmp_path / "state.db")
     yield daemon_mod.Daemon(
         load_policy(root),
@@ -83,7 +83,7 @@ def test_a_failed_send_is_logged_does_not_stop_the_others_and_is_retried(daemon,
     from pam_cgpolicy.errors import SystemdError
 
     errors: list[str] = []
-    monkeypatch.setattr(daemon_mod.log, "error", errors.append)
+    monkeypatch.setattr(daemon_mod.log, "error", lambda _kind, text, **_who: errors.append(text))
     daemon.sampler = NoSlices()
     sent: list[int] = []
     failing = {5000}
@@ -132,7 +132,7 @@ def test_apply_sets_the_groups_limits_without_a_penalty_and_reports_a_refusal(da
         raise SystemdError("org.freedesktop.DBus.Error.AccessDenied", "refused")
 
     monkeypatch.setattr(daemon_mod, "set_slice_properties", refuse)
-    monkeypatch.setattr(daemon_mod.log, "error", lambda _line: None)
+    monkeypatch.setattr(daemon_mod.log, "error", lambda _kind, _text, **_who: None)
     with pytest.raises(SystemdError, match="refused"):
         asyncio.run(daemon.apply_user("carol", "uid 0 (root)"))
     assert daemon.pending == {5000}  # retried at the next cycle

@@ -158,8 +158,8 @@ def address() -> Iterator[str]:
 def logged(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """What the service logs, kept from the machine's syslog."""
     lines: list[str] = []
-    monkeypatch.setattr(log, "info", lines.append)
-    monkeypatch.setattr(log, "error", lines.append)
+    monkeypatch.setattr(log, "info", lambda _kind, text, **_who: lines.append(text))
+    monkeypatch.setattr(log, "error", lambda _kind, text, **_who: lines.append(text))
     return lines
 
 
@@ -362,9 +362,7 @@ def test_to_vardict_types_and_leaves_out_none() -> None:
     }
     assert "tier" not in to_vardict(USERS["nobody"])
     assert to_vardict(STATUS)["problems"] == Variant("as", STATUS["problems"])
-    assert to_vardict({"pending": ("bob", "carol")}) == {
-        "pending": Variant("as", ["bob", "carol"])
-    }
+    assert to_vardict({"pending": ("bob", "carol")}) == {"pending": Variant("as", ["bob", "carol"])}
 
 
 def test_status_is_for_admins_and_reaches_them_as_variants(address: str) -> None:

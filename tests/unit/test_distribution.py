@@ -56,7 +56,7 @@ def complete(tmp_path: Path, *words: str) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     ctl = bin_dir / "cgpolicyctl"
-    ctl.write_text(f"#!/bin/sh\nexec {sys.executable} -m pam_cgpolicy.cli \"$@\"\n")
+    ctl.write_text(f'#!/bin/sh\nexec {sys.executable} -m pam_cgpolicy.cli "$@"\n')
     ctl.chmod(0o755)
     array = " ".join(f"'{w}'" for w in ("cgpolicyctl", *words))
     program = (

@@ -28,9 +28,18 @@ sys.exit("execve failed")
 
 
 def run_hook(
-    tmp_path, bus_address, pam_type="open_session", user="nobody", pam_environment=(), args=None
+    tmp_path,
+    bus_address,
+    pam_type="open_session",
+    user="nobody",
+    pam_environment=(),
+    args=None,
+    merged=False,
 ):
-    """The hook as pam_exec starts it: the PAM environment, then pam_exec's own items."""
+    """The hook as pam_exec starts it: the PAM environment, then pam_exec's own items.
+
+    ``merged``: stderr on the stdout pipe, as pam_exec's stdout option has it.
+    """
     if args is None:
         args = [
             f"--config-dir={tmp_path / 'etc'}",
@@ -50,7 +59,8 @@ def run_hook(
         [sys.executable, "-c", LAUNCHER],
         input=json.dumps([argv, env]),
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
         text=True,
         timeout=30,
     )

@@ -1,6 +1,8 @@
+from test_pam_line import pam_line
+
 from pam_cgpolicy.pamconfig import hook_wiring, session_stack, user_env_before_hook
 
-HOOK = "session optional pam_exec.so quiet /usr/sbin/cgpolicy-pam-hook\n"
+HOOK = pam_line() + "\n"
 
 
 def write(pam_dir, **files):
