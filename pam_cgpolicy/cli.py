@@ -435,6 +435,7 @@ def _event_dict(event: Event) -> dict[str, Any]:
         "new_occurrences": event.new_occurrences,
         "reason": event.reason,
         "actor": event.actor or "cgpolicyd",
+        "watched": event.watched,
     }
 
 
@@ -466,7 +467,8 @@ def cmd_history(args: argparse.Namespace) -> None:
             [
                 _local_time(event.time),
                 event.user,
-                f"{event.old_tier or '-'} -> {event.new_tier or '-'}",
+                f"{event.old_tier or '-'} -> {event.new_tier or '-'}"
+                + (" (watched)" if event.watched else ""),
                 f"{event.old_occurrences} -> {event.new_occurrences}",
                 event.reason,
                 event.actor or "cgpolicyd",

@@ -160,8 +160,12 @@ class Daemon:
         if actions:  # first: a login meanwhile must not undo a fresh tier
             self.write_penalties()
         for action in actions:
-            sent = await self.send(action.uid, action.user)
             change = action.change
+            if action.watched:  # watch mode: recorded and logged, no limit set
+                if change is not None:  # None: a watched tier at start-up, nothing new
+                    self._log_change(action, actor, limits="unchanged", watched="yes")
+                continue
+            sent = await self.send(action.uid, action.user)
             step = self.engine.memory_stepping().get(action.uid)
             memory = {"memory_max": step[0], "memory_target": step[1]} if step else {}
             # the limits systemd has now; a failed send was logged with those meant
@@ -178,20 +182,25 @@ class Daemon:
                     )
                 )
                 continue
-            log.info(
-                log.fields(
-                    user=action.user,
-                    uid=action.uid,
-                    event=change.kind,
-                    tier=change.new_tier or "-",
-                    expiry=self._expiry_of(action.uid),
-                    limits=limits,
-                    reason=change.reason,
-                    actor=actor or None,
-                    **memory,
-                )
-            )
+            self._log_change(action, actor, limits=limits, **memory)
             await self._emit_tier(action)
+
+    def _log_change(self, action: Action, actor: str | None, **more: Any) -> None:
+        """The log line of a tier change (or forgiveness) and what it set."""
+        assert action.change is not None
+        log.info(
+            log.fields(
+                user=action.user,
+                uid=action.uid,
+                event=action.change.kind,
+                tier=action.change.new_tier or "-",
+                expiry=self._expiry_of(action.uid),
+                limits=more.pop("limits"),
+                reason=action.change.reason,
+                actor=actor or None,
+                **more,
+            )
+        )
 
     async def send(self, uid: int, user: str) -> SliceLimits | None:
         """Set the limits of the standing recorded now, never interleaved with another for uid.
@@ -242,6 +251,8 @@ class Daemon:
         now = self.clock()
         penalties: dict[int, tuple[float, str, int | None]] = {}
         for row in self.store.in_penalty(now):
+            if self.engine.watched(row.uid):
+                continue  # a watched tier lowers nothing, at login either
             standing = self.engine.standing(row.uid, row.state)
             if row.state.tier_expiry is not None and standing.tier is not None:
                 penalties[row.uid] = (row.state.tier_expiry, standing.tier, standing.memory_max)
