@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from .constants import (
     penalties_file,
     state_db_file,
     system_bus_address,
+    usage_db_file,
 )
 from .engine import Action, Engine, Properties
 from .errors import CgpolicyError, NotManaged, policy_error
@@ -54,7 +55,8 @@ from .setprops import set_slice_properties
 from .slicelimits import SliceLimits, physical_memory
 from .state import StateStore
 from .systemd import Systemd
-from .usage import UsageSampler
+from .usage import Sample, UsageSampler
+from .usagehistory import TOP_PROCESSES, UsageHistory, UsagePoint
 
 BUS_TIMEOUT = 10.0
 # systemd calls in flight at once for ListUsers: quick, without crowding the bus.
@@ -107,8 +109,11 @@ class Daemon:
         config: str | None = None,
         penalties: str | None = None,
         last_good: str | None = None,
+        history: UsageHistory | None = None,
     ) -> None:
         self.store = store
+        self.history = history  # None: no usage history (it could not be opened)
+        self.history_error: str | None = None  # the last failure logged, not repeated
         self.systemd = systemd
         self.sampler = sampler
         self.write = write
@@ -311,7 +316,48 @@ class Daemon:
             current = await self._memory_current(uid)
             if current is not None:
                 memory[uid] = current
-        await self.apply(self.engine.cycle(samples, now, memory))
+        actions = self.engine.cycle(samples, now, memory)
+        await asyncio.to_thread(self._record_usage, now, samples, actions)
+        await self.apply(actions)
+
+    def _record_usage(
+        self, now: float, samples: Mapping[int, Sample], actions: list[Action]
+    ) -> None:
+        """The cycle's usage into the history; a failure is logged (once) and never
+        stops the cycle: the history is for looking back, the penalties come first."""
+        if self.history is None:
+            return
+        try:
+            points = []
+            for uid, sample in samples.items():
+                if sample.interval is None or not (sample.cores or sample.memory_bytes):
+                    continue  # no usage (or a first sample, with nothing to average)
+                score = self.engine.scores.get(uid)
+                points.append(
+                    UsagePoint(
+                        uid,
+                        now,
+                        sample.cores,
+                        sample.memory_bytes,
+                        score.cpu_badness if score else None,
+                        score.memory_badness if score else None,
+                        score.tier if score else None,
+                        sample.interval,
+                    )
+                )
+            violations = {
+                a.uid: self.sampler.top_processes(a.uid, TOP_PROCESSES)
+                for a in actions
+                if a.change is not None and a.change.kind == "penalized"
+            }
+            self.history.record(now, points, violations, self.policy.history.retention)
+        except Exception as err:  # even a bug: the cycle goes on
+            error = f"{type(err).__name__}: {err}"
+            if error != self.history_error:
+                log.error(log.fields(event="history-failed", error=error))
+            self.history_error = error
+        else:
+            self.history_error = None
 
     async def _memory_current(self, uid: int) -> int | None:
         """The slice's memory as its cgroup counts it against MemoryMax; None if unread."""
@@ -564,8 +610,20 @@ async def serve_forever() -> int:
     store, salvage = open_or_salvage(state_db_file())
     if salvage is not None:
         log.error("the state database was damaged; moved aside and salvaged: " + salvage.summary())
+    try:
+        history: UsageHistory | None = UsageHistory.open(usage_db_file())
+    except CgpolicyError as err:  # penalties work without it
+        log.error(log.fields(event="history-unavailable", error=err))
+        history = None
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-    daemon = Daemon(policy, store, Systemd(bus, BUS_TIMEOUT), UsageSampler(), refused=problems)
+    daemon = Daemon(
+        policy,
+        store,
+        Systemd(bus, BUS_TIMEOUT),
+        UsageSampler(),
+        refused=problems,
+        history=history,
+    )
     daemon.salvage = salvage.summary() if salvage else last_salvage(state_db_file())
     actions = await daemon.start()
     policy = daemon.policy
@@ -602,6 +660,8 @@ async def serve_forever() -> int:
         daemon.service.stop()
         bus.disconnect()
         store.close()
+        if history is not None:
+            history.close()
         log.info("lost the system bus; exiting to be restarted" if lost.is_set() else "stopped")
     return 1 if lost.is_set() else 0
 

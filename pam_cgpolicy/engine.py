@@ -65,6 +65,7 @@ class Engine:
         self.lookup = lookup
         # uid -> (tier, MemoryMax sent, the tier's target) of users in a tier
         self.memory_in_force: dict[int, tuple[str, int, int]] = {}
+        self.scores: dict[int, UserScore] = {}  # the standings the last cycle judged
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
@@ -147,6 +148,7 @@ class Engine:
         samples' memory stands in elsewhere.
         """
         memory = memory or {}
+        self.scores = {}
         penalty = self.policy.penalty
         if penalty is None:
             return []
@@ -180,6 +182,7 @@ class Engine:
             watched = is_watched(group)
             if change is not None and watched:
                 change = replace(change, watched=True)
+            self.scores[uid] = new
             if new != old:
                 recorded.append((uid, account.name, new, change))
             current = memory.get(uid, sample.memory_bytes)

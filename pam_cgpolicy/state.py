@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from types import TracebackType
 
 from .badness import Change, UserScore
 from .errors import StateError
+from .sqlitefile import SQLiteFile, readonly_uri
 
 SCHEMA_VERSION = 2  # 2: events.watched
 
@@ -94,13 +93,6 @@ class Event:
     watched: bool = False  # a watch-mode penalty or release: no limit was changed
 
 
-def _uri(path: str) -> str:
-    # Only these three mean something in the path of an SQLite file: URI. The empty
-    # authority keeps a path that starts with "//" a path.
-    escaped = os.path.abspath(path).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-    return f"file://{escaped}?mode=ro"
-
-
 def _readable(conn: sqlite3.Connection, table: str, columns: str) -> str:
     """``columns`` as a SELECT list for ``table`` in ``conn``'s file, which may be older:
     a column it lacks reads as its default."""
@@ -128,12 +120,8 @@ def _user_row(row: sqlite3.Row) -> UserRow:
     return UserRow(row["uid"], row["user"], _score(row), row["updated"])
 
 
-class StateStore:
+class StateStore(SQLiteFile):
     """One connection to the state database. Not for sharing between threads."""
-
-    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
-        self._conn = conn
-        self.path = path
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], timeout: float = 5.0) -> StateStore:
@@ -183,7 +171,9 @@ class StateStore:
         if not os.path.exists(path):
             return None
         try:
-            conn = sqlite3.connect(_uri(path), uri=True, timeout=timeout, isolation_level=None)
+            conn = sqlite3.connect(
+                readonly_uri(path), uri=True, timeout=timeout, isolation_level=None
+            )
         except sqlite3.Error as err:
             if not os.path.exists(path):
                 return None  # removed since we looked
@@ -199,40 +189,6 @@ class StateStore:
             conn.close()
             raise
         return store
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> StateStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as err:
-            raise StateError(f"{self.path}: {doing}: {err}") from err
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        # IMMEDIATE takes the write lock up front, so a busy database fails here,
-        # before anything is written, and never half way.
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:
-                self._conn.rollback()
-            raise
 
     def _version(self) -> int:
         (version,) = self._conn.execute("PRAGMA user_version").fetchone()
@@ -349,7 +305,7 @@ class StateStore:
         """
         kept = dict.fromkeys(_TABLES, 0)
         try:
-            source = sqlite3.connect(_uri(path), uri=True, isolation_level=None)
+            source = sqlite3.connect(readonly_uri(path), uri=True, isolation_level=None)
         except sqlite3.Error:
             return kept
         try:
