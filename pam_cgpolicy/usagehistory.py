@@ -37,8 +37,9 @@ MAINTAIN_EVERY = 300.0  # seconds of sample time between two downsampling passes
 TOP_PROCESSES = 5  # kept per violation
 
 _SCHEMA = (
-    # One row per user and time: a key of (uid, time) keeps a user's rows together,
-    # and WITHOUT ROWID stores them in that one b-tree, without a second index.
+    # One row per user and time, keyed by time first: a cycle's rows are appended at
+    # the end of the one b-tree (WITHOUT ROWID: no second index), so a cycle writes
+    # a few pages, not one per user. A report reads its time range and keeps its uid.
     """CREATE TABLE samples (
         uid INTEGER NOT NULL,
         time INTEGER NOT NULL,
@@ -48,7 +49,7 @@ _SCHEMA = (
         cpu_badness INTEGER,
         memory_badness INTEGER,
         tier TEXT,
-        PRIMARY KEY (uid, time)
+        PRIMARY KEY (time, uid)
     ) WITHOUT ROWID""",
     """CREATE TABLE processes (
         uid INTEGER NOT NULL,
