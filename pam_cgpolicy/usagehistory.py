@@ -96,6 +96,7 @@ class UsageHistory(SQLiteFile):
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         super().__init__(conn, path)
         self._maintained: float | None = None
+        self._merged: dict[int, int] = {}  # bucket -> the time merged up to, this run
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], timeout: float = 1.0) -> UsageHistory:
@@ -193,25 +194,33 @@ class UsageHistory(SQLiteFile):
             with self._errors("cannot read"):
                 row = self._conn.execute("SELECT max(time) FROM maintained").fetchone()
             self._maintained = row[0] if row[0] is not None else now
+        if now < self._maintained:  # the clock was set back: look at everything again
+            self._merged = {}
         if now - self._maintained >= MAINTAIN_EVERY or now < self._maintained:
             self.maintain(now, retention)
 
     def maintain(self, now: float, retention: float) -> None:
         """Downsample what is older than each level's age; delete what is past retention."""
+        merged = dict(self._merged)
         with self._errors("cannot downsample"), self._transaction():
             for age, bucket in LEVELS:
                 # Whole buckets only: every sample of a bucket is past the age together.
                 cutoff = int(now - age) // bucket * bucket
+                # What is before the last pass's cutoff was merged then: read only what
+                # came past the age since (the whole file at the first pass).
+                lower = merged.get(bucket, 0)
                 self._conn.execute(
                     "CREATE TEMP TABLE merged AS SELECT uid, time / ? * ? AS start, ? AS span, "
                     "CAST(round(avg(millicores)) AS INTEGER), CAST(round(avg(memory)) AS INTEGER),"
-                    " max(cpu_badness), max(memory_badness), max(tier) "
-                    "FROM samples WHERE span < ? AND time < ? GROUP BY uid, start",
-                    (bucket, bucket, bucket, bucket, cutoff),
+                    " max(cpu_badness), max(memory_badness), max(tier) FROM samples "
+                    "WHERE time >= ? AND time < ? AND span < ? GROUP BY uid, start",
+                    (bucket, bucket, bucket, lower, cutoff, bucket),
                 )
                 self._conn.execute(
-                    "DELETE FROM samples WHERE span < ? AND time < ?", (bucket, cutoff)
+                    "DELETE FROM samples WHERE time >= ? AND time < ? AND span < ?",
+                    (lower, cutoff, bucket),
                 )
+                merged[bucket] = max(lower, cutoff)
                 self._conn.execute("INSERT OR REPLACE INTO samples SELECT * FROM merged")
                 self._conn.execute("DROP TABLE temp.merged")
             oldest = int(now - retention)
@@ -220,6 +229,7 @@ class UsageHistory(SQLiteFile):
             self._conn.execute("DELETE FROM maintained")
             self._conn.execute("INSERT INTO maintained VALUES (?)", (now,))
         self._maintained = now
+        self._merged = merged
 
     def points(self, uid: int, since: float, until: float | None = None) -> list[UsagePoint]:
         """The user's samples from ``since`` on, oldest first."""
