@@ -29,6 +29,11 @@ _EPSILON = 1e-9
 
 ChangeKind = Literal["penalized", "released", "forgiven"]
 
+# [penalty] mode: "enforce" lowers the limits; "watch" judges and records the same
+# tiers but changes no limit (a policy on trial).
+ENFORCE, WATCH = "enforce", "watch"
+PENALTY_MODES = (ENFORCE, WATCH)
+
 
 @dataclass(frozen=True)
 class BadnessParams:
@@ -79,8 +84,11 @@ class PenaltyParams:
 
     tiers: tuple[Tier, ...]
     occurrence_timeout: float  # seconds
+    mode: str = ENFORCE  # the groups' default; a group may override it
 
     def __post_init__(self) -> None:
+        if self.mode not in PENALTY_MODES:
+            raise ValueError(f"mode must be one of {PENALTY_MODES}, not {self.mode!r}")
         if not self.tiers:
             raise ValueError("at least one penalty tier is needed")
         names = [tier.name for tier in self.tiers]
@@ -141,6 +149,8 @@ class Change:
     old_occurrences: int
     new_occurrences: int
     reason: str
+    # The user's group is in watch mode: recorded and told to admins, no limit changed.
+    watched: bool = False
 
 
 def _clamp(badness: float) -> float:

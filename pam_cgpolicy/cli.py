@@ -37,16 +37,19 @@ from .constants import (
     penalties_file,
     state_db_file,
     system_bus_address,
+    usage_db_file,
 )
 from .errors import CgpolicyError, DaemonError, PolicyError, SystemdError
 from .freezer import V1Freezer
 from .pamconfig import hook_wiring, user_env_before_hook
 from .policy import Policy, load_policy
+from .report import UsageReport, build_report, to_json
 from .salvage import last_salvage
 from .setprops import apply_limits
-from .slicelimits import Standing, format_size
+from .slicelimits import Standing, format_size, physical_memory
 from .state import Event, StateStore
 from .systemd import Systemd
+from .usagehistory import UsageHistory
 
 if TYPE_CHECKING:
     from .compiled import Compiled
@@ -441,6 +444,7 @@ def _event_dict(event: Event) -> dict[str, Any]:
         "new_occurrences": event.new_occurrences,
         "reason": event.reason,
         "actor": event.actor or "cgpolicyd",
+        "watched": event.watched,
     }
 
 
@@ -472,7 +476,8 @@ def cmd_history(args: argparse.Namespace) -> None:
             [
                 _local_time(event.time),
                 event.user,
-                f"{event.old_tier or '-'} -> {event.new_tier or '-'}",
+                f"{event.old_tier or '-'} -> {event.new_tier or '-'}"
+                + (" (watched)" if event.watched else ""),
                 f"{event.old_occurrences} -> {event.new_occurrences}",
                 event.reason,
                 event.actor or "cgpolicyd",
@@ -481,6 +486,91 @@ def cmd_history(args: argparse.Namespace) -> None:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds from "90s", "30m", "2h", "7d" or a plain number of seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 2h, 30m, 7d)") from None
+    if not 0 < seconds < 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 2h, 30m, 7d)")
+    return seconds
+
+
+def _readable_db(path: str) -> None:
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        raise PermissionError(f"cannot read {path}")  # main() adds: run as root
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    account = lookup_account(args.user)
+    _visible_uid(account.uid, "report")
+    compiled = _policy_in_force(args)
+    until = time.time()
+    for path in (usage_db_file(), state_db_file()):
+        _readable_db(path)
+    history = UsageHistory.open_readonly(usage_db_file())
+    store = StateStore.open_readonly(state_db_file())
+    try:
+        policy = Policy.from_data(compiled["policy"])
+        report = build_report(
+            account, policy, physical_memory(), history, store, until - args.since, until
+        )
+    finally:
+        for source in (history, store):
+            if source is not None:
+                source.close()
+    if args.plot:
+        from .plot import usage_png  # matplotlib: only when a picture is asked for
+
+        Path(args.plot).write_bytes(usage_png(report))
+    if args.json:
+        print(json.dumps(to_json(report), indent=2))
+        return
+    _print_report(report)
+    if args.plot:
+        print(f"plot written to {args.plot}")
+
+
+def _print_report(report: UsageReport) -> None:
+    def cores(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    print(
+        f"{report.user} (uid {report.uid}), group {report.group or '-'}, "
+        f"since {_local_time(report.since)}"
+    )
+    print(
+        f"  quota: CPU {cores(report.cpu_quota)} cores (threshold "
+        f"{cores(report.cpu_threshold)}), memory {_human_bytes(report.memory_max)} "
+        f"(threshold {_human_bytes(report.memory_threshold)})"
+    )
+    if not report.samples:
+        print("  no usage recorded in this span")
+    else:
+        used = [p.cores for p in report.samples if p.cores is not None]
+        memory = [p.memory for p in report.samples if p.memory is not None]
+        mean = sum(used) / len(used) if used else None
+        print(
+            f"  {len(report.samples)} samples: CPU mean {cores(mean)}"
+            f", max {cores(max(used, default=None))} cores; memory max "
+            f"{_human_bytes(max(memory, default=None))}"
+        )
+    for span in report.penalties:
+        watched = " (watched: no limit changed)" if span.watched else ""
+        print(f"  {span.tier}{watched}: {_local_time(span.start)} to {_local_time(span.end)}")
+    for when, process in report.processes:
+        print(
+            f"  at {_local_time(when)}: pid {process.pid} {process.name} "
+            f"({process.executable or '?'}) CPU {cores(process.cores)} cores, "
+            f"memory {_human_bytes(process.memory)}"
+        )
 
 
 def _positive(text: str) -> int:
@@ -712,6 +802,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive, default=20, metavar="N", help="at most N events (default 20)"
     )
     history.add_argument("--json", action="store_true", help="machine-readable output")
+    report = add(
+        "report",
+        cmd_report,
+        "a user's CPU and memory over time, with the group's quota, "
+        "the thresholds and the penalties",
+        "required",
+    )
+    report.add_argument(
+        "--since",
+        type=_duration,
+        default=7200.0,
+        metavar="DURATION",
+        help="how far back: 90s, 30m, 2h (the default), 7d",
+    )
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.add_argument(
+        "--plot", metavar="FILE", help="also draw it into FILE as a PNG image (needs matplotlib)"
+    )
     add("doctor", cmd_doctor, "check that this node is set up for cgpolicy")
     add(
         "selftest",

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
 # marshal's format belongs to the interpreter: another version recompiles.
 # 3: tiers' factors in the policy, standings in the penalties copy, and the
-# whole policy for cgpolicyd's start.
-FORMAT = (3, *sys.version_info[:2])
+# whole policy for cgpolicyd's start. 4: each group's watch mode.
+FORMAT = (4, *sys.version_info[:2])
 
 
 def fingerprint(config_dir: str) -> list[tuple[Any, ...]]:

@@ -18,6 +18,7 @@ DEFAULT_STATE_DIR = "/var/lib/cgpolicy"
 COMPILED_POLICY = "policy.compiled"
 PENALTIES = "penalties.compiled"  # cgpolicyd's penalties in force, for the hook
 STATE_DB = "state.db"
+USAGE_DB = "usage.db"  # cgpolicyd's usage history (usagehistory.py)
 MAIN_FILE = "cgpolicy.toml"
 GROUPS_DIR = "groups.d"
 
@@ -58,6 +59,10 @@ def penalties_file() -> str:
 
 def state_db_file() -> str:
     return os.path.join(state_dir(), STATE_DB)
+
+
+def usage_db_file() -> str:
+    return os.path.join(state_dir(), USAGE_DB)
 
 
 def policy_files(config_dir: str) -> list[str]:

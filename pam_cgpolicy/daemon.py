@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from .constants import (
     penalties_file,
     state_db_file,
     system_bus_address,
+    usage_db_file,
 )
 from .engine import Action, Engine, Properties
 from .errors import CgpolicyError, NotManaged, policy_error
@@ -54,7 +55,8 @@ from .setprops import set_slice_properties
 from .slicelimits import SliceLimits, Standing, physical_memory
 from .state import StateStore
 from .systemd import Systemd
-from .usage import UsageSampler
+from .usage import Sample, UsageSampler
+from .usagehistory import TOP_PROCESSES, UsageHistory, UsagePoint
 
 BUS_TIMEOUT = 10.0
 # systemd calls in flight at once for ListUsers: quick, without crowding the bus.
@@ -107,8 +109,11 @@ class Daemon:
         config: str | None = None,
         penalties: str | None = None,
         last_good: str | None = None,
+        history: UsageHistory | None = None,
     ) -> None:
         self.store = store
+        self.history = history  # None: no usage history (it could not be opened)
+        self.history_error: str | None = None  # the last failure logged, not repeated
         self.systemd = systemd
         self.sampler = sampler
         self.write = write
@@ -160,8 +165,12 @@ class Daemon:
         if actions:  # first: a login meanwhile must not undo a fresh tier
             self.write_penalties()
         for action in actions:
-            sent = await self.send(action.uid, action.user)
             change = action.change
+            if action.watched:  # watch mode: recorded and logged, no limit set
+                if change is not None:  # None: a watched tier at start-up, nothing new
+                    self._log_change(action, actor, limits="unchanged", watched="yes")
+                continue
+            sent = await self.send(action.uid, action.user)
             step = self.engine.memory_stepping().get(action.uid)
             memory = {"memory_max": step[0], "memory_target": step[1]} if step else {}
             # the limits systemd has now; a failed send was logged with those meant
@@ -185,24 +194,30 @@ class Daemon:
                     tier=in_tier,
                 )
                 continue
-            log.info(
-                change.kind,
-                log.fields(
-                    user=action.user,
-                    uid=action.uid,
-                    event=change.kind,
-                    tier=change.new_tier or "-",
-                    expiry=self._expiry_of(action.uid),
-                    limits=limits,
-                    reason=change.reason,
-                    actor=actor or None,
-                    **memory,
-                ),
+            self._log_change(action, actor, limits=limits, **memory)
+            await self._emit_tier(action)
+
+    def _log_change(self, action: Action, actor: str | None, **more: Any) -> None:
+        """The log line of a tier change (or forgiveness) and what it set."""
+        change = action.change
+        assert change is not None
+        log.info(
+            change.kind,
+            log.fields(
                 user=action.user,
                 uid=action.uid,
-                tier=in_tier,
-            )
-            await self._emit_tier(action)
+                event=change.kind,
+                tier=change.new_tier or "-",
+                expiry=self._expiry_of(action.uid),
+                limits=more.pop("limits"),
+                reason=change.reason,
+                actor=actor or None,
+                **more,
+            ),
+            user=action.user,
+            uid=action.uid,
+            tier=change.new_tier,
+        )
 
     async def send(self, uid: int, user: str) -> SliceLimits | None:
         """Set the limits of the standing recorded now, never interleaved with another for uid.
@@ -260,6 +275,8 @@ class Daemon:
         now = self.clock()
         penalties: dict[int, tuple[float, str, int | None, str]] = {}
         for row in self.store.in_penalty(now):
+            if self.engine.watched(row.uid):
+                continue  # a watched tier lowers nothing, at login either
             standing = self.engine.standing(row.uid, row.state)
             if row.state.tier_expiry is not None and standing.tier is not None:
                 why = self._why_penalized(row.uid, standing.tier)
@@ -335,7 +352,48 @@ class Daemon:
             current = await self._memory_current(uid)
             if current is not None:
                 memory[uid] = current
-        await self.apply(self.engine.cycle(samples, now, memory))
+        actions = self.engine.cycle(samples, now, memory)
+        await asyncio.to_thread(self._record_usage, now, samples, actions)
+        await self.apply(actions)
+
+    def _record_usage(
+        self, now: float, samples: Mapping[int, Sample], actions: list[Action]
+    ) -> None:
+        """The cycle's usage into the history; a failure is logged (once) and never
+        stops the cycle: the history is for looking back, the penalties come first."""
+        if self.history is None:
+            return
+        try:
+            points = []
+            for uid, sample in samples.items():
+                if sample.interval is None or not (sample.cores or sample.memory_bytes):
+                    continue  # no usage (or a first sample, with nothing to average)
+                score = self.engine.scores.get(uid)
+                points.append(
+                    UsagePoint(
+                        uid,
+                        now,
+                        sample.cores,
+                        sample.memory_bytes,
+                        score.cpu_badness if score else None,
+                        score.memory_badness if score else None,
+                        score.tier if score else None,
+                        sample.interval,
+                    )
+                )
+            violations = {
+                a.uid: self.sampler.top_processes(a.uid, TOP_PROCESSES)
+                for a in actions
+                if a.change is not None and a.change.kind == "penalized"
+            }
+            self.history.record(now, points, violations, self.policy.history.retention)
+        except Exception as err:  # even a bug: the cycle goes on
+            error = f"{type(err).__name__}: {err}"
+            if error != self.history_error:
+                log.error("history-failed", log.fields(event="history-failed", error=error))
+            self.history_error = error
+        else:
+            self.history_error = None
 
     async def _memory_current(self, uid: int) -> int | None:
         """The slice's memory as its cgroup counts it against MemoryMax; None if unread."""
@@ -617,8 +675,20 @@ async def serve_forever() -> int:
     if salvage is not None:
         text = "the state database was damaged; moved aside and salvaged: " + salvage.summary()
         log.error("salvaged", text)
+    try:
+        history: UsageHistory | None = UsageHistory.open(usage_db_file())
+    except CgpolicyError as err:  # penalties work without it
+        log.error("history-failed", log.fields(event="history-unavailable", error=err))
+        history = None
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-    daemon = Daemon(policy, store, Systemd(bus, BUS_TIMEOUT), UsageSampler(), refused=problems)
+    daemon = Daemon(
+        policy,
+        store,
+        Systemd(bus, BUS_TIMEOUT),
+        UsageSampler(),
+        refused=problems,
+        history=history,
+    )
     daemon.salvage = salvage.summary() if salvage else last_salvage(state_db_file())
     actions = await daemon.start()
     policy = daemon.policy
@@ -656,6 +726,8 @@ async def serve_forever() -> int:
         daemon.service.stop()
         bus.disconnect()
         store.close()
+        if history is not None:
+            history.close()
         log.info(
             "stopped",
             "lost the system bus; exiting to be restarted" if lost.is_set() else "stopped",

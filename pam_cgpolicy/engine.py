@@ -22,7 +22,7 @@ from .badness import Change, Tier, UserScore, evaluate
 from .classify import decide
 from .errors import CgpolicyError, NotManaged, NotPenalized, UnknownTier
 from .policy import Policy
-from .slicelimits import SliceLimits, Standing, group_quotas, slice_limits
+from .slicelimits import SliceLimits, Standing, group_quotas, is_watched, slice_limits
 from .state import StateStore
 from .usage import Sample
 
@@ -32,12 +32,17 @@ Group = dict[str, Any]
 
 @dataclass(frozen=True)
 class Action:
-    """Limits to set on one user's slice; ``change`` is None when re-applying."""
+    """Limits to set on one user's slice; ``change`` is None when re-applying.
+
+    ``watched``: the user's group is in watch mode: the change is recorded and
+    told to admins only, and no limit is set (``properties`` are not sent).
+    """
 
     uid: int
     user: str
     properties: Properties
     change: Change | None
+    watched: bool = False
 
 
 def _reading(value: float | None) -> float:
@@ -60,6 +65,7 @@ class Engine:
         self.lookup = lookup
         # uid -> (tier, MemoryMax sent, the tier's target) of users in a tier
         self.memory_in_force: dict[int, tuple[str, int, int]] = {}
+        self.scores: dict[int, UserScore] = {}  # the standings the last cycle judged
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
@@ -83,6 +89,13 @@ class Engine:
             # nothing to measure against, and nothing a tier could lower
             return None, f"group {group['name']} sets neither CPUQuota nor MemoryMax"
         return group, ""
+
+    def watched(self, uid: int) -> bool:
+        """True if the user's penalties are watched only (their group's mode); False if unknown."""
+        try:
+            return is_watched(decide(self.compiled, self.lookup(uid)).group)
+        except CgpolicyError:
+            return False
 
     def whitelist(self, account: Account) -> frozenset[str]:
         group = decide(self.compiled, account).group
@@ -135,6 +148,7 @@ class Engine:
         samples' memory stands in elsewhere.
         """
         memory = memory or {}
+        self.scores = {}
         penalty = self.policy.penalty
         if penalty is None:
             return []
@@ -165,6 +179,10 @@ class Engine:
                 self.policy.badness,
                 penalty,
             )
+            watched = is_watched(group)
+            if change is not None and watched:
+                change = replace(change, watched=True)
+            self.scores[uid] = new
             if new != old:
                 recorded.append((uid, account.name, new, change))
             current = memory.get(uid, sample.memory_bytes)
@@ -172,7 +190,7 @@ class Engine:
             if (change is not None and change.kind != "forgiven") or stepping:
                 limits = self.limits(account, new, current)
                 if self.remember(uid, limits) or change is not None:
-                    actions.append(Action(uid, account.name, limits.properties, change))
+                    actions.append(Action(uid, account.name, limits.properties, change, watched))
         actions += self._release_expired(now, skip=judged, recorded=recorded)
         if recorded:
             self.store.record_many(recorded, now=now)
@@ -190,23 +208,26 @@ class Engine:
         for row in self.store.expired(now):
             if row.uid in skip:
                 continue  # evaluate() released them
-            new, change = self._released(row.state, now, "penalty expired")
+            watched = self.watched(row.uid)
+            new, change = self._released(row.state, now, "penalty expired", watched)
             recorded.append((row.uid, row.user, new, change))
             self.memory_in_force.pop(row.uid, None)
             try:
                 props = self.limits(self.lookup(row.uid), new).properties
             except CgpolicyError:
                 props = ()
-            actions.append(Action(row.uid, row.user, props, change))
+            actions.append(Action(row.uid, row.user, props, change, watched))
         return actions
 
     @staticmethod
-    def _released(state: UserScore, now: float, reason: str) -> tuple[UserScore, Change]:
+    def _released(
+        state: UserScore, now: float, reason: str, watched: bool = False
+    ) -> tuple[UserScore, Change]:
         new = replace(
             state, tier=None, tier_expiry=None, cpu_badness=0.0, memory_badness=0.0, zero_since=now
         )
         return new, Change(
-            "released", state.tier, None, state.occurrences, state.occurrences, reason
+            "released", state.tier, None, state.occurrences, state.occurrences, reason, watched
         )
 
     def reconcile(self, now: float, reached: Mapping[int, Standing] | None = None) -> list[Action]:
@@ -227,7 +248,8 @@ class Engine:
                 self.memory_in_force[row.uid] = (tier, before.memory_max, 0)
             limits = self.limits(account, row.state)
             self.remember(row.uid, limits)
-            actions.append(Action(row.uid, row.user, limits.properties, None))
+            watched = is_watched(limits.decision.group)
+            actions.append(Action(row.uid, row.user, limits.properties, None, watched))
         recorded: list[tuple[int, str, UserScore, Change | None]] = []
         actions += self._release_expired(now, skip=set(), recorded=recorded)
         if recorded:
@@ -242,7 +264,9 @@ class Engine:
             raise UnknownTier(f"no penalty tier {tier_name!r}; the tiers are: {known}")
         account = self.lookup(uid)
         group, why = self._judged_group(account)
-        if group is None:
+        if group is not None and is_watched(group):
+            why = f"group {group['name']} is in watch mode (penalty mode)"
+        if group is None or is_watched(group):
             raise NotManaged(
                 f"{account.name} (uid {uid}) cannot be penalized: {why}; nothing was recorded"
             )
@@ -285,7 +309,8 @@ class Engine:
             raise NotPenalized(
                 f"{account.name} (uid {uid}) is in no penalty tier; nothing to release"
             )
-        new, change = self._released(old, now, f"by {actor}")
+        watched = self.watched(uid)
+        new, change = self._released(old, now, f"by {actor}", watched)
         self.store.record(uid, account.name, new, change, actor, now=now)
         self.memory_in_force.pop(uid, None)
-        return Action(uid, account.name, self.limits(account, new).properties, change)
+        return Action(uid, account.name, self.limits(account, new).properties, change, watched)

@@ -59,6 +59,8 @@ MESSAGE_IDS = {
     "denied": "aec13f451b2e4a418c9b837d03d801d7",
     "call-failed": "c29b98fd926d4d869912803da6545ffc",
     "signal-failed": "80f5b12bc34148a7b067ee1f0d5a922a",
+    # usage history
+    "history-failed": "6b0f3d1c2e8a4c52a1f7d9e04b3c6a18",
 }
 
 # Characters a bare value may hold; anything else is quoted and escaped.

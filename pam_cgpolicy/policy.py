@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import limits as limits_mod
-from .badness import BadnessParams, PenaltyParams, Tier
+from .badness import ENFORCE, PENALTY_MODES, WATCH, BadnessParams, PenaltyParams, Tier
 from .constants import GROUPS_DIR, MAIN_FILE, policy_files
 from .errors import LimitError, PolicyError, Problem, policy_error
 from .slicelimits import INFINITY, TIER_LOWERS
@@ -57,9 +57,17 @@ class StatusGroup:
     exempt: bool = False
     limits: dict[str, int | str] = field(default_factory=dict)
     whitelist: tuple[str, ...] = ()  # process names whose CPU is not held against members
+    penalty_mode: str | None = None  # "enforce" or "watch"; None: [penalty] mode
 
     def matches_nobody(self) -> bool:
         return not (self.users or self.uids or self.groups or self.gids)
+
+
+@dataclass(frozen=True)
+class HistoryParams:
+    """[history]: how long cgpolicyd keeps its usage samples (usagehistory.py)."""
+
+    retention: float = 7 * 86400  # seconds
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,17 @@ class Policy:
     whitelist: tuple[str, ...] = ()  # for every group: [processes].whitelist
     penalty: PenaltyParams | None = None  # no [penalty] table: nobody is ever penalized
     whitelist_match: str = MATCH_EXECUTABLE  # [processes].match: what decides a whitelist entry
+    history: HistoryParams = HistoryParams()
+
+    def watched(self, group: str) -> bool:
+        """True if the group's penalties are watched only: judged and recorded, never applied.
+
+        The one rule: the group's own penalty_mode, else [penalty] mode. The
+        compiled policy carries its answer per group (slicelimits.is_watched).
+        """
+        if self.penalty is None:
+            return False
+        return (self.groups[group].penalty_mode or self.penalty.mode) == WATCH
 
     def managed_keys(self) -> set[str]:
         """The limits some group sets: the ones cgpolicy owns on every user slice.
@@ -100,9 +119,12 @@ class Policy:
             penalty=None
             if penalty is None
             else PenaltyParams(
-                tuple(Tier(**tier) for tier in penalty["tiers"]), penalty["occurrence_timeout"]
+                tuple(Tier(**tier) for tier in penalty["tiers"]),
+                penalty["occurrence_timeout"],
+                penalty["mode"],
             ),
             whitelist_match=data["whitelist_match"],
+            history=HistoryParams(**data["history"]),
         )
 
     def compile(self) -> dict[str, Any]:
@@ -133,6 +155,7 @@ class Policy:
                     "exempt": group.exempt,
                     "limits": dict(group.limits),
                     "whitelist": group.whitelist,
+                    "watch": self.watched(name),
                     "properties": tuple(
                         (p.name, p.signature, p.value)
                         for p in limits_mod.properties_for(group.limits, managed)
@@ -329,9 +352,13 @@ def _parse_penalty(main: _File, data: dict[str, Any]) -> PenaltyParams | None:
         return None
     table = main.get(data, "penalty", dict, {})
     order = main.string_list(table, "order", "penalty.")
-    known = {"order", "occurrence_timeout", *order}
+    known = {"order", "occurrence_timeout", "mode", *order}
     main.check_keys(table, known, "penalty.")
     occurrence_timeout = main.number(table, "occurrence_timeout", 10800, 1, 86400 * 365, "penalty.")
+    mode = _penalty_mode(main, table, "penalty.") or ENFORCE
+    if "mode" in order:
+        main.report("'mode' is a setting of [penalty], not a tier's name", "penalty.order")
+        return None
     tiers = []
     for name in order:
         prefix = f"penalty.{name}."
@@ -358,7 +385,26 @@ def _parse_penalty(main: _File, data: dict[str, Any]) -> PenaltyParams | None:
         if len(set(order)) != len(order):
             main.report("a tier is listed more than once", "penalty.order")
         return None
-    return PenaltyParams(tuple(tiers), occurrence_timeout)
+    return PenaltyParams(tuple(tiers), occurrence_timeout, mode)
+
+
+def _penalty_mode(file: _File, table: dict[str, Any], prefix: str = "") -> str | None:
+    """A penalty mode, "enforce" or "watch"; None when the key is absent (or wrong)."""
+    key = "mode" if prefix else "penalty_mode"
+    mode: str | None = file.get(table, key, str, None, prefix)
+    if mode is not None and mode not in PENALTY_MODES:
+        file.report(
+            f"must be one of {', '.join(map(repr, PENALTY_MODES))}, not {mode!r}", prefix + key
+        )
+        return None
+    return mode
+
+
+def _parse_history(main: _File, data: dict[str, Any]) -> HistoryParams:
+    table = main.get(data, "history", dict, {})
+    main.check_keys(table, {"retention"}, "history.")
+    default = HistoryParams().retention
+    return HistoryParams(main.number(table, "retention", default, 3600, 86400 * 366, "history."))
 
 
 def _parse_uids(gfile: _File, data: dict[str, Any]) -> tuple[tuple[int, int], ...]:
@@ -414,7 +460,17 @@ def _absolute_bytes(value: int | str) -> float:
     return float("-inf")
 
 
-GROUP_KEYS = {"description", "users", "uids", "groups", "gids", "exempt", "limits", "whitelist"}
+GROUP_KEYS = {
+    "description",
+    "users",
+    "uids",
+    "groups",
+    "gids",
+    "exempt",
+    "limits",
+    "whitelist",
+    "penalty_mode",
+}
 
 
 def _parse_group(path: Path, problems: list[Problem]) -> StatusGroup | None:
@@ -433,6 +489,7 @@ def _parse_group(path: Path, problems: list[Problem]) -> StatusGroup | None:
         exempt=gfile.get(data, "exempt", bool, False),
         limits=_parse_limits(gfile, data),
         whitelist=_parse_whitelist(gfile, data),
+        penalty_mode=_penalty_mode(gfile, data),
     )
 
 
@@ -458,7 +515,7 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
             _check_ownership(path, trusted_uids, problems)
     main = _File(main_path, problems)
     data = main.data or {}
-    main.check_keys(data, {"general", "status", "badness", "processes", "penalty"})
+    main.check_keys(data, {"general", "status", "badness", "processes", "penalty", "history"})
     general = _parse_general(main, data)
     status = main.get(data, "status", dict, {})
     main.check_keys(status, {"order", "fallback"}, "status.")
@@ -486,9 +543,12 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
             f"must be one of {', '.join(map(repr, MATCH_MODES))}, not {match!r}", "processes.match"
         )
     penalty = _parse_penalty(main, data)
+    history = _parse_history(main, data)
     if problems:
         raise PolicyError(problems)
-    return Policy(general, tuple(order), fallback, groups, badness, whitelist, penalty, match)
+    return Policy(
+        general, tuple(order), fallback, groups, badness, whitelist, penalty, match, history
+    )
 
 
 def _check_order(

@@ -231,6 +231,11 @@ class SliceLimits:
         )
 
 
+def is_watched(group: Group | None) -> bool:
+    """True if the group's penalties are watched, never applied (Policy.watched decides)."""
+    return bool(group and group["watch"])
+
+
 def slice_limits(
     policy: dict[str, Any],
     account: Account,
@@ -243,7 +248,8 @@ def slice_limits(
     ``standing`` is the penalty in force; ``current`` the slice's memory now
     (bytes, None when unread); ``memory_total`` the RAM a group's share of it is
     resolved against (read here when None). Exempt and skipped users get
-    nothing; a tier the policy no longer has leaves the group's limits.
+    nothing; a tier the policy no longer has, or one of a group in watch mode,
+    leaves the group's limits.
     """
     decision = decide(policy, account)
     group = decision.group
@@ -252,6 +258,8 @@ def slice_limits(
     own = tuple(decision.properties)
     if standing.tier is None:
         return SliceLimits(decision, own)
+    if is_watched(group):
+        return SliceLimits(decision, own, reason=f"watching tier {standing.tier}: limits kept")
     factors = policy["tiers"].get(standing.tier)
     if factors is None:
         return SliceLimits(decision, own, reason=f"no tier {standing.tier} in the policy")

@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from types import TracebackType
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from .badness import Change, UserScore
 from .errors import StateError
+from .sqlitefile import SQLiteFile, readonly_uri
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events.watched
 
 _SCHEMA = (
     """CREATE TABLE users (
@@ -46,17 +45,23 @@ _SCHEMA = (
         old_occurrences INTEGER NOT NULL,
         new_occurrences INTEGER NOT NULL,
         reason TEXT NOT NULL,
-        actor TEXT
+        actor TEXT,
+        watched INTEGER NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX events_by_uid ON events (uid, id)",
 )
+# From each older version to the next; a database is upgraded when cgpolicyd opens it.
+_UPGRADES = {1: ("ALTER TABLE events ADD COLUMN watched INTEGER NOT NULL DEFAULT 0",)}
 
 _USER_COLUMNS = (
     "uid, user, tier, tier_expiry, occurrences, cpu_badness, memory_badness, zero_since, updated"
 )
 _EVENT_COLUMNS = (
-    "id, time, uid, user, kind, old_tier, new_tier, old_occurrences, new_occurrences, reason, actor"
+    "id, time, uid, user, kind, old_tier, new_tier, old_occurrences, new_occurrences, reason, "
+    "actor, watched"
 )
+# What a column added by a later version reads as in an older file.
+_ADDED_COLUMNS = {"watched": "0"}
 _TABLES = {"users": _USER_COLUMNS, "events": _EVENT_COLUMNS}
 
 
@@ -85,13 +90,19 @@ class Event:
     new_occurrences: int
     reason: str
     actor: str | None
+    watched: bool = False  # a watch-mode penalty or release: no limit was changed
 
 
-def _uri(path: str) -> str:
-    # Only these three mean something in the path of an SQLite file: URI. The empty
-    # authority keeps a path that starts with "//" a path.
-    escaped = os.path.abspath(path).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-    return f"file://{escaped}?mode=ro"
+def _readable(conn: sqlite3.Connection, table: str, columns: str) -> str:
+    """``columns`` as a SELECT list for ``table`` in ``conn``'s file, which may be older:
+    a column it lacks reads as its default."""
+    present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    return ", ".join(
+        name
+        if name in present or name not in _ADDED_COLUMNS
+        else f"{_ADDED_COLUMNS[name]} AS {name}"
+        for name in (c.strip() for c in columns.split(","))
+    )
 
 
 def _score(row: sqlite3.Row) -> UserScore:
@@ -109,12 +120,8 @@ def _user_row(row: sqlite3.Row) -> UserRow:
     return UserRow(row["uid"], row["user"], _score(row), row["updated"])
 
 
-class StateStore:
+class StateStore(SQLiteFile):
     """One connection to the state database. Not for sharing between threads."""
-
-    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
-        self._conn = conn
-        self.path = path
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], timeout: float = 5.0) -> StateStore:
@@ -141,6 +148,12 @@ class StateStore:
                         for statement in _SCHEMA:
                             conn.execute(statement)
                         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                        version = SCHEMA_VERSION
+                    if version < SCHEMA_VERSION:  # only then: opening writes nothing
+                        for older in range(version, SCHEMA_VERSION):
+                            for statement in _UPGRADES[older]:
+                                conn.execute(statement)
+                        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
             conn.close()
             raise
@@ -158,7 +171,9 @@ class StateStore:
         if not os.path.exists(path):
             return None
         try:
-            conn = sqlite3.connect(_uri(path), uri=True, timeout=timeout, isolation_level=None)
+            conn = sqlite3.connect(
+                readonly_uri(path), uri=True, timeout=timeout, isolation_level=None
+            )
         except sqlite3.Error as err:
             if not os.path.exists(path):
                 return None  # removed since we looked
@@ -174,40 +189,6 @@ class StateStore:
             conn.close()
             raise
         return store
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> StateStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as err:
-            raise StateError(f"{self.path}: {doing}: {err}") from err
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        # IMMEDIATE takes the write lock up front, so a busy database fails here,
-        # before anything is written, and never half way.
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:
-                self._conn.rollback()
-            raise
 
     def _version(self) -> int:
         (version,) = self._conn.execute("PRAGMA user_version").fetchone()
@@ -256,10 +237,12 @@ class StateStore:
         """The latest events, newest (last recorded) first; only ``uid``'s if given."""
         where, args = ("WHERE uid = ?", (uid, limit)) if uid is not None else ("", (limit,))
         with self._errors("cannot read"):
+            # read-only, a file cgpolicyd has not upgraded yet lacks the newer columns
+            columns = _readable(self._conn, "events", _EVENT_COLUMNS)
             rows = self._conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events {where} ORDER BY id DESC LIMIT ?", args
+                f"SELECT {columns} FROM events {where} ORDER BY id DESC LIMIT ?", args
             ).fetchall()
-        return [Event(*row) for row in rows]
+        return [replace(Event(*row), watched=bool(row["watched"])) for row in rows]
 
     def record(
         self,
@@ -322,7 +305,7 @@ class StateStore:
         """
         kept = dict.fromkeys(_TABLES, 0)
         try:
-            source = sqlite3.connect(_uri(path), uri=True, isolation_level=None)
+            source = sqlite3.connect(readonly_uri(path), uri=True, isolation_level=None)
         except sqlite3.Error:
             return kept
         try:
@@ -331,7 +314,8 @@ class StateStore:
                 marks = ", ".join("?" * len(columns.split(",")))
                 insert = f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})"
                 try:
-                    for row in source.execute(f"SELECT {columns} FROM {table}"):
+                    readable = _readable(source, table, columns)
+                    for row in source.execute(f"SELECT {readable} FROM {table}"):
                         try:
                             self._conn.execute(insert, tuple(row))
                         except sqlite3.Error:
@@ -367,7 +351,7 @@ class StateStore:
     ) -> None:
         self._conn.execute(
             "INSERT INTO events (time, uid, user, kind, old_tier, new_tier, old_occurrences, "
-            "new_occurrences, reason, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "new_occurrences, reason, actor, watched) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 when,
                 uid,
@@ -379,5 +363,6 @@ class StateStore:
                 change.new_occurrences,
                 change.reason,
                 actor,
+                int(change.watched),
             ),
         )

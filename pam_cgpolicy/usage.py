@@ -79,6 +79,20 @@ class Sample:
 
 
 @dataclass(frozen=True, slots=True)
+class Process:
+    """One of a user's processes, as the report of a violation shows it.
+
+    ``cores``: its CPU averaged over its life; ``memory``: its resident set, bytes.
+    """
+
+    pid: int
+    name: str
+    executable: str | None
+    cores: float | None
+    memory: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class ProcStat:
     """What the whitelist needs from /proc/PID/stat."""
 
@@ -356,6 +370,37 @@ class UsageSampler:
                 found.setdefault(owner[1], []).append((int(name), stat))
         self._owners = owners  # without the pids that exited
         return found
+
+    def top_processes(self, uid: int, count: int) -> list[Process]:
+        """The user's ``count`` processes using most CPU (then memory), read now.
+
+        For the record of a violation: rare, so it may read every process of the slice.
+        """
+        pids: set[int] = set()
+        for folder, _dirs, files in os.walk(f"{self._tasks_dir}/user-{uid}.slice"):
+            if "cgroup.procs" in files:
+                listed = _read(f"{folder}/cgroup.procs") or b""
+                pids.update(int(pid) for pid in listed.split() if pid.isdigit())
+        uptime = self._uptime()
+        page = os.sysconf("SC_PAGE_SIZE")
+        found = []
+        for pid in pids:
+            data = _read(f"{self._proc}/{pid}/stat")
+            stat = None if data is None else parse_proc_stat(data)
+            if stat is None:
+                continue  # gone
+            cores = None
+            if uptime is not None and uptime * CLK_TCK > stat.start_ticks:
+                cores = stat.cpu_ticks / (uptime * CLK_TCK - stat.start_ticks)
+            statm = (_read(f"{self._proc}/{pid}/statm") or b"").split()
+            memory = int(statm[1]) * page if len(statm) > 1 and statm[1].isdigit() else None
+            try:
+                executable: str | None = os.readlink(f"{self._proc}/{pid}/exe")
+            except OSError:
+                executable = None  # a kernel thread, or gone
+            found.append(Process(pid, stat.comm, executable, cores, memory))
+        found.sort(key=lambda p: (p.cores or 0.0, p.memory or 0), reverse=True)
+        return found[:count]
 
     def _idle(self, uid: int, pid: str, stat: ProcStat) -> bool:
         """Whitelisted at the uid's last read and used no CPU since.

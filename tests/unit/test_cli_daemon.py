@@ -348,6 +348,7 @@ def test_history_of_one_user_limited_as_json(env: dict[str, str]) -> None:
             "new_occurrences": 1,
             "reason": "penalty1 ended",
             "actor": "cgpolicyd",
+            "watched": False,
         }
     ]
 

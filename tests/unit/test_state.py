@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,10 +80,43 @@ def test_a_newer_schema_is_refused_with_a_clear_error(path):
     StateStore.open(path).close()
     with raw(path) as conn:
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    with pytest.raises(StateError, match=r"schema version 2 is newer .* upgrade cgpolicy"):
+    newer = rf"schema version {SCHEMA_VERSION + 1} is newer .* upgrade cgpolicy"
+    with pytest.raises(StateError, match=newer):
         StateStore.open(path)
     with pytest.raises(StateError, match="newer"):
         StateStore.open_readonly(path)
+
+
+def test_a_version_1_database_is_upgraded_and_its_events_read_unwatched(path):
+    with raw(path) as conn:  # the schema of version 1: events without "watched"
+        conn.execute(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, uid INTEGER "
+            "NOT NULL, user TEXT NOT NULL, kind TEXT NOT NULL, old_tier TEXT, new_tier TEXT, "
+            "old_occurrences INTEGER NOT NULL, new_occurrences INTEGER NOT NULL, "
+            "reason TEXT NOT NULL, actor TEXT)"
+        )
+        conn.execute(
+            "INSERT INTO events VALUES (1, 5.0, 1001, 'alice', 'penalized', NULL, 'penalty1', "
+            "0, 1, 'by hand', NULL)"
+        )
+        conn.execute(
+            "CREATE TABLE users (uid INTEGER PRIMARY KEY, user TEXT NOT NULL, tier TEXT, "
+            "tier_expiry REAL, occurrences INTEGER NOT NULL, cpu_badness REAL NOT NULL, "
+            "memory_badness REAL NOT NULL, zero_since REAL, updated REAL NOT NULL)"
+        )
+        conn.execute("PRAGMA user_version=1")
+    reader = StateStore.open_readonly(path)  # the CLI, before cgpolicyd upgraded it
+    assert reader is not None
+    with reader:
+        assert [e.watched for e in reader.history()] == [False]
+    with StateStore.open(path) as store:
+        store.record(1001, "alice", IN_PENALTY1, replace(PENALIZED, watched=True), now=9.0)
+        assert [(e.user, e.watched) for e in store.history()] == [
+            ("alice", True),
+            ("alice", False),
+        ]
+    with raw(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
 def test_a_file_that_is_not_a_database_is_an_error(path):
