@@ -48,6 +48,8 @@ from .constants import (
 )
 from .engine import Action, Engine, Properties
 from .errors import CgpolicyError, NotManaged, policy_error
+from .mail import deliver
+from .notifier import Deliver, Notifier, Png, facts_for, no_png
 from .policy import General, Policy, StatusGroup, load_policy
 from .salvage import last_salvage, open_or_salvage
 from .setprops import set_slice_properties
@@ -107,6 +109,8 @@ class Daemon:
         config: str | None = None,
         penalties: str | None = None,
         last_good: str | None = None,
+        mailer: Deliver = deliver,
+        plot: Png = no_png,
     ) -> None:
         self.store = store
         self.systemd = systemd
@@ -137,6 +141,9 @@ class Daemon:
         self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
         self.stepped: set[int] = set()  # users whose MemoryMax was above target this cycle
         self.clock_watch = ClockWatch()  # notices a step of the wall clock
+        self.notifier = Notifier(
+            store, lambda: self.policy.notify, png=plot, send=mailer, clock=clock
+        )
 
     @property
     def policy(self) -> Policy:
@@ -149,10 +156,33 @@ class Daemon:
             account = self.cached[uid] = self.accounts.by_uid(uid)
         return account
 
-    async def _emit_tier(self, action: Action) -> None:
-        if self.service is not None and action.change is not None:
+    async def _emit_tier(
+        self, action: Action, limits: str | None, actor: str | None, watched: bool = False
+    ) -> None:
+        """Tell the bus and the mail queue of a tier change: the one place both learn of it.
+
+        ``watched``: a change watch mode only recorded; its mail goes to admins alone.
+        """
+        change = action.change
+        if change is None:
+            return
+        facts = facts_for(
+            self.policy,
+            action.user,
+            action.uid,
+            change,
+            self.store.get(action.uid),
+            limits,
+            actor=actor,
+            watched=watched,
+            host=self.notifier.host,
+            when=self.clock(),
+        )
+        if facts is not None:
+            self.notifier.notify(facts)
+        if self.service is not None:
             await self.service.emit_tier_changed(
-                action.user, action.change.old_tier, action.change.new_tier, action.change.reason
+                action.user, change.old_tier, change.new_tier, change.reason
             )
 
     async def apply(self, actions: list[Action], actor: str | None = None) -> None:
@@ -191,7 +221,7 @@ class Daemon:
                     **memory,
                 )
             )
-            await self._emit_tier(action)
+            await self._emit_tier(action, limits, actor or None)
 
     async def send(self, uid: int, user: str) -> SliceLimits | None:
         """Set the limits of the standing recorded now, never interleaved with another for uid.
@@ -584,10 +614,13 @@ async def serve_forever() -> int:
         stop.set()
 
     watcher = asyncio.create_task(watch_bus())
+    sender = asyncio.create_task(daemon.notifier.run(stop))
     try:
         await daemon.run(stop)
     finally:
         watcher.cancel()
+        await daemon.notifier.flush()  # mails being written reach the queue
+        sender.cancel()
         daemon.service.stop()
         bus.disconnect()
         store.close()

@@ -79,7 +79,9 @@ def test_a_newer_schema_is_refused_with_a_clear_error(path):
     StateStore.open(path).close()
     with raw(path) as conn:
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    with pytest.raises(StateError, match=r"schema version 2 is newer .* upgrade cgpolicy"):
+    with pytest.raises(
+        StateError, match=rf"schema version {SCHEMA_VERSION + 1} is newer .* upgrade cgpolicy"
+    ):
         StateStore.open(path)
     with pytest.raises(StateError, match="newer"):
         StateStore.open_readonly(path)
