@@ -43,7 +43,8 @@ class Process:
 
 @dataclass(frozen=True)
 class MailFacts:
-    """Everything one mail says. ``kind``: "penalized", "released" or "sample"."""
+    """Everything one mail says. ``kind``: "penalized", "released" or "sample" (a test
+    an admin sends: a penalty's mail that changed nothing)."""
 
     user: str
     uid: int
@@ -78,7 +79,7 @@ def _duration(seconds: float) -> str:
 
 
 def subject(facts: MailFacts) -> str:
-    watch = "[watch] " if facts.watched else ""
+    watch = "[watch] " if facts.watched else "[sample] " if facts.kind == "sample" else ""
     if facts.kind == "released":
         return f"{watch}cgpolicy on {facts.host}: your limits are back (penalty {facts.tier} ended)"
     what = facts.message or f"you are in penalty {facts.tier}"
@@ -95,6 +96,11 @@ def _paragraphs(facts: MailFacts) -> list[str]:
         ]
     else:
         lines = [f"Hello {facts.user},"]
+    if facts.kind == "sample":
+        lines.append(
+            "This is a sample of the mail cgpolicy sends at a penalty, sent by an "
+            "administrator to test the mail settings: none of your limits was changed."
+        )
     if facts.kind == "released":
         lines.append(
             f"Your penalty {facts.tier} on {facts.host} ended at {_local(facts.when)}: "

@@ -215,5 +215,25 @@ def facts_for(
     )
 
 
+def sample_facts(policy: Policy, user: str, uid: int, limits: str | None, when: float) -> MailFacts:
+    """What ``cgpolicyctl notify-test`` sends: the mail of the policy's first tier."""
+    tier = policy.penalty.tiers[0] if policy.penalty else None
+    return MailFacts(
+        user=user,
+        uid=uid,
+        host=socket.gethostname(),
+        kind="sample",
+        tier=tier.name if tier else "sample",
+        message=tier.message if tier else "",
+        limits=limits,
+        expiry=when + (tier.timeout if tier else 1800),
+        reason="a sample: no usage was judged",
+        actor="cgpolicyctl notify-test",
+        cpu_threshold=policy.badness.cpu_threshold,
+        memory_threshold=policy.badness.memory_threshold,
+        when=when,
+    )
+
+
 def _reason(err: BaseException) -> str:
     return str(err) if isinstance(err, CgpolicyError) else f"{type(err).__name__}: {err}"

@@ -7,7 +7,9 @@ import email.policy
 import itertools
 import os
 
-from pam_cgpolicy.mail import MailFacts, Process, build_mail, plain_text, top_processes
+from mailfacts import FACTS
+
+from pam_cgpolicy.mail import MailFacts, build_mail, plain_text, top_processes
 from pam_cgpolicy.policy import Notify
 
 NOTIFY = Notify(
@@ -17,26 +19,6 @@ NOTIFY = Notify(
     admins=("hpc@example.org", "ops@example.org"),
 )
 PNG = b"\x89PNG\r\n\x1a\n" + b"plot" * 50
-T0 = 1_800_000_000.0
-FACTS = MailFacts(
-    user="bob",
-    uid=2002,
-    host="login1",
-    kind="penalized",
-    tier="penalty1",
-    message="Your CPU use was heavy: your limits are lower for a while",
-    limits="CPUQuota=80% MemoryMax=1.6G",
-    expiry=T0 + 1800,
-    reason="badness 100.4 >= 100: cpu 80.2, memory 20.2",
-    actor=None,
-    cpu_threshold=0.8,
-    memory_threshold=0.5,
-    processes=(
-        Process(4242, "python3", "/usr/bin/python3.11", 3.97, 512 * 1024**2),
-        Process(4243, "<b>x</b>", "/home/bob/a.out", 0.5, 1024),
-    ),
-    when=T0,
-)
 
 
 def parsed(facts: MailFacts = FACTS, png: bytes | None = PNG) -> email.message.EmailMessage:

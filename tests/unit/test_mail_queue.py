@@ -12,30 +12,14 @@ from pathlib import Path
 
 import pytest
 from fakesmtp import FakeSmtp
+from mailfacts import FACTS, T0
 
 from pam_cgpolicy import notifier as notifier_mod
 from pam_cgpolicy.errors import MailError
-from pam_cgpolicy.mail import MailFacts, deliver, read_password
+from pam_cgpolicy.mail import deliver, read_password
 from pam_cgpolicy.notifier import RETRY_FIRST, RETRY_MAX, Notifier, retry_delay
 from pam_cgpolicy.policy import Notify
 from pam_cgpolicy.state import StateStore
-
-T0 = 1_800_000_000.0
-FACTS = MailFacts(
-    user="bob",
-    uid=2002,
-    host="login1",
-    kind="penalized",
-    tier="penalty1",
-    message="heavy use",
-    limits="CPUQuota=80%",
-    expiry=T0 + 1800,
-    reason="badness 100.0 >= 100: cpu 100.0, memory 0.0",
-    actor=None,
-    cpu_threshold=0.8,
-    memory_threshold=0.5,
-    when=T0,
-)
 
 
 class Clock:
