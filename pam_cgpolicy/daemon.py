@@ -166,20 +166,23 @@ class Daemon:
         change = action.change
         if change is None:
             return
-        facts = facts_for(
-            self.policy,
-            action.user,
-            action.uid,
-            change,
-            self.store.get(action.uid),
-            limits,
-            actor=actor,
-            watched=watched,
-            host=self.notifier.host,
-            when=self.clock(),
-        )
-        if facts is not None:
-            self.notifier.notify(facts)
+        try:  # a mail never fails the change it tells of
+            facts = facts_for(
+                self.policy,
+                action.user,
+                action.uid,
+                change,
+                self.store.get(action.uid),
+                limits,
+                actor=actor,
+                watched=watched,
+                host=self.notifier.host,
+                when=self.clock(),
+            )
+            if facts is not None:
+                self.notifier.notify(facts)
+        except Exception as err:
+            log.error(log.fields(user=action.user, uid=action.uid, event="mail-failed", error=err))
         if self.service is not None:
             await self.service.emit_tier_changed(
                 action.user, change.old_tier, change.new_tier, change.reason

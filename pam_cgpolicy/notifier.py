@@ -163,8 +163,8 @@ class Notifier:
             try:
                 await self.send_due()
                 due = self.store.next_mail_try()
-            except CgpolicyError as err:  # the database busy or damaged: try later
-                log.error(log.fields(event="mail-queue-failed", error=err))
+            except Exception as err:  # the database busy or damaged, or a bug: try later
+                log.error(log.fields(event="mail-queue-failed", error=_reason(err)))
                 due = None
             wait = IDLE_WAKE if due is None else min(max(due - self.clock(), 0.5), IDLE_WAKE)
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
