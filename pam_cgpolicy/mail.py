@@ -141,6 +141,7 @@ def _rows(facts: MailFacts) -> list[tuple[str, ...]]:
 
 
 HEADER = ("PID", "CPU (cores)", "Memory", "Name", "Executable")
+TABLE_TITLE = "Top processes when this mail was written (CPU: cores on average since each started)"
 
 
 def plain_text(facts: MailFacts) -> str:
@@ -152,7 +153,7 @@ def plain_text(facts: MailFacts) -> str:
             "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
             for row in [HEADER, *rows]
         ]
-        parts.append("Top processes when this mail was written:\n" + "\n".join(table))
+        parts.append(f"{TABLE_TITLE}:\n" + "\n".join(table))
     return "\n\n".join(parts) + "\n"
 
 
@@ -165,7 +166,7 @@ def html_text(facts: MailFacts, plot_cid: str | None) -> str:
         for row in rows:
             lines.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
         body.append(
-            "<p>Top processes when this mail was written:</p>"
+            f"<p>{html.escape(TABLE_TITLE)}:</p>"
             '<table border="1" cellpadding="4" cellspacing="0">' + "".join(lines) + "</table>"
         )
     if plot_cid is not None:
