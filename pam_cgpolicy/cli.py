@@ -5,6 +5,7 @@ announces what changed, and status shows its tiers and badness); when it does
 not, they go straight to systemd as before. penalize, release and reload need
 cgpolicyd; history reads its state database, read-only. classify, status and
 history show another user only to root and the policy's admin group.
+notify-test (root) sends its sample mail itself, to see the server's answer.
 
 Exit codes: 0 success, 1 the action failed or the policy is invalid, 2 usage.
 """
@@ -18,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,13 +45,12 @@ from .errors import CgpolicyError, DaemonError, PolicyError, SystemdError
 from .freezer import V1Freezer
 from .pamconfig import hook_wiring, user_env_before_hook
 from .policy import Policy, load_policy
-from .report import UsageReport, build_report, to_json
+from .report import UsageReport, report_from_files, to_json
 from .salvage import last_salvage
 from .setprops import apply_limits
-from .slicelimits import Standing, format_size, physical_memory
+from .slicelimits import Standing, format_size, physical_memory, slice_limits
 from .state import Event, StateStore
 from .systemd import Systemd
-from .usagehistory import UsageHistory
 
 if TYPE_CHECKING:
     from .compiled import Compiled
@@ -417,6 +418,32 @@ def cmd_release(args: argparse.Namespace) -> None:
     print(f"{args.user}: released")
 
 
+def cmd_notify_test(args: argparse.Namespace) -> None:
+    """Send the sample mail now, straight to the mail server, and say what it answered."""
+    from .mail import build_mail, deliver, top_processes
+    from .notifier import sample_facts
+
+    if os.geteuid() != 0:
+        print("error: notify-test is for root: it reads the SMTP password file", file=sys.stderr)
+        raise _Failed
+    policy = _strict_policy(args)
+    if policy.notify is None:
+        print("error: the policy has no [notify] table: cgpolicy sends no mail", file=sys.stderr)
+        raise _Failed
+    account = lookup_account(args.user)
+    tier = policy.penalty.tiers[0].name if policy.penalty else None
+    limits = slice_limits(policy.compile(), account, Standing(tier)).limits_text()
+    facts = sample_facts(policy, account.name, account.uid, limits, time.time())
+    facts = replace(facts, processes=top_processes(account.uid))
+    message = build_mail(policy.notify, facts)
+    if message is None:
+        print(f"error: {args.user}: no address to send to, and no admins", file=sys.stderr)
+        raise _Failed
+    deliver(policy.notify, bytes(message))
+    bcc = f" (Bcc: {message['Bcc']})" if message["Bcc"] else ""
+    print(f"{args.user}: sample mail sent to {message['To']}{bcc}")
+
+
 def cmd_reload(args: argparse.Namespace) -> None:
     problems = _with_daemon(lambda daemon: daemon.reload())
     if problems:
@@ -515,17 +542,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     until = time.time()
     for path in (usage_db_file(), state_db_file()):
         _readable_db(path)
-    history = UsageHistory.open_readonly(usage_db_file())
-    store = StateStore.open_readonly(state_db_file())
-    try:
-        policy = Policy.from_data(compiled["policy"])
-        report = build_report(
-            account, policy, physical_memory(), history, store, until - args.since, until
-        )
-    finally:
-        for source in (history, store):
-            if source is not None:
-                source.close()
+    policy = Policy.from_data(compiled["policy"])
+    report = report_from_files(account, policy, physical_memory(), until - args.since, until)
     if args.plot:
         from .plot import usage_png  # matplotlib: only when a picture is asked for
 
@@ -795,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
     penalize.add_argument("tier")
     add("release", cmd_release, "end a user's penalty tier now (cgpolicyd)", "required")
     add("reload", cmd_reload, "make cgpolicyd read the policy files again; list every error")
+    add(
+        "notify-test",
+        cmd_notify_test,
+        "send USER the sample of a penalty mail now, as [notify] says (root)",
+        "required",
+    )
     history = add(
         "history", cmd_history, "tier changes cgpolicyd recorded, newest first", "optional"
     )

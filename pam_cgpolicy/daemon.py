@@ -44,12 +44,16 @@ from .constants import (
     config_dir,
     penalties_file,
     state_db_file,
+    state_dir,
     system_bus_address,
     usage_db_file,
 )
 from .engine import Action, Engine, Properties
 from .errors import CgpolicyError, NotManaged, policy_error
+from .mail import deliver
+from .notifier import Deliver, Notifier, Png, facts_for, no_png
 from .policy import General, Policy, StatusGroup, load_policy
+from .report import report_from_files
 from .salvage import last_salvage, open_or_salvage
 from .setprops import set_slice_properties
 from .slicelimits import SliceLimits, Standing, physical_memory
@@ -59,6 +63,7 @@ from .usage import Sample, UsageSampler
 from .usagehistory import TOP_PROCESSES, UsageHistory, UsagePoint
 
 BUS_TIMEOUT = 10.0
+PLOT_SPAN = 3600.0  # seconds of usage a penalty mail shows
 # systemd calls in flight at once for ListUsers: quick, without crowding the bus.
 SLICE_READS = 32
 
@@ -110,6 +115,8 @@ class Daemon:
         penalties: str | None = None,
         last_good: str | None = None,
         history: UsageHistory | None = None,
+        mailer: Deliver = deliver,
+        plot: Png = no_png,
     ) -> None:
         self.store = store
         self.history = history  # None: no usage history (it could not be opened)
@@ -142,6 +149,9 @@ class Daemon:
         self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
         self.stepped: set[int] = set()  # users whose MemoryMax was above target this cycle
         self.clock_watch = ClockWatch()  # notices a step of the wall clock
+        self.notifier = Notifier(
+            store, lambda: self.policy.notify, png=plot, send=mailer, clock=clock
+        )
 
     @property
     def policy(self) -> Policy:
@@ -154,11 +164,56 @@ class Daemon:
             account = self.cached[uid] = self.accounts.by_uid(uid)
         return account
 
-    async def _emit_tier(self, action: Action) -> None:
-        if self.service is not None and action.change is not None:
-            await self.service.emit_tier_changed(
-                action.user, action.change.old_tier, action.change.new_tier, action.change.reason
+    async def _emit_tier(
+        self, action: Action, limits: str | None, actor: str | None, watched: bool = False
+    ) -> None:
+        """Tell the bus and the mail queue of a tier change: the one place both learn of it.
+
+        ``watched``: a change watch mode only recorded; its mail goes to admins alone.
+        """
+        change = action.change
+        if change is None:
+            return
+        try:  # a mail never fails the change it tells of
+            facts = facts_for(
+                self.policy,
+                action.user,
+                action.uid,
+                change,
+                self.store.get(action.uid),
+                limits,
+                actor=actor,
+                watched=watched,
+                host=self.notifier.host,
+                when=self.clock(),
             )
+            if facts is not None:
+                self.notifier.notify(facts)
+        except Exception as err:
+            log.error(
+                "mail-failed",
+                log.fields(user=action.user, uid=action.uid, event="mail-failed", error=err),
+                user=action.user,
+                uid=action.uid,
+            )
+        if self.service is not None and not watched:  # a watched tier is no one's business yet
+            await self.service.emit_tier_changed(
+                action.user, change.old_tier, change.new_tier, change.reason
+            )
+
+    def last_hour_png(self, uid: int) -> bytes | None:
+        """The plot of the user's last hour for their mail; None without history. Runs in a
+        worker thread: the files are opened there, read-only."""
+        from .plot import usage_png  # matplotlib: only when a mail is written
+
+        # Root's home is hidden from cgpolicyd: matplotlib keeps its cache in the state dir.
+        os.environ.setdefault("MPLCONFIGDIR", os.path.join(state_dir(), "matplotlib"))
+        now = self.clock()
+        account = self.accounts.by_uid(uid)
+        report = report_from_files(
+            account, self.policy, self.engine.memory_total, now - PLOT_SPAN, now
+        )
+        return usage_png(report) if report.samples else None
 
     async def apply(self, actions: list[Action], actor: str | None = None) -> None:
         """Refresh the hook's copy, then set each action's limits, log it, and tell the bus."""
@@ -169,6 +224,7 @@ class Daemon:
             if action.watched:  # watch mode: recorded and logged, no limit set
                 if change is not None:  # None: a watched tier at start-up, nothing new
                     self._log_change(action, actor, limits="unchanged", watched="yes")
+                    await self._emit_tier(action, None, actor or None, watched=True)
                 continue
             sent = await self.send(action.uid, action.user)
             step = self.engine.memory_stepping().get(action.uid)
@@ -195,7 +251,7 @@ class Daemon:
                 )
                 continue
             self._log_change(action, actor, limits=limits, **memory)
-            await self._emit_tier(action)
+            await self._emit_tier(action, limits, actor or None)
 
     def _log_change(self, action: Action, actor: str | None, **more: Any) -> None:
         """The log line of a tier change (or forgiveness) and what it set."""
@@ -689,6 +745,7 @@ async def serve_forever() -> int:
         refused=problems,
         history=history,
     )
+    daemon.notifier.png = daemon.last_hour_png
     daemon.salvage = salvage.summary() if salvage else last_salvage(state_db_file())
     actions = await daemon.start()
     policy = daemon.policy
@@ -719,10 +776,13 @@ async def serve_forever() -> int:
         stop.set()
 
     watcher = asyncio.create_task(watch_bus())
+    sender = asyncio.create_task(daemon.notifier.run(stop))
     try:
         await daemon.run(stop)
     finally:
         watcher.cancel()
+        await daemon.notifier.flush()  # mails being written reach the queue
+        sender.cancel()
         daemon.service.stop()
         bus.disconnect()
         store.close()

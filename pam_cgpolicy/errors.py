@@ -133,3 +133,11 @@ class Denied(Exception):
     Not a CgpolicyError: the service answers it with AccessDenied, never as the
     core's own failure.
     """
+
+
+class MailError(CgpolicyError):
+    """A mail could not be sent; ``permanent`` when the server refused it for good."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -61,6 +61,13 @@ MESSAGE_IDS = {
     "signal-failed": "80f5b12bc34148a7b067ee1f0d5a922a",
     # usage history
     "history-failed": "6b0f3d1c2e8a4c52a1f7d9e04b3c6a18",
+    # mail
+    "mail-queued": "1d2c8e6a7b3f4a0c9e5d2b8f6a4c1e37",
+    "mail-sent": "8a3e5c1f2d6b4e7a9c0f3b5d7e1a2c48",
+    "mail-failed": "4e7b2a9c6d1f4b3e8a5c0d2f7b9e6a15",
+    "mail-skipped": "c3f8a1d6e2b94c7a5f0e3d8b1a6c2f94",
+    "mail-plot-failed": "5b9d2e7f1a3c4e8b6d0f2a9c7e1b3d56",
+    "mail-queue-failed": "f2a6c9e3b8d14f7a0c5e2b9d6f3a8c71",
 }
 
 # Characters a bare value may hold; anything else is quoted and escaped.

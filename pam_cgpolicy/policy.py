@@ -47,6 +47,25 @@ class General:
 
 
 @dataclass(frozen=True)
+class Notify:
+    """[notify]: how mail about penalties reaches users and admins, over SMTP.
+
+    The password is not kept here: it is read from ``password_file`` when a mail
+    is sent, so that it never lands in the compiled copy of the policy.
+    """
+
+    host: str
+    port: int = 25
+    starttls: bool = False
+    user: str = ""  # SMTP login; empty: none
+    password_file: str = ""  # root-only file holding the SMTP password
+    sender: str = ""  # the From address ("from" in the file)
+    user_address: str = ""  # the user's address; {user} stands for the account's name
+    admins: tuple[str, ...] = ()  # in Bcc of every mail; alone for watched events
+    timeout: float = 30.0  # seconds for one SMTP conversation
+
+
+@dataclass(frozen=True)
 class StatusGroup:
     name: str
     description: str = ""
@@ -81,6 +100,7 @@ class Policy:
     penalty: PenaltyParams | None = None  # no [penalty] table: nobody is ever penalized
     whitelist_match: str = MATCH_EXECUTABLE  # [processes].match: what decides a whitelist entry
     history: HistoryParams = HistoryParams()
+    notify: Notify | None = None  # no [notify] table: no mail
 
     def watched(self, group: str) -> bool:
         """True if the group's penalties are watched only: judged and recorded, never applied.
@@ -125,6 +145,9 @@ class Policy:
             ),
             whitelist_match=data["whitelist_match"],
             history=HistoryParams(**data["history"]),
+            notify=None
+            if data.get("notify") is None
+            else Notify(**{**data["notify"], "admins": tuple(data["notify"]["admins"])}),
         )
 
     def compile(self) -> dict[str, Any]:
@@ -407,6 +430,89 @@ def _parse_history(main: _File, data: dict[str, Any]) -> HistoryParams:
     return HistoryParams(main.number(table, "retention", default, 3600, 86400 * 366, "history."))
 
 
+_ADDRESS_RE = re.compile(r"[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+NOTIFY_KEYS = {
+    "host",
+    "port",
+    "starttls",
+    "user",
+    "password_file",
+    "from",
+    "user_address",
+    "admins",
+    "timeout",
+}
+
+
+def is_address(text: str) -> bool:
+    """A plain mail address, local@domain, with nothing a header could be steered by."""
+    return bool(_ADDRESS_RE.fullmatch(text))
+
+
+def _why_readable(path: str) -> str | None:
+    """Why others than root could read a secret at ``path``; None when they cannot."""
+    mode = os.lstat(path).st_mode & 0o777
+    if mode & 0o077:
+        return f"mode {mode:04o} lets others read it: make it 0600 or 0400"
+    return None
+
+
+def _parse_notify(main: _File, data: dict[str, Any], trusted_uids: set[int]) -> Notify | None:
+    if "notify" not in data:
+        return None
+    table = main.get(data, "notify", dict, {})
+    main.check_keys(table, NOTIFY_KEYS, "notify.")
+    p = "notify."
+    host = main.get(table, "host", str, "", p)
+    if not host or any(c.isspace() for c in host):
+        main.report('must name the SMTP server, e.g. "localhost"', p + "host")
+    port = main.get(table, "port", int, 25, p)
+    if not 1 <= port <= 65535:
+        main.report(f"must be from 1 to 65535, not {port!r}", p + "port")
+    user = main.get(table, "user", str, "", p)
+    password_file = main.get(table, "password_file", str, "", p)
+    if password_file:
+        if not os.path.isabs(password_file):
+            main.report(f"{password_file!r} must be an absolute path", p + "password_file")
+        else:
+            reason = why_unsafe(password_file, trusted_uids) or _why_readable(password_file)
+            if reason is not None:
+                main.report(f"{password_file}: {reason}", p + "password_file")
+    if bool(user) != bool(password_file):
+        main.report("user and password_file go together: give both or neither", p + "user")
+    sender = main.get(table, "from", str, "", p)
+    if not is_address(sender):
+        main.report(
+            f'must be a mail address like "cgpolicy@example.org", not {sender!r}', p + "from"
+        )
+    template = main.get(table, "user_address", str, "", p)
+    try:
+        example = template.format(user="bob")
+    except (KeyError, IndexError, ValueError):
+        example = ""
+    if "{user}" not in template or not is_address(example):
+        main.report(
+            f'must make an address of {{user}}, e.g. "{{user}}@example.org", not {template!r}',
+            p + "user_address",
+        )
+    admins = main.string_list(table, "admins", p)
+    for admin in admins:
+        if not is_address(admin):
+            main.report(f"{admin!r} is not a mail address", p + "admins")
+    timeout = main.number(table, "timeout", 30, 1, 600, p)
+    return Notify(
+        host,
+        port,
+        starttls=main.get(table, "starttls", bool, False, p),
+        user=user,
+        password_file=password_file,
+        sender=sender,
+        user_address=template,
+        admins=admins,
+        timeout=timeout,
+    )
+
+
 def _parse_uids(gfile: _File, data: dict[str, Any]) -> tuple[tuple[int, int], ...]:
     ranges: list[tuple[int, int]] = []
     for item in gfile.get(data, "uids", list, []):
@@ -515,7 +621,9 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
             _check_ownership(path, trusted_uids, problems)
     main = _File(main_path, problems)
     data = main.data or {}
-    main.check_keys(data, {"general", "status", "badness", "processes", "penalty", "history"})
+    main.check_keys(
+        data, {"general", "status", "badness", "processes", "penalty", "history", "notify"}
+    )
     general = _parse_general(main, data)
     status = main.get(data, "status", dict, {})
     main.check_keys(status, {"order", "fallback"}, "status.")
@@ -544,10 +652,12 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
         )
     penalty = _parse_penalty(main, data)
     history = _parse_history(main, data)
+    notify = _parse_notify(main, data, trusted_uids)
     if problems:
         raise PolicyError(problems)
     return Policy(
-        general, tuple(order), fallback, groups, badness, whitelist, penalty, match, history
+        general, tuple(order), fallback, groups, badness, whitelist, penalty, match, history,
+        notify
     )
 
 

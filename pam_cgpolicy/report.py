@@ -15,6 +15,7 @@ from typing import Any
 
 from .accounts import Account
 from .classify import decide
+from .constants import state_db_file, usage_db_file
 from .policy import Policy
 from .slicelimits import group_quotas
 from .state import StateStore
@@ -109,6 +110,21 @@ def build_report(
         penalties=tuple(penalty_spans(store, account.uid, since, until)),
         processes=tuple(p for p in processes if p[0] <= until),
     )
+
+
+def report_from_files(
+    account: Account, policy: Policy, memory_total: int, since: float, until: float
+) -> UsageReport:
+    """build_report on the node's usage history and state, each opened read-only here
+    (so a worker thread may call it) and closed after; a missing file reads as empty."""
+    history = UsageHistory.open_readonly(usage_db_file())
+    store = StateStore.open_readonly(state_db_file())
+    try:
+        return build_report(account, policy, memory_total, history, store, since, until)
+    finally:
+        for source in (history, store):
+            if source is not None:
+                source.close()
 
 
 def to_json(report: UsageReport) -> dict[str, Any]:

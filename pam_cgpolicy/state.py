@@ -19,9 +19,9 @@ from .badness import Change, UserScore
 from .errors import StateError
 from .sqlitefile import SQLiteFile, readonly_uri
 
-SCHEMA_VERSION = 2  # 2: events.watched
+SCHEMA_VERSION = 3  # 2: events.watched; 3: the mail queue
 
-_SCHEMA = (
+_SCHEMA: tuple[str, ...] = (
     """CREATE TABLE users (
         uid INTEGER PRIMARY KEY,
         user TEXT NOT NULL,
@@ -50,8 +50,26 @@ _SCHEMA = (
     )""",
     "CREATE INDEX events_by_uid ON events (uid, id)",
 )
-# From each older version to the next; a database is upgraded when cgpolicyd opens it.
-_UPGRADES = {1: ("ALTER TABLE events ADD COLUMN watched INTEGER NOT NULL DEFAULT 0",)}
+_MAIL_TABLE = (
+    # Mail waiting to be sent: a row leaves only when the server took it.
+    """CREATE TABLE mail (
+        id INTEGER PRIMARY KEY,
+        queued REAL NOT NULL,
+        uid INTEGER NOT NULL,
+        message BLOB NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        next_try REAL NOT NULL,
+        last_error TEXT
+    )""",
+    "CREATE INDEX mail_by_next_try ON mail (next_try, id)",
+)
+_SCHEMA += _MAIL_TABLE
+# What brings a file of version N to N + 1 (opened for writing; a new file gets _SCHEMA).
+_UPGRADES: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE events ADD COLUMN watched INTEGER NOT NULL DEFAULT 0",),
+    2: _MAIL_TABLE,
+}
+
 
 _USER_COLUMNS = (
     "uid, user, tier, tier_expiry, occurrences, cpu_badness, memory_badness, zero_since, updated"
@@ -62,7 +80,8 @@ _EVENT_COLUMNS = (
 )
 # What a column added by a later version reads as in an older file.
 _ADDED_COLUMNS = {"watched": "0"}
-_TABLES = {"users": _USER_COLUMNS, "events": _EVENT_COLUMNS}
+_MAIL_COLUMNS = "id, queued, uid, message, attempts, next_try, last_error"
+_TABLES = {"users": _USER_COLUMNS, "events": _EVENT_COLUMNS, "mail": _MAIL_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,19 @@ def _readable(conn: sqlite3.Connection, table: str, columns: str) -> str:
         else f"{_ADDED_COLUMNS[name]} AS {name}"
         for name in (c.strip() for c in columns.split(","))
     )
+
+
+@dataclass(frozen=True)
+class QueuedMail:
+    """One mail in the queue: the whole message as bytes, and how its sending went."""
+
+    id: int
+    queued: float
+    uid: int
+    message: bytes
+    attempts: int
+    next_try: float
+    last_error: str | None
 
 
 def _score(row: sqlite3.Row) -> UserScore:
@@ -366,3 +398,49 @@ class StateStore(SQLiteFile):
                 int(change.watched),
             ),
         )
+
+    # --- the mail queue ---
+
+    def enqueue_mail(self, uid: int, message: bytes, now: float) -> int:
+        """Keep ``message`` until it is sent; due at once. Returns its id."""
+        with self._errors(f"cannot queue mail for uid {uid}"), self._transaction():
+            cursor = self._conn.execute(
+                "INSERT INTO mail (queued, uid, message, next_try) VALUES (?, ?, ?, ?)",
+                (now, uid, message, now),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def due_mail(self, now: float, limit: int = 20) -> list[QueuedMail]:
+        """Mail whose next try is due at ``now``, oldest first."""
+        with self._errors("cannot read the mail queue"):
+            rows = self._conn.execute(
+                f"SELECT {_MAIL_COLUMNS} FROM mail WHERE next_try <= ? ORDER BY next_try, id "
+                "LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [QueuedMail(*row) for row in rows]
+
+    def queued_mail(self) -> list[QueuedMail]:
+        """Every mail still waiting, oldest first."""
+        with self._errors("cannot read the mail queue"):
+            rows = self._conn.execute(f"SELECT {_MAIL_COLUMNS} FROM mail ORDER BY id").fetchall()
+        return [QueuedMail(*row) for row in rows]
+
+    def next_mail_try(self) -> float | None:
+        """When the soonest queued mail is due; None with an empty queue."""
+        with self._errors("cannot read the mail queue"):
+            (when,) = self._conn.execute("SELECT min(next_try) FROM mail").fetchone()
+        return None if when is None else float(when)
+
+    def mail_sent(self, mail_id: int) -> None:
+        with self._errors(f"cannot remove sent mail {mail_id}"), self._transaction():
+            self._conn.execute("DELETE FROM mail WHERE id = ?", (mail_id,))
+
+    def mail_failed(self, mail_id: int, next_try: float, error: str) -> None:
+        """One more failed attempt, and when to try again."""
+        with self._errors(f"cannot reschedule mail {mail_id}"), self._transaction():
+            self._conn.execute(
+                "UPDATE mail SET attempts = attempts + 1, next_try = ?, last_error = ? "
+                "WHERE id = ?",
+                (next_try, error, mail_id),
+            )

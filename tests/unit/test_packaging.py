@@ -48,7 +48,9 @@ def test_the_hardening_leaves_what_the_daemon_needs() -> None:
     for setting in ("ProtectControlGroups", "ProtectKernelTunables", "CapabilityBoundingSet"):
         assert setting not in service
     assert service["ProtectSystem"] == "strict"
-    assert "AF_UNIX" in service["RestrictAddressFamilies"].split()
+    families = service["RestrictAddressFamilies"].split()
+    assert "AF_UNIX" in families  # the system bus and syslog
+    assert {"AF_INET", "AF_INET6"} <= set(families)  # [notify]'s SMTP server
 
 
 def test_install_sh_installs_every_file_of_the_daemon() -> None:
