@@ -41,6 +41,17 @@ class General:
     admin_group: str = ""  # its members may call every method of the daemon's D-Bus API
 
 
+# Debian's prometheus-node-exporter reads *.prom files here (its textfile collector).
+DEFAULT_TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: where cgpolicyd writes its series each cycle; "" writes none."""
+
+    textfile_dir: str = DEFAULT_TEXTFILE_DIR
+
+
 @dataclass(frozen=True)
 class StatusGroup:
     name: str
@@ -67,6 +78,7 @@ class Policy:
     whitelist: tuple[str, ...] = ()  # for every group: [processes].whitelist
     penalty: PenaltyParams | None = None  # no [penalty] table: nobody is ever penalized
     whitelist_match: str = MATCH_EXECUTABLE  # [processes].match: what decides a whitelist entry
+    metrics: MetricsSettings = MetricsSettings()
 
     def managed_keys(self) -> set[str]:
         """The limits some group sets: the ones cgpolicy owns on every user slice.
@@ -98,6 +110,8 @@ class Policy:
                 tuple(Tier(**tier) for tier in penalty["tiers"]), penalty["occurrence_timeout"]
             ),
             whitelist_match=data["whitelist_match"],
+            # absent from a copy saved before [metrics] existed
+            metrics=MetricsSettings(**data.get("metrics", {})),
         )
 
     def compile(self) -> dict[str, Any]:
@@ -314,6 +328,23 @@ def _parse_whitelist(file: _File, table: dict[str, Any], prefix: str = "") -> tu
     return entries
 
 
+def _parse_metrics(main: _File, data: dict[str, Any]) -> MetricsSettings:
+    table = main.get(data, "metrics", dict, {})
+    main.check_keys(table, {f.name for f in fields(MetricsSettings)}, "metrics.")
+    default = MetricsSettings().textfile_dir
+    directory = main.get(table, "textfile_dir", str, default, "metrics.")
+    # Root writes there: a plain absolute path, no "..", as the kernel would resolve it.
+    plain = directory.startswith("/") and os.path.normpath(directory) == directory != "/"
+    if directory and (not plain or directory.startswith("//") or "\0" in directory):
+        main.report(
+            f"{directory[:200]!r} is not a directory's absolute path, e.g. {default!r} "
+            '(or "" to write no metrics file)',
+            "metrics.textfile_dir",
+        )
+        directory = default
+    return MetricsSettings(directory)
+
+
 def _parse_penalty(main: _File, data: dict[str, Any]) -> PenaltyParams | None:
     if "penalty" not in data:
         return None
@@ -448,7 +479,7 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
             _check_ownership(path, trusted_uids, problems)
     main = _File(main_path, problems)
     data = main.data or {}
-    main.check_keys(data, {"general", "status", "badness", "processes", "penalty"})
+    main.check_keys(data, {"general", "status", "badness", "processes", "penalty", "metrics"})
     general = _parse_general(main, data)
     status = main.get(data, "status", dict, {})
     main.check_keys(status, {"order", "fallback"}, "status.")
@@ -476,9 +507,12 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
             f"must be one of {', '.join(map(repr, MATCH_MODES))}, not {match!r}", "processes.match"
         )
     penalty = _parse_penalty(main, data)
+    metrics = _parse_metrics(main, data)
     if problems:
         raise PolicyError(problems)
-    return Policy(general, tuple(order), fallback, groups, badness, whitelist, penalty, match)
+    return Policy(
+        general, tuple(order), fallback, groups, badness, whitelist, penalty, match, metrics
+    )
 
 
 def _check_order(
