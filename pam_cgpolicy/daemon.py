@@ -32,7 +32,7 @@ from typing import Any
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
-from . import control, log
+from . import control, log, metrics
 from .accounts import Account, Accounts, is_admin
 from .badness import UserScore
 from .classify import decide
@@ -54,7 +54,7 @@ from .setprops import set_slice_properties
 from .slicelimits import SliceLimits, physical_memory
 from .state import StateStore
 from .systemd import Systemd
-from .usage import UsageSampler
+from .usage import Sample, UsageSampler
 
 BUS_TIMEOUT = 10.0
 # systemd calls in flight at once for ListUsers: quick, without crowding the bus.
@@ -137,6 +137,10 @@ class Daemon:
         self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
         self.stepped: set[int] = set()  # users whose MemoryMax was above target this cycle
         self.clock_watch = ClockWatch()  # notices a step of the wall clock
+        self.samples: dict[int, Sample] = {}  # the last cycle's, for its metrics
+        self.reloads = self.reload_errors = self.cycle_failures = 0  # since start
+        self.exposition: bytes | None = None  # the last cycle's metrics
+        self.textfile = metrics.TextfileWriter()
 
     @property
     def policy(self) -> Policy:
@@ -271,6 +275,7 @@ class Daemon:
 
     async def cycle(self) -> None:
         self.cached.clear()  # group membership is at most one interval old
+        self.samples = {}
         # One reading judges the whole cycle: a step landing after it is seen whole
         # by the next cycle's follow_clock, before anything expires by it.
         now = self.clock()
@@ -293,7 +298,7 @@ class Daemon:
             with contextlib.suppress(CgpolicyError):
                 whitelists[uid] = self.engine.whitelist(self._account(uid))
         self.sampler.match = self.policy.whitelist_match
-        samples = self.sampler.sample(uids, whitelists, self.ticks())
+        samples = self.samples = self.sampler.sample(uids, whitelists, self.ticks())
         self.stepped = set(self.engine.memory_stepping())
         memory = {}
         for uid in self.stepped:
@@ -324,16 +329,44 @@ class Daemon:
             try:
                 await self.cycle()
             except CgpolicyError as err:
+                self.cycle_failures += 1
                 log.error(log.fields(event="cycle-failed", error=err))
             except Exception as err:  # one bad cycle must not end the daemon
+                self.cycle_failures += 1
                 log.error(
                     log.fields(event="cycle-failed", error=f"internal: {type(err).__name__}: {err}")
                 )
+            await self.publish_metrics(self.ticks() - started)
             wait = self.policy.general.interval - (self.ticks() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(wait, 0.1))
 
+    async def publish_metrics(self, cycle_seconds: float) -> None:
+        """The cycle's series, kept for Metrics and written for the node exporter.
+
+        Never fails the cycle: a bug here is logged, a failed write logged once a kind.
+        """
+        try:
+            tiers = self.policy.penalty.order if self.policy.penalty else ()
+            users = metrics.user_series(
+                self.samples, self.store.all(), self._account, self.engine.compiled, tiers
+            )
+            node = metrics.NodeSeries(
+                tiers, cycle_seconds, self.reloads, self.reload_errors, self.cycle_failures
+            )
+            self.exposition = metrics.build(users, node)
+            directory = self.policy.metrics.textfile_dir
+            await asyncio.to_thread(self.textfile.write, directory, self.exposition)
+        except Exception as err:
+            log.error(log.fields(event="metrics-failed", error=f"{type(err).__name__}: {err}"))
+
     # --- ManagerCore: what the D-Bus API calls ---
+
+    async def metrics(self) -> str:
+        """The series of the last cycle, as written to the textfile collector's directory."""
+        if self.exposition is None:
+            raise CgpolicyError("cgpolicyd has not finished its first cycle yet; ask again")
+        return self.exposition.decode()
 
     async def get_user(self, name: str) -> dict[str, Any]:
         account = self.accounts.by_name(name)
@@ -470,6 +503,7 @@ class Daemon:
         except Exception as err:
             problems = refusal(err, self.config_dir)
             if actor != RETRY or problems != self.refused:  # not the same at every cycle
+                self.reload_errors += 1
                 log.error(
                     log.fields(
                         event="reload-refused",
@@ -482,6 +516,7 @@ class Daemon:
             return problems
         self.refused = []
         self.has_policy = True
+        self.reloads += 1
         self.cached.clear()
         self.known = set()  # every slice gets the new policy's limits at the next cycle
         self.save_last_good()

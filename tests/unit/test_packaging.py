@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pam_cgpolicy.constants import CGPOLICY_BUS_NAME
+from pam_cgpolicy.policy import DEFAULT_TEXTFILE_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "packaging" / "systemd" / "cgpolicyd.service"
@@ -49,6 +50,10 @@ def test_the_hardening_leaves_what_the_daemon_needs() -> None:
         assert setting not in service
     assert service["ProtectSystem"] == "strict"
     assert "AF_UNIX" in service["RestrictAddressFamilies"].split()
+
+
+def test_the_default_metrics_directory_is_writable_under_the_hardening() -> None:
+    assert unit()["Service"]["ReadWritePaths"] == f"-{DEFAULT_TEXTFILE_DIR}"
 
 
 def test_install_sh_installs_every_file_of_the_daemon() -> None:
