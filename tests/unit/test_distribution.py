@@ -17,7 +17,7 @@ from pam_cgpolicy import cli
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTED = [
     "check", "classify", "apply", "freeze", "thaw", "status", "penalize",
-    "release", "reload", "history", "doctor", "selftest",
+    "release", "reload", "history", "metrics", "doctor", "selftest",
 ]  # fmt: skip
 
 
