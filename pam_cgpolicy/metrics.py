@@ -17,6 +17,7 @@ Daemon only: the hook never imports this module (nor the client library).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -208,17 +209,24 @@ class TextfileWriter:
 
     A failure never fails a cycle: it is logged once per kind (the directory
     missing, refused, read-only...), and once more when writing works again.
+    When the policy moves the directory, or writes none, the file it wrote
+    before is removed: the exporter would serve its last values for ever.
     """
 
     def __init__(self, write: Callable[[str, bytes], None] = write_public_file) -> None:
         self.write_file = write
         self.failing: set[str] = set()  # the kinds of failure logged since the last success
+        self.written: str | None = None  # the file this writer last wrote
 
     def write(self, directory: str, data: bytes) -> bool:
         """True when written; False when ``directory`` is "" or the write failed."""
-        if not directory:
+        path = os.path.join(directory, TEXTFILE) if directory else None
+        if self.written is not None and self.written != path:
+            with contextlib.suppress(OSError):  # unlink never follows a link
+                os.unlink(self.written)
+            self.written = None
+        if path is None:
             return False
-        path = os.path.join(directory, TEXTFILE)
         try:
             self.write_file(path, data)
         except OSError as err:
@@ -234,6 +242,7 @@ class TextfileWriter:
                     )
                 )
             return False
+        self.written = path
         if self.failing:
             self.failing.clear()
             log.info(log.fields(event="metrics-written", file=path))

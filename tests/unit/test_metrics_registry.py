@@ -200,3 +200,18 @@ def test_a_symbolic_link_is_never_written_through(tmp_path: Path, monkeypatch) -
     assert metrics.TextfileWriter().write(str(target), b"x 1\n")
     assert not (tmp_path / "victim").exists()  # the link was replaced, not followed
     assert (target / metrics.TEXTFILE).read_bytes() == b"x 1\n"
+
+
+def test_a_file_left_behind_by_a_moved_or_dropped_directory_is_removed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    Log(monkeypatch)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(mode=0o755)
+    new.mkdir(mode=0o755)
+    writer = metrics.TextfileWriter()
+    assert writer.write(str(old), b"x 1\n")
+    assert writer.write(str(new), b"x 2\n")
+    assert os.listdir(old) == [] and (new / metrics.TEXTFILE).read_bytes() == b"x 2\n"
+    assert not writer.write("", b"x 3\n")
+    assert os.listdir(new) == []
