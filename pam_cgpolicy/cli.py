@@ -2,8 +2,8 @@
 
 When cgpolicyd runs, freeze, thaw and status go through it (so it records and
 announces what changed, and status shows its tiers and badness); when it does
-not, they go straight to systemd as before. penalize, release and reload need
-cgpolicyd; history reads its state database, read-only. classify, status and
+not, they go straight to systemd as before. penalize, release, reload and metrics
+need cgpolicyd; history reads its state database, read-only. classify, status and
 history show another user only to root and the policy's admin group.
 notify-test (root) sends its sample mail itself, to see the server's answer.
 
@@ -454,6 +454,10 @@ def cmd_reload(args: argparse.Namespace) -> None:
     print("policy reloaded")
 
 
+def cmd_metrics(args: argparse.Namespace) -> None:
+    print(_with_daemon(lambda daemon: daemon.metrics()), end="")
+
+
 def _local_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
 
@@ -843,6 +847,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.add_argument(
         "--plot", metavar="FILE", help="also draw it into FILE as a PNG image (needs matplotlib)"
+    )
+    add(
+        "metrics",
+        cmd_metrics,
+        "the Prometheus series of cgpolicyd's last cycle, as it writes them "
+        "for the node exporter (cgpolicyd)",
     )
     add("doctor", cmd_doctor, "check that this node is set up for cgpolicy")
     add(

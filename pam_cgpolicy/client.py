@@ -106,3 +106,8 @@ class Daemon:
         """cgpolicyd's own state: the policy in force, its problems, sends pending."""
         (info,) = await self.call("Status")
         return _plain(info)
+
+    async def metrics(self) -> str:
+        """The series of cgpolicyd's last cycle, in the Prometheus text format."""
+        (text,) = await self.call("Metrics")
+        return str(text)

@@ -129,19 +129,21 @@ def read_state_file(path: str) -> bytes | None:
         return source.read()
 
 
-def _write_atomically(path: str, payload: bytes) -> None:
-    """A reader sees the old file or the new one, never half; 0600, in a checked directory.
+def _write_atomically(path: str, payload: bytes, mode: int = 0o600, create: bool = True) -> None:
+    """A reader sees the old file or the new one, never half; ``mode`` whatever the umask,
+    in a checked directory (made 0700 if ``create`` and missing).
 
     The new file is created under a fresh name with O_EXCL|O_NOFOLLOW and
     renamed over the old one, so no planted link or file is ever written through.
     """
     directory, name = os.path.split(path)
-    dir_fd = _open_state_dir(directory or ".", create=True)
+    dir_fd = _open_state_dir(directory or ".", create=create)
     try:
         tmp = f".{name}.{os.urandom(8).hex()}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
         try:
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as out:
                 out.write(payload)
             os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -150,6 +152,12 @@ def _write_atomically(path: str, payload: bytes) -> None:
             raise
     finally:
         os.close(dir_fd)
+
+
+def write_public_file(path: str, payload: bytes) -> None:
+    """A file anyone may read (0644), replaced atomically in an existing directory that
+    only root can change (Untrusted otherwise; FileNotFoundError if it is missing)."""
+    _write_atomically(path, payload, mode=0o644, create=False)
 
 
 def _unmarshal(payload: bytes | None, key: str) -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
-from . import control, log
+from . import control, log, metrics
 from .accounts import Account, Accounts, is_admin
 from .badness import UserScore
 from .classify import decide
@@ -152,6 +152,10 @@ class Daemon:
         self.notifier = Notifier(
             store, lambda: self.policy.notify, png=plot, send=mailer, clock=clock
         )
+        self.samples: dict[int, Sample] = {}  # the last cycle's, for its metrics
+        self.reloads = self.reload_errors = self.cycle_failures = 0  # since start
+        self.exposition: bytes | None = None  # the last cycle's metrics
+        self.textfile = metrics.TextfileWriter()
 
     @property
     def policy(self) -> Policy:
@@ -378,6 +382,7 @@ class Daemon:
 
     async def cycle(self) -> None:
         self.cached.clear()  # group membership is at most one interval old
+        self.samples = {}
         # One reading judges the whole cycle: a step landing after it is seen whole
         # by the next cycle's follow_clock, before anything expires by it.
         now = self.clock()
@@ -401,7 +406,7 @@ class Daemon:
             with contextlib.suppress(CgpolicyError):
                 whitelists[uid] = self.engine.whitelist(self._account(uid))
         self.sampler.match = self.policy.whitelist_match
-        samples = self.sampler.sample(uids, whitelists, self.ticks())
+        samples = self.samples = self.sampler.sample(uids, whitelists, self.ticks())
         self.stepped = set(self.engine.memory_stepping())
         memory = {}
         for uid in self.stepped:
@@ -473,15 +478,44 @@ class Daemon:
             try:
                 await self.cycle()
             except CgpolicyError as err:
+                self.cycle_failures += 1
                 log.error("cycle-failed", log.fields(event="cycle-failed", error=err))
             except Exception as err:  # one bad cycle must not end the daemon
+                self.cycle_failures += 1
                 text = f"internal: {type(err).__name__}: {err}"
                 log.error("cycle-failed", log.fields(event="cycle-failed", error=text))
+            await self.publish_metrics(self.ticks() - started)
             wait = self.policy.general.interval - (self.ticks() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(wait, 0.1))
 
+    async def publish_metrics(self, cycle_seconds: float) -> None:
+        """The cycle's series, kept for Metrics and written for the node exporter.
+
+        Never fails the cycle: a bug here is logged, a failed write logged once a kind.
+        """
+        try:
+            tiers = self.policy.penalty.order if self.policy.penalty else ()
+            users = metrics.user_series(
+                self.samples, self.store.all(), self._account, self.engine.compiled, tiers
+            )
+            node = metrics.NodeSeries(
+                tiers, cycle_seconds, self.reloads, self.reload_errors, self.cycle_failures
+            )
+            self.exposition = metrics.build(users, node)
+            directory = self.policy.metrics.textfile_dir
+            await asyncio.to_thread(self.textfile.write, directory, self.exposition)
+        except Exception as err:
+            text = f"{type(err).__name__}: {err}"
+            log.error("metrics-failed", log.fields(event="metrics-failed", error=text))
+
     # --- ManagerCore: what the D-Bus API calls ---
+
+    async def metrics(self) -> str:
+        """The series of the last cycle, as written to the textfile collector's directory."""
+        if self.exposition is None:
+            raise CgpolicyError("cgpolicyd has not finished its first cycle yet; ask again")
+        return self.exposition.decode()
 
     async def get_user(self, name: str) -> dict[str, Any]:
         account = self.accounts.by_name(name)
@@ -635,6 +669,7 @@ class Daemon:
         except Exception as err:
             problems = refusal(err, self.config_dir)
             if actor != RETRY or problems != self.refused:  # not the same at every cycle
+                self.reload_errors += 1
                 log.error(
                     "reload-refused",
                     log.fields(
@@ -648,6 +683,7 @@ class Daemon:
             return problems
         self.refused = []
         self.has_policy = True
+        self.reloads += 1
         self.cached.clear()
         self.known = set()  # every slice gets the new policy's limits at the next cycle
         self.save_last_good()

@@ -114,6 +114,10 @@ class ManagerCore(Protocol):
         """Status's keys (see the contract): the policy in force, problems, pending sends."""
         ...
 
+    async def metrics(self) -> str:
+        """The last cycle's series in the Prometheus text format."""
+        ...
+
     async def is_admin(self, uid: int) -> bool:
         """Whether ``uid`` is in the policy's admin group now. Never asked about root."""
         ...
@@ -477,6 +481,10 @@ class ManagerService:
     async def _status(self, caller: Caller) -> list[Any]:
         await self._require_admin(caller, "Status")  # it names the users pending
         return [to_vardict(await self._core.status())]
+
+    async def _metrics(self, caller: Caller) -> list[Any]:
+        await self._require_admin(caller, "Metrics")  # every user's usage and tier
+        return [await self._core.metrics()]
 
 
 async def serve(

@@ -68,6 +68,10 @@ MESSAGE_IDS = {
     "mail-skipped": "c3f8a1d6e2b94c7a5f0e3d8b1a6c2f94",
     "mail-plot-failed": "5b9d2e7f1a3c4e8b6d0f2a9c7e1b3d56",
     "mail-queue-failed": "f2a6c9e3b8d14f7a0c5e2b9d6f3a8c71",
+    # metrics
+    "metrics-not-written": "9c4e1a7f3b2d4c8e6a0f5d9b2e7c1a63",
+    "metrics-written": "2f7d9b3e6c1a4f5b8d0e2a7c9f3b6e14",
+    "metrics-failed": "b6e3f9a2c7d14e8b5a0c3f6d9e2b7a41",
 }
 
 # Characters a bare value may hold; anything else is quoted and escaped.

@@ -46,6 +46,17 @@ class General:
     admin_group: str = ""  # its members may call every method of the daemon's D-Bus API
 
 
+# Debian's prometheus-node-exporter reads *.prom files here (its textfile collector).
+DEFAULT_TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: where cgpolicyd writes its series each cycle; "" writes none."""
+
+    textfile_dir: str = DEFAULT_TEXTFILE_DIR
+
+
 @dataclass(frozen=True)
 class Notify:
     """[notify]: how mail about penalties reaches users and admins, over SMTP.
@@ -101,6 +112,7 @@ class Policy:
     whitelist_match: str = MATCH_EXECUTABLE  # [processes].match: what decides a whitelist entry
     history: HistoryParams = HistoryParams()
     notify: Notify | None = None  # no [notify] table: no mail
+    metrics: MetricsSettings = MetricsSettings()
 
     def watched(self, group: str) -> bool:
         """True if the group's penalties are watched only: judged and recorded, never applied.
@@ -148,6 +160,8 @@ class Policy:
             notify=None
             if data.get("notify") is None
             else Notify(**{**data["notify"], "admins": tuple(data["notify"]["admins"])}),
+            # absent from a copy saved before [metrics] existed
+            metrics=MetricsSettings(**data.get("metrics", {})),
         )
 
     def compile(self) -> dict[str, Any]:
@@ -368,6 +382,23 @@ def _parse_whitelist(file: _File, table: dict[str, Any], prefix: str = "") -> tu
             )
             return ()
     return entries
+
+
+def _parse_metrics(main: _File, data: dict[str, Any]) -> MetricsSettings:
+    table = main.get(data, "metrics", dict, {})
+    main.check_keys(table, {f.name for f in fields(MetricsSettings)}, "metrics.")
+    default = MetricsSettings().textfile_dir
+    directory = main.get(table, "textfile_dir", str, default, "metrics.")
+    # Root writes there: a plain absolute path, no "..", as the kernel would resolve it.
+    plain = directory.startswith("/") and os.path.normpath(directory) == directory != "/"
+    if directory and (not plain or directory.startswith("//") or "\0" in directory):
+        main.report(
+            f"{directory[:200]!r} is not a directory's absolute path, e.g. {default!r} "
+            '(or "" to write no metrics file)',
+            "metrics.textfile_dir",
+        )
+        directory = default
+    return MetricsSettings(directory)
 
 
 def _parse_penalty(main: _File, data: dict[str, Any]) -> PenaltyParams | None:
@@ -622,7 +653,8 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
     main = _File(main_path, problems)
     data = main.data or {}
     main.check_keys(
-        data, {"general", "status", "badness", "processes", "penalty", "history", "notify"}
+        data,
+        {"general", "status", "badness", "processes", "penalty", "history", "notify", "metrics"},
     )
     general = _parse_general(main, data)
     status = main.get(data, "status", dict, {})
@@ -653,11 +685,12 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
     penalty = _parse_penalty(main, data)
     history = _parse_history(main, data)
     notify = _parse_notify(main, data, trusted_uids)
+    metrics = _parse_metrics(main, data)
     if problems:
         raise PolicyError(problems)
     return Policy(
         general, tuple(order), fallback, groups, badness, whitelist, penalty, match, history,
-        notify
+        notify, metrics
     )
 
 

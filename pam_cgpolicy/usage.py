@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cgroups import CGROUP_ROOT, cgroup_mode
+from .freezer import V1Freezer
 from .trust import why_unsafe
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -76,6 +77,7 @@ class Sample:
     memory_bytes: int | None  # anonymous plus mapped-file memory of the slice
     whitelisted_cores: float | None  # None when there was no interval to average over
     interval: float | None  # seconds since this uid's previous sample
+    frozen: bool = False  # the slice is frozen (or freezing), by cgroup v2 or the v1 freezer
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +237,7 @@ class UsageSampler:
         else:
             raise ValueError(f"unknown cgroup mode {self.mode!r}")
         self._proc = str(proc)
+        self._root = str(root)
         self._users: dict[int, _UserState] = {}
         # /proc entry name (the pid) -> (its inode, uid of its slice, the scan before
         # which its name need not be read again). The inode tells a reused pid
@@ -299,6 +302,7 @@ class UsageSampler:
                 rules[names] = _Rule.of(names)
             wanted[uid] = rules[names]
         found = self._scan_proc(wanted) if wanted else {}
+        frozen = self._frozen(readings)
 
         users: dict[int, _UserState] = {}
         samples: dict[int, Sample] = {}
@@ -309,9 +313,21 @@ class UsageSampler:
                 white_ticks, state.pids = _whitelisted_ticks(found.get(uid, []), prev)
                 state.pids_uptime = uptime
             users[uid] = state
-            samples[uid] = _sample(uid, state, prev, memory, white_ticks)
+            samples[uid] = _sample(uid, state, prev, memory, white_ticks, uid in frozen)
         self._users = users
         return samples
+
+    def _frozen(self, readings: list[tuple[int, _UserState, int | None]]) -> set[int]:
+        """The uids whose slice is frozen: on v2 as the kernel says in each slice's
+        cgroup.events; on v1 the few groups the v1 freezer holds, in one listing."""
+        if self.mode != "unified":
+            return set(V1Freezer(self._root).frozen_uids())
+        frozen = set()
+        for uid, _state, _memory in readings:
+            events = _read(f"{self._tasks_dir}/user-{uid}.slice/cgroup.events")
+            if events is not None and _stat_value(events, b"frozen") == 1:
+                frozen.add(uid)
+        return frozen
 
     def _scan_proc(self, wanted: Mapping[int, _Rule]) -> dict[int, list[tuple[int, ProcStat]]]:
         """The whitelisted processes of the ``wanted`` uids, in one pass over /proc.
@@ -500,10 +516,15 @@ def _whitelisted_ticks(
 
 
 def _sample(
-    uid: int, state: _UserState, prev: _UserState | None, memory: int | None, white_ticks: int
+    uid: int,
+    state: _UserState,
+    prev: _UserState | None,
+    memory: int | None,
+    white_ticks: int,
+    frozen: bool,
 ) -> Sample:
     if prev is None or state.time <= prev.time:
-        return Sample(uid, None, state.cpu_usec, memory, None, None)
+        return Sample(uid, None, state.cpu_usec, memory, None, None, frozen)
     interval = state.time - prev.time
     white_cores = white_ticks / CLK_TCK / interval
     cores = None
@@ -511,4 +532,4 @@ def _sample(
     if state.cpu_usec is not None and prev.cpu_usec is not None and state.cpu_usec >= prev.cpu_usec:
         slice_cores = (state.cpu_usec - prev.cpu_usec) / 1e6 / interval
         cores = max(0.0, slice_cores - white_cores)
-    return Sample(uid, cores, state.cpu_usec, memory, white_cores, interval)
+    return Sample(uid, cores, state.cpu_usec, memory, white_cores, interval, frozen)

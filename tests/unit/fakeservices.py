@@ -33,6 +33,12 @@ USERS: dict[str, dict[str, Any]] = {
 }
 
 
+METRICS = (
+    "# HELP cgpolicy_user_tier tier\n# TYPE cgpolicy_user_tier gauge\n"
+    'cgpolicy_user_tier{group="students",tier="penalty1",uid="2002",user="bob"} 1.0\n'
+)
+
+
 class FakeCore:
     """cgpolicyd's core as dbusapi sees it: records each call; hangs when told."""
 
@@ -87,6 +93,10 @@ class FakeCore:
     async def status(self) -> dict[str, Any]:
         await self._do("status")
         return self.status_info
+
+    async def metrics(self) -> str:
+        await self._do("metrics")
+        return METRICS
 
     async def is_admin(self, uid: int) -> bool:
         return True  # whoever runs the tests; access itself is test_dbusapi's

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from fakeservices import FakeCore, cgpolicyd, denying_cgpolicyd, fake_systemd
+from fakeservices import METRICS, FakeCore, cgpolicyd, denying_cgpolicyd, fake_systemd
 from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
 from privatebus import private_bus
 
@@ -116,7 +116,16 @@ def test_access_denied_is_said_plainly(env: dict[str, str]) -> None:
     assert done.stderr.startswith("error: access denied: Release is for admins")
 
 
-@pytest.mark.parametrize("args", [["penalize", "nobody", "penalty1"], ["release", "x"], ["reload"]])
+def test_metrics_prints_cgpolicyds_exposition_as_it_is(env: dict[str, str]) -> None:
+    core = FakeCore()
+    done = run(with_daemon(env, core, "metrics"))
+    assert (done.returncode, done.stdout, done.stderr) == (0, METRICS, "")
+    assert core.calls == [("metrics",)]
+
+
+@pytest.mark.parametrize(
+    "args", [["penalize", "nobody", "penalty1"], ["release", "x"], ["reload"], ["metrics"]]
+)
 def test_without_cgpolicyd_they_say_it_is_not_running(env: dict[str, str], args: list[str]) -> None:
     done = run(cgpolicyctl(env, *args))
     assert done.returncode == 1

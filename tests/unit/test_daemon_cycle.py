@@ -18,7 +18,7 @@ from pam_cgpolicy import daemon as daemon_mod
 from pam_cgpolicy.accounts import Account
 from pam_cgpolicy.badness import UserScore
 from pam_cgpolicy.compiled import read_last_good, read_penalty, save_penalties
-from pam_cgpolicy.errors import SystemdError
+from pam_cgpolicy.errors import CgpolicyError, SystemdError
 from pam_cgpolicy.policy import Policy
 from pam_cgpolicy.slicelimits import slice_limits
 from pam_cgpolicy.state import StateStore
@@ -449,3 +449,61 @@ def test_status_says_when_it_started_and_what_was_salvaged(node):
         "salvage": "moved_to=/x/state.db.corrupt-1 users=3",
         "users": 1,
     }
+
+
+# Metrics
+
+
+def test_each_cycle_publishes_one_exposition_to_the_file_and_the_bus(node, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    textfile = tmp_path / "textfile"
+    textfile.mkdir(mode=0o755)
+    main = ADMINS + DAEMON_SECTIONS + f'\n[metrics]\ntextfile_dir = "{textfile}"\n'
+    (node.config / "cgpolicy.toml").write_text(main)
+    daemon = node.daemon()
+    with pytest.raises(CgpolicyError, match="first cycle"):
+        asyncio.run(daemon.metrics())
+    node.sampler.cores = {BOB: 0.0, CAROL: 0.0}
+    asyncio.run(daemon.penalize("bob", "penalty1", "admin"))
+    node.break_policy()
+    asyncio.run(daemon.reload("admin"))
+    node.mend_policy()
+    asyncio.run(daemon.reload("admin"))
+
+    async def first_cycle() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(stop))
+        while daemon.exposition is None:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+
+    asyncio.run(first_cycle())
+    text = (textfile / "cgpolicy.prom").read_text()
+    assert asyncio.run(daemon.metrics()) == text
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    bob = (("group", "students"), ("tier", "penalty1"), ("uid", str(BOB)), ("user", "bob"))
+    assert found["cgpolicy_user_tier", bob] == 1
+    carol = (("group", "normal"), ("tier", ""), ("uid", str(CAROL)), ("user", "carol"))
+    assert found["cgpolicy_user_tier", carol] == 0
+    assert found["cgpolicy_penalties", (("tier", "penalty1"),)] == 1
+    assert found["cgpolicy_policy_reloads_total", ()] == 1
+    assert found["cgpolicy_policy_reload_errors_total", ()] == 1
+    assert ("cgpolicy_cycle_duration_seconds", ()) in found
+
+
+def test_metrics_that_cannot_be_written_never_fail_a_cycle(node, tmp_path):
+    main = ADMINS + DAEMON_SECTIONS + f'\n[metrics]\ntextfile_dir = "{tmp_path / "none"}"\n'
+    (node.config / "cgpolicy.toml").write_text(main)
+    daemon = node.daemon()
+    node.sampler.cores = {BOB: 0.0}
+    for _ in range(3):
+        run_cycles(daemon, node, 1)
+        asyncio.run(daemon.publish_metrics(0.1))
+    assert b'user="bob"' in (daemon.exposition or b"")
+    assert sum("event=metrics-not-written" in line for line in node.errors) == 1

@@ -73,6 +73,7 @@ USERS: dict[str, dict[str, Any]] = {
     "nobody": {"user": "nobody", "uid": NOBODY, "group": "normal", "tier": None, "frozen": False},
 }
 
+METRICS = 'cgpolicy_user_tier{group="students",tier="",uid="2002",user="bob"} 0.0\n'
 STATUS: dict[str, Any] = {
     "policy": "last good",
     "problems": ["/etc/cgpolicy/groups.d/a.toml:2: limits.CPUQuota: not a percentage"],
@@ -141,6 +142,10 @@ class FakeCore:
     async def status(self) -> dict[str, Any]:
         await self._do("status")
         return STATUS
+
+    async def metrics(self) -> str:
+        await self._do("metrics")
+        return METRICS
 
     async def is_admin(self, uid: int) -> bool:
         self.asked_admin.append(uid)
@@ -224,6 +229,7 @@ EVERY_METHOD = {
     "Apply": ["string:alice"],
     "Reload": [],
     "Status": [],
+    "Metrics": [],
 }
 
 
@@ -375,6 +381,18 @@ def test_status_is_for_admins_and_reaches_them_as_variants(address: str) -> None
     denied = run(scenario())
     if denied is not None:
         assert denied.error == ACCESS_DENIED and "Status is for root" in denied.text
+
+
+def test_metrics_are_for_admins_and_reach_them_as_text(address: str) -> None:
+    async def scenario() -> Sent | None:
+        async with running(address, FakeCore()) as (_, client):
+            reply = await call(client, "Metrics")
+            assert reply.body == [METRICS]
+            return await send_as(address, NOBODY, "Metrics") if IS_ROOT else None
+
+    denied = run(scenario())
+    if denied is not None:
+        assert denied.error == ACCESS_DENIED and "Metrics is for root" in denied.text
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from pam_cgpolicy import cli
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTED = [
     "check", "classify", "apply", "freeze", "thaw", "status", "penalize",
-    "release", "reload", "notify-test", "history", "report", "doctor", "selftest",
+    "release", "reload", "notify-test", "history", "report", "metrics", "doctor", "selftest",
     "import-arbiter2",
 ]  # fmt: skip
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pam_cgpolicy.constants import CGPOLICY_BUS_NAME
+from pam_cgpolicy.policy import DEFAULT_TEXTFILE_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "packaging" / "systemd" / "cgpolicyd.service"
@@ -51,6 +52,10 @@ def test_the_hardening_leaves_what_the_daemon_needs() -> None:
     families = service["RestrictAddressFamilies"].split()
     assert "AF_UNIX" in families  # the system bus and syslog
     assert {"AF_INET", "AF_INET6"} <= set(families)  # [notify]'s SMTP server
+
+
+def test_the_default_metrics_directory_is_writable_under_the_hardening() -> None:
+    assert unit()["Service"]["ReadWritePaths"] == f"-{DEFAULT_TEXTFILE_DIR}"
 
 
 def test_install_sh_installs_every_file_of_the_daemon() -> None:

@@ -4,7 +4,7 @@ import pytest
 from policyfiles import DAEMON_SECTIONS, GROUPS, MAIN, write_policy
 
 from pam_cgpolicy.errors import PolicyError
-from pam_cgpolicy.policy import load_policy
+from pam_cgpolicy.policy import DEFAULT_TEXTFILE_DIR, MetricsSettings, Policy, load_policy
 
 
 def problems(tmp_path, **kwargs):
@@ -313,3 +313,24 @@ def test_every_bad_value_is_a_located_policy_error(tmp_path, file, text, where, 
         groups[file] = text
     found = problems(tmp_path, main=main, groups=groups)
     assert any(f"{where}: " in p and message in p for p in found), found
+
+
+def test_metrics_go_to_the_node_exporters_directory_unless_told(tmp_path):
+    assert load_policy(write_policy(tmp_path / "a")).metrics.textfile_dir == DEFAULT_TEXTFILE_DIR
+    for value in ("", "/srv/metrics"):
+        main = MAIN + f'\n[metrics]\ntextfile_dir = "{value}"\n'
+        policy = load_policy(write_policy(tmp_path / (value or "none"), main=main))
+        assert policy.metrics == MetricsSettings(value)
+
+
+@pytest.mark.parametrize("value", ["metrics", "/srv/../etc", "/srv/metrics/", "/", "//srv", 5])
+def test_metrics_directory_must_be_a_plain_absolute_path(tmp_path, value):
+    text = f'"{value}"' if isinstance(value, str) else str(value)
+    found = problems(tmp_path, main=MAIN + f"\n[metrics]\ntextfile_dir = {text}\n")
+    assert any("cgpolicy.toml:" in p and "metrics.textfile_dir: " in p for p in found), found
+
+
+def test_a_copy_saved_before_metrics_existed_still_loads(tmp_path):
+    data = load_policy(write_policy(tmp_path)).to_data()
+    del data["metrics"]
+    assert Policy.from_data(data).metrics == MetricsSettings()

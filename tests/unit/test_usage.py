@@ -554,3 +554,18 @@ def test_a_process_that_execs_a_whitelisted_program_is_found_within_the_recheck(
     assert found_at is not None and found_at <= RECHECK_SCANS + 1
     assert sample.whitelisted_cores == pytest.approx(1.0)
     assert sample.cores == pytest.approx(0.0)
+
+
+def test_a_frozen_slice_is_sampled_as_frozen(node: Node) -> None:
+    for uid in (UID, UID + 1):
+        node.add_slice(uid)
+        node.cpu(uid, 0)
+    if node.mode == "unified":  # the kernel's word in each slice
+        (node.tasks_dir(UID) / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+        (node.tasks_dir(UID + 1) / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    else:  # the v1 freezer's group of a frozen user
+        group = node.root / "freezer" / "cgpolicy" / f"user-{UID}.slice"
+        group.mkdir(parents=True)
+        (group / "freezer.state").write_text("FROZEN\n")
+    samples = node.sampler().sample([UID, UID + 1], frozenset(), 1.0)
+    assert samples[UID].frozen and not samples[UID + 1].frozen
