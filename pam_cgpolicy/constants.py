@@ -18,6 +18,7 @@ DEFAULT_STATE_DIR = "/var/lib/cgpolicy"
 COMPILED_POLICY = "policy.compiled"
 PENALTIES = "penalties.compiled"  # cgpolicyd's penalties in force, for the hook
 STATE_DB = "state.db"
+CHECKPOINTS = "checkpoints"
 MAIN_FILE = "cgpolicy.toml"
 GROUPS_DIR = "groups.d"
 
@@ -58,6 +59,11 @@ def penalties_file() -> str:
 
 def state_db_file() -> str:
     return os.path.join(state_dir(), STATE_DB)
+
+
+def checkpoints_dir() -> str:
+    """Root's alone (0700): evicted jobs' images, one directory per checkpoint id."""
+    return os.path.join(state_dir(), CHECKPOINTS)
 
 
 def policy_files(config_dir: str) -> list[str]:

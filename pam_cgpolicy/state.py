@@ -300,6 +300,20 @@ class StateStore:
                 if change is not None:
                     self._write_event(uid, user, change, actor, when)
 
+    def record_event(
+        self, uid: int, user: str, kind: str, reason: str, actor: str, *, now: float | None = None
+    ) -> None:
+        """Log an admin's action that leaves the user's tier and occurrences as they are
+        (an eviction, a restore): the event shows them unchanged."""
+        when = time.time() if now is None else now
+        stored = self.get(uid)
+        tier = stored.tier if stored else None
+        occurrences = stored.occurrences if stored else 0
+        with self._errors(f"cannot record uid {uid}"), self._transaction():
+            self._insert_event(
+                (when, uid, user, kind, tier, tier, occurrences, occurrences, reason, actor)
+            )
+
     def shift_times(self, step: float) -> int:
         """Move every tier expiry and zero-badness start by ``step`` seconds, in one
         transaction: the wall clock was set by that much. Returns the tiers moved."""
@@ -365,9 +379,7 @@ class StateStore:
     def _write_event(
         self, uid: int, user: str, change: Change, actor: str | None, when: float
     ) -> None:
-        self._conn.execute(
-            "INSERT INTO events (time, uid, user, kind, old_tier, new_tier, old_occurrences, "
-            "new_occurrences, reason, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._insert_event(
             (
                 when,
                 uid,
@@ -379,5 +391,13 @@ class StateStore:
                 change.new_occurrences,
                 change.reason,
                 actor,
-            ),
+            )
+        )
+
+    def _insert_event(self, values: tuple[object, ...]) -> None:
+        """One row of events, in the order of _EVENT_COLUMNS without the id."""
+        self._conn.execute(
+            "INSERT INTO events (time, uid, user, kind, old_tier, new_tier, old_occurrences, "
+            "new_occurrences, reason, actor) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            values,
         )
