@@ -471,7 +471,7 @@ def cmd_evict(args: argparse.Namespace) -> None:
     )
     _record_event(uid, args.user, "evicted", reason)
     evict.tell_user(checkpoint, "evicted")
-    print(f"{args.user}: {reason}; the rest of the session is thawed")
+    print(f"{args.user}: {reason}; the rest of the session runs on")
     print(f"bring it back with: cgpolicyctl restore {checkpoint.id}")
 
 

@@ -1,9 +1,9 @@
 """Evict a runaway job to a checkpoint on disk instead of killing it, and bring it back.
 
 cgpolicyctl evict freezes the user, picks one process tree of their slice (the
-one using the most memory, or the one under --pid), checkpoints it with CRIU
+one using the most memory, or the one under --pid), thaws, checkpoints it with CRIU
 into a root-only directory under the state directory, checks the images, and
-only then kills the tree; the rest of the session is thawed whatever happens.
+only then kills the tree.
 A tree CRIU cannot dump (an established TCP connection, a terminal) keeps
 running: the failure is reported and nothing is killed. cgpolicyctl restore
 brings a checkpoint back on the same node, detached from any terminal, in a
@@ -12,7 +12,7 @@ scope of the user's slice.
 Nothing the user controls steers root here: checkpoint ids are made by us and
 checked before they name a directory, and every pid is read from the user's
 own cgroup while the user is frozen, and again (with its start time) before
-it is killed.
+the dump and before it is killed.
 """
 
 from __future__ import annotations
@@ -345,18 +345,23 @@ def dump(tree: Tree, uid: int, user: str, now: float) -> Checkpoint:
     return checkpoint
 
 
-def kill_tree(checkpoint: Checkpoint, starts: Mapping[int, str | None]) -> None:
-    """SIGKILL the dumped tree: only pids still in the user's slice with the start
-    time they had when chosen (a pid reused meanwhile is someone else)."""
-    present = set(read_tasks(checkpoint.uid))
-    for pid in checkpoint.pids:
-        if pid in present and starts.get(pid) is not None and start_time(pid) == starts[pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def same_process(uid: int, pid: int, start: str | None) -> dict[int, Task] | None:
+    """The slice's tasks if ``pid`` is still there with start time ``start``; else None
+    (it ended, or its number now belongs to someone else)."""
+    tasks = read_tasks(uid)
+    return tasks if pid in tasks and start is not None and start_time(pid) == start else None
 
 
-def start_times(pids: tuple[int, ...]) -> dict[int, str | None]:
-    return {pid: start_time(pid) for pid in pids}
+def kill_tree(checkpoint: Checkpoint, start: str | None) -> list[int]:
+    """SIGKILL the dumped tree as it is now in the slice (CRIU holds it stopped, so
+    it cannot fork), if its root is still the process that was dumped."""
+    tasks = same_process(checkpoint.uid, checkpoint.root, start)
+    killed = []
+    for pid in subtree(tasks, checkpoint.root) if tasks else ():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
 
 
 def evict(
@@ -366,16 +371,23 @@ def evict(
     freeze: Callable[[], object],
     thaw: Callable[[], object],
 ) -> Checkpoint:
-    """Freeze, choose, dump, check, kill, thaw: the whole eviction of one tree."""
+    """Freeze to choose, thaw, dump, check, kill: the whole eviction of one tree.
+
+    The user is frozen while the tree is chosen, so that what is read of the
+    slice holds still; thawed before the dump because CRIU stops the tree
+    itself and cannot seize a task that a cgroup freezer holds (it would wait
+    forever on cgroup v2).
+    """
     freeze()
     try:
-        tasks = read_tasks(uid)
-        tree = choose_tree(tasks, uid, pid)
-        starts = start_times(tree.pids)
-        checkpoint = dump(tree, uid, user, time.time())
-        kill_tree(checkpoint, starts)
+        tree = choose_tree(read_tasks(uid), uid, pid)
+        start = start_time(tree.root)
     finally:
         thaw()
+    if same_process(uid, tree.root, start) is None:
+        raise EvictError(f"pid {tree.root} ended or left the slice; nothing was done")
+    checkpoint = dump(tree, uid, user, time.time())
+    kill_tree(checkpoint, start)
     return checkpoint
 
 

@@ -132,8 +132,9 @@ def node(tmp_path, monkeypatch):
     monkeypatch.setenv("CGPOLICY_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "state").mkdir()
     monkeypatch.setattr(evict, "read_tasks", lambda uid: SESSION)
+    monkeypatch.setattr(evict, "start_time", lambda pid: "42")
     killed = []
-    monkeypatch.setattr(evict, "kill_tree", lambda checkpoint, starts: killed.append(checkpoint))
+    monkeypatch.setattr(evict, "kill_tree", lambda checkpoint, start: killed.append(checkpoint))
     return killed
 
 
@@ -143,7 +144,7 @@ def run_evict(calls, pid=None):
     )
 
 
-def test_evict_dumps_checks_kills_and_thaws(node, tmp_path):
+def test_evict_chooses_frozen_then_dumps_checks_and_kills(node, tmp_path):
     calls = []
     checkpoint = run_evict(calls)
     assert calls == ["freeze", "thaw"]
@@ -158,7 +159,7 @@ def test_evict_dumps_checks_kills_and_thaws(node, tmp_path):
     assert evict.load(checkpoint.id) == checkpoint
 
 
-def test_a_failed_dump_kills_nothing_and_still_thaws(node, tmp_path, monkeypatch):
+def test_a_failed_dump_kills_nothing(node, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_CRIU", "fail")
     calls = []
     with pytest.raises(EvictError) as raised:
@@ -226,20 +227,32 @@ def test_an_eviction_in_the_history_leaves_the_tier_as_it_was(tmp_path):
     assert (event.old_tier, event.new_tier, event.old_occurrences) == (None, None, 0)
 
 
-def test_kill_only_the_same_processes_still_in_the_slice(monkeypatch):
-    kept, gone = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+def test_a_root_that_is_another_process_by_the_dump_is_left_alone(node, monkeypatch):
+    starts = iter(["42", "43"])  # chosen, then a new process with the same pid
+    monkeypatch.setattr(evict, "start_time", lambda pid: next(starts))
+    with pytest.raises(EvictError, match="ended or left the slice; nothing was done"):
+        run_evict([])
+    assert node == []
+
+
+def test_kill_the_tree_only_while_its_root_is_the_process_dumped(monkeypatch):
+    root = subprocess.Popen(["sleep", "60"])
+    child = subprocess.Popen(["sleep", "60"])
     try:
-        slice_tasks = {p.pid: Task(p.pid, os.getpid(), UID, MB, "sleep") for p in (kept, gone)}
-        monkeypatch.setattr(evict, "read_tasks", lambda uid: slice_tasks)
-        starts = evict.start_times((kept.pid, gone.pid))
-        starts[kept.pid] = "1"  # as if the pid had been reused since it was chosen
-        checkpoint = evict.Checkpoint(
-            "x", UID, "eve", gone.pid, [kept.pid, gone.pid], MB, "sleep", 0.0, "dumped"
+        slice_tasks = tasks(
+            Task(root.pid, 1, UID, MB, "sleep"), Task(child.pid, root.pid, UID, MB, "sleep")
         )
-        evict.kill_tree(checkpoint, starts)
-        assert gone.wait(timeout=5) == -9
-        assert kept.poll() is None
+        monkeypatch.setattr(evict, "read_tasks", lambda uid: slice_tasks)
+        checkpoint = evict.Checkpoint(
+            "x", UID, "eve", root.pid, [root.pid], MB, "sleep", 0.0, "dumped"
+        )
+        assert evict.kill_tree(checkpoint, "1") == []  # as if the pid had been reused
+        assert root.poll() is None and child.poll() is None
+        start = evict.start_time(root.pid)
+        assert evict.kill_tree(checkpoint, start) == [root.pid, child.pid]
+        assert root.wait(timeout=5) == child.wait(timeout=5) == -9
     finally:
-        kept.kill()
-        gone.kill()
-        kept.wait()
+        root.kill()
+        child.kill()
+        root.wait()
+        child.wait()
