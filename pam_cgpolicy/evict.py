@@ -304,11 +304,11 @@ def load(cid: str) -> Checkpoint:
         raise EvictError(f"checkpoint {cid} has no readable {META}") from None
 
 
-def dump(tree: Tree, uid: int, user: str, now: float) -> Checkpoint:
+def dump(tree: Tree, uid: int, user: str, now: float, start: str | None) -> Checkpoint:
     """Checkpoint ``tree`` into a new directory; the tree is left stopped, not killed.
 
-    On any failure the images are removed (the log is kept) and EvictError says
-    why; CRIU has let the tree run on.
+    On any failure the images are removed (the log is kept), the tree runs on,
+    and EvictError says why.
     """
     _private_dir(checkpoints_dir())
     cid = new_id(uid, now)
@@ -331,6 +331,8 @@ def dump(tree: Tree, uid: int, user: str, now: float) -> Checkpoint:
     log_text = _read(os.path.join(directory, DUMP_LOG))
     problems = verify_dump(directory, returncode, log_text)
     if problems:
+        if returncode in (0, -1):  # CRIU left it stopped, or was killed holding it
+            signal_tree(uid, tree.root, start, signal.SIGCONT)
         checkpoint.state = "failed"
         for name in os.listdir(directory):
             if name.endswith(".img"):
@@ -352,16 +354,21 @@ def same_process(uid: int, pid: int, start: str | None) -> dict[int, Task] | Non
     return tasks if pid in tasks and start is not None and start_time(pid) == start else None
 
 
-def kill_tree(checkpoint: Checkpoint, start: str | None) -> list[int]:
-    """SIGKILL the dumped tree as it is now in the slice (CRIU holds it stopped, so
-    it cannot fork), if its root is still the process that was dumped."""
-    tasks = same_process(checkpoint.uid, checkpoint.root, start)
-    killed = []
-    for pid in subtree(tasks, checkpoint.root) if tasks else ():
+def signal_tree(uid: int, root: int, start: str | None, signum: int) -> list[int]:
+    """Send ``signum`` to the tree under ``root`` as it is now in the slice, if its
+    root is still the process chosen; the pids signalled."""
+    tasks = same_process(uid, root, start)
+    sent = []
+    for pid in subtree(tasks, root) if tasks else ():
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-    return killed
+            os.kill(pid, signum)
+            sent.append(pid)
+    return sent
+
+
+def kill_tree(checkpoint: Checkpoint, start: str | None) -> list[int]:
+    """SIGKILL the dumped tree (CRIU holds it stopped, so it cannot fork)."""
+    return signal_tree(checkpoint.uid, checkpoint.root, start, signal.SIGKILL)
 
 
 def evict(
@@ -386,7 +393,7 @@ def evict(
         thaw()
     if same_process(uid, tree.root, start) is None:
         raise EvictError(f"pid {tree.root} ended or left the slice; nothing was done")
-    checkpoint = dump(tree, uid, user, time.time())
+    checkpoint = dump(tree, uid, user, time.time(), start)
     kill_tree(checkpoint, start)
     return checkpoint
 

@@ -2,6 +2,7 @@
 every refusal; CRIU is a small script here (the VM test runs the real one)."""
 
 import os
+import signal
 import stat
 import subprocess
 import textwrap
@@ -112,6 +113,7 @@ FAKE_CRIU = """\
 # dump --tree PID --images-dir DIR ...: the images and the log a real dump leaves
 dir=$5
 echo "$@" > "$dir/argv"
+if [ "$FAKE_CRIU" = silent ]; then exit 0; fi  # a zero status, and nothing written
 if [ "$FAKE_CRIU" = fail ]; then
     echo 'pages' > "$dir/pages-1.img"
     echo 'Error (criu/sk-inet.c:191): inet: Connected TCP socket' > "$dir/dump.log"
@@ -135,7 +137,11 @@ def node(tmp_path, monkeypatch):
     monkeypatch.setattr(evict, "start_time", lambda pid: "42")
     killed = []
     monkeypatch.setattr(evict, "kill_tree", lambda checkpoint, start: killed.append(checkpoint))
-    return killed
+    signals = []
+    monkeypatch.setattr(
+        evict, "signal_tree", lambda uid, root, start, signum: signals.append((root, signum))
+    )
+    return {"killed": killed, "signals": signals}
 
 
 def run_evict(calls, pid=None):
@@ -148,7 +154,7 @@ def test_evict_chooses_frozen_then_dumps_checks_and_kills(node, tmp_path):
     calls = []
     checkpoint = run_evict(calls)
     assert calls == ["freeze", "thaw"]
-    assert node == [checkpoint]
+    assert node == {"killed": [checkpoint], "signals": []}
     assert (checkpoint.root, checkpoint.pids, checkpoint.state) == (200, [200, 201], "dumped")
     directory = tmp_path / "state" / "checkpoints" / checkpoint.id
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
@@ -165,7 +171,7 @@ def test_a_failed_dump_kills_nothing(node, tmp_path, monkeypatch):
     with pytest.raises(EvictError) as raised:
         run_evict(calls)
     assert calls == ["freeze", "thaw"]
-    assert node == []
+    assert node == {"killed": [], "signals": []}
     message = str(raised.value)
     assert "it keeps running, nothing was killed" in message
     assert "Connected TCP socket" in message
@@ -173,6 +179,13 @@ def test_a_failed_dump_kills_nothing(node, tmp_path, monkeypatch):
     assert sorted(os.listdir(directory)) == ["argv", "checkpoint.json", "dump.log"]
     with pytest.raises(EvictError, match="is failed, not restorable"):
         evict.restore(directory.name)
+
+
+def test_a_dump_that_says_done_but_is_not_lets_the_tree_run_on(node, monkeypatch):
+    monkeypatch.setenv("FAKE_CRIU", "silent")
+    with pytest.raises(EvictError, match=r"inventory\.img is missing or empty"):
+        run_evict([])
+    assert node == {"killed": [], "signals": [(200, signal.SIGCONT)]}
 
 
 def test_a_refused_pid_is_never_dumped(node, tmp_path):
@@ -232,7 +245,7 @@ def test_a_root_that_is_another_process_by_the_dump_is_left_alone(node, monkeypa
     monkeypatch.setattr(evict, "start_time", lambda pid: next(starts))
     with pytest.raises(EvictError, match="ended or left the slice; nothing was done"):
         run_evict([])
-    assert node == []
+    assert node == {"killed": [], "signals": []}
 
 
 def test_kill_the_tree_only_while_its_root_is_the_process_dumped(monkeypatch):
