@@ -38,6 +38,7 @@ CRIU = "criu"
 SYSTEMD_RUN = "systemd-run"
 DUMP_TIMEOUT = 900.0  # seconds: writing a few GB of pages on a busy disk
 RESTORE_TIMEOUT = 300.0
+RESTORE_SETTLE = 2.0  # seconds a restored job must live before restore says done
 ID_PATTERN = re.compile(r"(?P<uid>[1-9][0-9]*)-(?P<when>[0-9]{8}T[0-9]{6}Z)-[0-9a-f]{6}")
 # What a complete dump holds whatever the job: CRIU writes these last two only
 # once the whole tree is collected, and says so in the last line of its log.
@@ -398,6 +399,13 @@ def evict(
     return checkpoint
 
 
+def running_as(pid: int, uid: int) -> bool:
+    try:
+        return int(_status(pid)["Uid"].split()[0]) == uid
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 def restore(cid: str) -> tuple[Checkpoint, str]:
     """Bring a dumped checkpoint back in the user's slice; returns it and the scope."""
     checkpoint = load(cid)
@@ -424,6 +432,12 @@ def restore(cid: str) -> tuple[Checkpoint, str]:
             f"could not restore checkpoint {cid} (status {returncode}); its images are kept. "
             f"{output.strip()}\nCRIU's log ({os.path.join(directory, RESTORE_LOG)}) ends:\n"
             f"{log_tail(log_text)}"
+        )
+    time.sleep(RESTORE_SETTLE)
+    if not running_as(checkpoint.root, checkpoint.uid):
+        raise EvictError(
+            f"CRIU reported checkpoint {cid} restored, but pid {checkpoint.root} is not "
+            f"running {RESTORE_SETTLE:g}s later; its images are kept"
         )
     checkpoint.state = "restored"
     _save(checkpoint, directory)

@@ -221,6 +221,12 @@ def test_restore_runs_criu_in_a_scope_of_the_users_slice(node, tmp_path, monkeyp
     fake.chmod(0o755)
     monkeypatch.setattr(evict, "SYSTEMD_RUN", str(fake))
     monkeypatch.chdir(directory)  # where the fake writes its log, as criu does with -D
+    monkeypatch.setattr(evict, "RESTORE_SETTLE", 0.0)
+    monkeypatch.setattr(evict, "running_as", lambda pid, uid: False)
+    with pytest.raises(EvictError, match="is not running 0s later; its images are kept"):
+        evict.restore(checkpoint.id)
+    assert [name for name in os.listdir(directory) if name.endswith(".img")]
+    monkeypatch.setattr(evict, "running_as", lambda pid, uid: (pid, uid) == (200, UID))
     restored, scope = evict.restore(checkpoint.id)
     assert (restored.state, scope) == ("restored", f"cgpolicy-restore-{checkpoint.id}.scope")
     assert not [name for name in os.listdir(directory) if name.endswith(".img")]
@@ -238,6 +244,12 @@ def test_an_eviction_in_the_history_leaves_the_tier_as_it_was(tmp_path):
         "evicted pid 200 to checkpoint X",
     )
     assert (event.old_tier, event.new_tier, event.old_occurrences) == (None, None, 0)
+
+
+def test_running_as():
+    assert evict.running_as(os.getpid(), os.getuid())
+    assert not evict.running_as(os.getpid(), os.getuid() + 1)
+    assert not evict.running_as(2**22 + 1, 0)  # above pid_max: no such process
 
 
 def test_a_root_that_is_another_process_by_the_dump_is_left_alone(node, monkeypatch):
