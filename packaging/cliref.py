@@ -27,6 +27,7 @@ FILES = [
     ("/etc/cgpolicy/cgpolicy.toml", "the main policy file; see cgpolicy.toml(5)"),
     ("/etc/cgpolicy/groups.d/*.toml", "one file per status group"),
     ("/var/lib/cgpolicy", "cgpolicyd's state and the compiled policy; root's alone"),
+    ("/var/lib/cgpolicy/checkpoints/ID", "an evicted job's images and CRIU's logs (evict)"),
 ]
 
 

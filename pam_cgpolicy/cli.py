@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import bus, control, log
+from . import bus, control, evict, log
 from .accounts import Account, is_admin, lookup_account, lookup_uid
 from .cgroups import CGROUP_ROOT, cgroup_mode
 from .classify import decide, describe_limits
@@ -41,7 +41,7 @@ from .constants import (
     system_bus_address,
     usage_db_file,
 )
-from .errors import CgpolicyError, DaemonError, PolicyError, SystemdError
+from .errors import CgpolicyError, DaemonError, EvictError, PolicyError, SystemdError
 from .freezer import V1Freezer
 from .pamconfig import hook_wiring, user_env_before_hook
 from .policy import Policy, load_policy
@@ -250,8 +250,8 @@ def _mechanism(uid: int, action: str) -> str:
     return "systemd" if cgroup_mode() == "unified" else "v1 freezer"
 
 
-def _freezer_command(args: argparse.Namespace, action: str) -> None:
-    uid = _managed_uid(args)
+def _freeze_or_thaw(user: str, uid: int, action: str) -> str:
+    """Freeze or thaw ``user`` the way cgpolicyctl freeze and thaw do, and log it."""
     freezing = action == "frozen"
 
     async def work(systemd: Systemd, daemon: Daemon | None) -> tuple[str, str | None]:
@@ -260,7 +260,7 @@ def _freezer_command(args: argparse.Namespace, action: str) -> None:
             return await act(systemd, uid), None
         # Through cgpolicyd, which records it and announces UserFreezerChanged.
         how = _mechanism(uid, action)
-        await (daemon.freeze if freezing else daemon.thaw)(args.user)
+        await (daemon.freeze if freezing else daemon.thaw)(user)
         return how, "cgpolicyd"
 
     how, through = _on_bus(work)
@@ -268,15 +268,20 @@ def _freezer_command(args: argparse.Namespace, action: str) -> None:
     log.info(
         action,
         log.fields(
-            user=args.user,
+            user=user,
             uid=uid,
             action=action,
             via=how.replace(" ", "-"),
             through=through,
         ),
-        user=args.user,
+        user=user,
         uid=uid,
     )
+    return how
+
+
+def _freezer_command(args: argparse.Namespace, action: str) -> None:
+    how = _freeze_or_thaw(args.user, _managed_uid(args), action)
     print(f"{args.user}: {action} ({how})")
 
 
@@ -456,6 +461,76 @@ def cmd_reload(args: argparse.Namespace) -> None:
 
 def cmd_metrics(args: argparse.Namespace) -> None:
     print(_with_daemon(lambda daemon: daemon.metrics()), end="")
+
+
+def _actor() -> str:
+    """Who runs this command: the login behind sudo (the kernel's loginuid), else the uid."""
+    loginuid = Path("/proc/self/loginuid")
+    text = loginuid.read_text().strip() if loginuid.exists() else ""
+    uid = int(text) if text.isdigit() and int(text) != 0xFFFFFFFF else os.getuid()
+    try:
+        return lookup_uid(uid).name
+    except CgpolicyError:
+        return str(uid)
+
+
+def _record_event(uid: int, user: str, kind: str, reason: str) -> None:
+    """An admin's eviction or restore, in the history beside cgpolicyd's tier changes."""
+    actor = _actor()
+    with StateStore.open(state_db_file()) as store:
+        store.record_event(uid, user, kind, reason, actor)
+    log.open_log("cgpolicyctl")
+    log.info(
+        kind,
+        log.fields(user=user, uid=uid, event=kind, actor=actor, reason=reason),
+        user=user,
+        uid=uid,
+    )
+
+
+def _root_only(command: str) -> None:
+    if os.geteuid() != 0:
+        print(f"error: {command} runs CRIU, which needs root", file=sys.stderr)
+        raise _Failed
+
+
+def cmd_evict(args: argparse.Namespace) -> None:
+    _root_only("evict")
+    uid = _managed_uid(args)
+    try:
+        checkpoint = evict.evict(
+            uid,
+            args.user,
+            args.pid,
+            lambda: _freeze_or_thaw(args.user, uid, "frozen"),
+            lambda: _freeze_or_thaw(args.user, uid, "thawed"),
+        )
+    except EvictError as err:
+        log.open_log("cgpolicyctl")
+        log.error(
+            "evict-failed",
+            log.fields(user=args.user, uid=uid, event="evict-failed", reason=str(err)),
+            user=args.user,
+            uid=uid,
+        )
+        raise
+    reason = (
+        f"evicted pid {checkpoint.root} ({checkpoint.command}, "
+        f"{format_size(checkpoint.rss)}) to checkpoint {checkpoint.id}"
+    )
+    _record_event(uid, args.user, "evicted", reason)
+    evict.tell_user(checkpoint, "evicted")
+    print(f"{args.user}: {reason}; the rest of the session runs on")
+    print(f"bring it back with: cgpolicyctl restore {checkpoint.id}")
+
+
+def cmd_restore(args: argparse.Namespace) -> None:
+    _root_only("restore")
+    checkpoint, scope = evict.restore(args.id)
+    reason = f"restored checkpoint {checkpoint.id} (pid {checkpoint.root}) in {scope}"
+    _record_event(checkpoint.uid, checkpoint.user, "restored", reason)
+    evict.tell_user(checkpoint, "restored")
+    print(f"{checkpoint.user}: {reason}")
 
 
 def _local_time(timestamp: float) -> str:
@@ -854,6 +929,20 @@ def build_parser() -> argparse.ArgumentParser:
         "the Prometheus series of cgpolicyd's last cycle, as it writes them "
         "for the node exporter (cgpolicyd)",
     )
+    evicting = add(
+        "evict",
+        cmd_evict,
+        "checkpoint a user's job to disk (the tree using the most memory) and end it; "
+        "it keeps running if it cannot be checkpointed (root)",
+        "required",
+    )
+    evicting.add_argument(
+        "--pid", type=_positive, help="the tree under this pid of the user's slice instead"
+    )
+    restoring = add(
+        "restore", cmd_restore, "bring an evicted job back, detached, in the user's slice (root)"
+    )
+    restoring.add_argument("id", help="the checkpoint id that evict printed")
     add("doctor", cmd_doctor, "check that this node is set up for cgpolicy")
     add(
         "selftest",

@@ -19,6 +19,7 @@ COMPILED_POLICY = "policy.compiled"
 PENALTIES = "penalties.compiled"  # cgpolicyd's penalties in force, for the hook
 STATE_DB = "state.db"
 USAGE_DB = "usage.db"  # cgpolicyd's usage history (usagehistory.py)
+CHECKPOINTS = "checkpoints"
 MAIN_FILE = "cgpolicy.toml"
 GROUPS_DIR = "groups.d"
 
@@ -63,6 +64,9 @@ def state_db_file() -> str:
 
 def usage_db_file() -> str:
     return os.path.join(state_dir(), USAGE_DB)
+def checkpoints_dir() -> str:
+    """Root's alone (0700): evicted jobs' images, one directory per checkpoint id."""
+    return os.path.join(state_dir(), CHECKPOINTS)
 
 
 def policy_files(config_dir: str) -> list[str]:

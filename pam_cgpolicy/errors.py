@@ -86,6 +86,10 @@ class FreezeError(CgpolicyError):
     """A user's session could not be frozen or thawed."""
 
 
+class EvictError(CgpolicyError):
+    """A job could not be checkpointed or restored; nothing of it was killed."""
+
+
 class StateError(CgpolicyError):
     """The state database cannot be opened, read or written."""
 

@@ -75,7 +75,7 @@ def _freezer_group(pid: int) -> str | None:
     return None
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """Field 22 of /proc/PID/stat: tells a task from a later one with the same pid."""
     text = _read(f"/proc/{pid}/stat")
     fields = text[text.rfind(")") + 2 :].split() if text else []
@@ -179,7 +179,7 @@ class V1Freezer:
 
     def _record(self, uid: int, pid: int, origin: str) -> None:
         """Where the task was, to put it back at thaw; root-only like the state directory."""
-        start = _start_time(pid)
+        start = start_time(pid)
         if start is None:
             return
         directory = self._records_dir(uid)
@@ -198,7 +198,7 @@ class V1Freezer:
         origins = {}
         for name in os.listdir(directory) if os.path.isdir(directory) else ():
             start, _, origin = (_read(f"{directory}/{name}") or "").partition(" ")
-            if name.isdigit() and origin.startswith("/") and _start_time(int(name)) == start:
+            if name.isdigit() and origin.startswith("/") and start_time(int(name)) == start:
                 origins[int(name)] = origin
         return origins
 

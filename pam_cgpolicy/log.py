@@ -68,6 +68,10 @@ MESSAGE_IDS = {
     "mail-skipped": "c3f8a1d6e2b94c7a5f0e3d8b1a6c2f94",
     "mail-plot-failed": "5b9d2e7f1a3c4e8b6d0f2a9c7e1b3d56",
     "mail-queue-failed": "f2a6c9e3b8d14f7a0c5e2b9d6f3a8c71",
+    # eviction to a checkpoint
+    "evicted": "7e2b9f4c1a6d4e3b8c5f0a2d9e6b3c17",
+    "restored": "3c8f1e6a9b2d4f7c0e5a3b8d1f6c9e24",
+    "evict-failed": "d1a7e4c9f3b64a2e8f5c0b7d3a9e6f58",
     # metrics
     "metrics-not-written": "9c4e1a7f3b2d4c8e6a0f5d9b2e7c1a63",
     "metrics-written": "2f7d9b3e6c1a4f5b8d0e2a7c9f3b6e14",

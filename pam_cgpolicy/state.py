@@ -315,6 +315,20 @@ class StateStore(SQLiteFile):
                 if change is not None:
                     self._write_event(uid, user, change, actor, when)
 
+    def record_event(
+        self, uid: int, user: str, kind: str, reason: str, actor: str, *, now: float | None = None
+    ) -> None:
+        """Log an admin's action that leaves the user's tier and occurrences as they are
+        (an eviction, a restore): the event shows them unchanged."""
+        when = time.time() if now is None else now
+        stored = self.get(uid)
+        tier = stored.tier if stored else None
+        occurrences = stored.occurrences if stored else 0
+        with self._errors(f"cannot record uid {uid}"), self._transaction():
+            self._insert_event(
+                (when, uid, user, kind, tier, tier, occurrences, occurrences, reason, actor, 0)
+            )
+
     def shift_times(self, step: float) -> int:
         """Move every tier expiry and zero-badness start by ``step`` seconds, in one
         transaction: the wall clock was set by that much. Returns the tiers moved."""
@@ -381,9 +395,7 @@ class StateStore(SQLiteFile):
     def _write_event(
         self, uid: int, user: str, change: Change, actor: str | None, when: float
     ) -> None:
-        self._conn.execute(
-            "INSERT INTO events (time, uid, user, kind, old_tier, new_tier, old_occurrences, "
-            "new_occurrences, reason, actor, watched) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._insert_event(
             (
                 when,
                 uid,
@@ -396,7 +408,15 @@ class StateStore(SQLiteFile):
                 change.reason,
                 actor,
                 int(change.watched),
-            ),
+            )
+        )
+
+    def _insert_event(self, values: tuple[object, ...]) -> None:
+        """One row of events, in the order of _EVENT_COLUMNS without the id."""
+        self._conn.execute(
+            "INSERT INTO events (time, uid, user, kind, old_tier, new_tier, old_occurrences, "
+            "new_occurrences, reason, actor, watched) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            values,
         )
 
     # --- the mail queue ---

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pam_cgpolicy.freezer import V1Freezer, _start_time
+from pam_cgpolicy.freezer import V1Freezer, start_time
 
 
 def freezer(tmp_path: Path) -> V1Freezer:
@@ -39,7 +39,7 @@ def test_a_recorded_group_is_kept_for_the_same_task_only(tmp_path: Path) -> None
     """At thaw a task goes back where it was; a later task with its pid does not."""
     freezer_ = freezer(tmp_path)
     me = os.getpid()
-    start = _start_time(me)
+    start = start_time(me)
     assert start is not None
     freezer_._record(1001, me, "/elsewhere")
     assert freezer_._origins(1001) == {me: "/elsewhere"}
