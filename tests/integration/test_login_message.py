@@ -1,7 +1,7 @@
 """The login message and the journal's fields, over real ssh, sshd and PAM.
 
-lena is penalized by root; mona is not. Logging in with a terminal (`ssh -tt`), lena
-sees the hook's one line among sshd's login messages and mona sees none. Without
+lena is penalized by root; nora is not. Logging in with a terminal (`ssh -tt`), lena
+sees the hook's one line among sshd's login messages and nora sees none. Without
 one, lena's scp, sftp, rsync and `ssh host command` carry her file byte for
 byte: pam_exec's stdout option makes the line a PAM text message, which sshd
 never writes into a session's data. The clients run inside the guest, with the
@@ -27,7 +27,7 @@ from test_daemon import POLICY, diagnostics, root, write_policy
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
-USERS = {"lena": 5201, "mona": 5202}  # both in the fallback group "normal"
+USERS = {"lena": 5201, "nora": 5202}  # both in the fallback group "normal"
 KEY = "/root/.cgpolicy-login-key"
 BACKUP = "/root/cgpolicy-login-policy"
 LINE = "cgpolicy: your limits are lowered to penalty tier penalty1"
@@ -86,8 +86,8 @@ def test_the_line_a_penalized_user_sees_and_nothing_in_the_data(node) -> None:
     lines = [line for line in lena.splitlines() if line.startswith("cgpolicy:")]
     assert len(lines) == 1 and lines[0].startswith(LINE), lena + diagnostics(vm, "lena")
     assert " until " in lines[0] and ": by " in lines[0], lines[0]  # no tier message: who
-    mona = with_terminal(vm, "mona")
-    assert "cgpolicy" not in mona, mona
+    nora = with_terminal(vm, "nora")
+    assert "cgpolicy" not in nora, nora
 
     # Without a terminal: every transfer of lena's is her file, byte for byte.
     host = "lena@127.0.0.1"
@@ -110,4 +110,4 @@ def test_the_line_a_penalized_user_sees_and_nothing_in_the_data(node) -> None:
     assert ("cgpolicyd", "penalized", "penalty1") in by, by
     assert {e["CGPOLICY_UID"] for e in entries} == {"5201"}
     assert all(len(e["MESSAGE_ID"]) == 32 for e in entries), entries
-    assert root(vm, "journalctl -b CGPOLICY_USER=mona -o cat --no-pager").stdout.strip()
+    assert root(vm, "journalctl -b CGPOLICY_USER=nora -o cat --no-pager").stdout.strip()
