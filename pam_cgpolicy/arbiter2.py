@@ -229,7 +229,7 @@ class _Site:
         path = Path(os.path.normpath(self.base_dir / name))
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
+        except (OSError, ValueError) as err:  # ValueError: undecodable, or a NUL in the name
             self.note(key, f"cannot read {path}: {err}; add its entries by hand")
             return []
         return [line.strip() for line in lines if line.strip()]

@@ -333,6 +333,15 @@ def test_any_configuration_gives_a_valid_policy_or_a_clear_error(changes) -> Non
         load_policy(Path(directory) / "out")
 
 
+def test_a_whitelist_file_name_with_a_nul_byte_is_a_note_not_a_crash() -> None:
+    config = arbiter2.read_configs(EXAMPLE)
+    config.setdefault("processes", {})["whitelist_file"] = "white\x00list.txt"
+    result = arbiter2.import_site(config, DATA.parent / "arbiter", 2, ["nul"])
+    with tempfile.TemporaryDirectory() as directory:
+        arbiter2.write_policy(result, Path(directory) / "out")
+        load_policy(Path(directory) / "out")
+
+
 def test_without_threads_per_core_it_takes_this_machines_and_says_so(
     tmp_path, capsys, monkeypatch
 ) -> None:
