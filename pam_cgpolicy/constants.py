@@ -88,3 +88,5 @@ def slice_name(uid: int) -> str:
     if isinstance(uid, bool) or not isinstance(uid, int) or uid <= 0:
         raise ValueError(f"not a user uid: {uid!r}")
     return f"user-{uid}.slice"
+
+SELFTEST_SERVICE = "cgpolicy-selftest"  # selftest's PAM service: /etc/pam.d/cgpolicy-selftest

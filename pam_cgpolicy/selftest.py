@@ -19,13 +19,13 @@ import sys
 from typing import Any
 
 from .accounts import lookup_account
-from .constants import SYSTEMD_SLICE, slice_name
+from .constants import SELFTEST_SERVICE, SYSTEMD_SLICE, slice_name
 from .errors import CgpolicyError
 from .limits import cpus_from_mask
 from .slicelimits import INFINITY, NO_PENALTY, Standing, slice_limits
 from .systemd import Systemd
 
-SERVICE = "cgpolicy-selftest"
+SERVICE = SELFTEST_SERVICE
 BUS_TIMEOUT = 10.0
 
 

@@ -55,7 +55,7 @@ def node(vm) -> Iterator[Any]:
         vm.add_user(name, uid)
     root(vm, f"rm -rf {BACKUP} && cp -a /etc/cgpolicy {BACKUP}")
     write_policy(vm, {**POLICY, "cgpolicy.toml": MAIN})
-    root(vm, "cgpolicyctl check && cgpolicyctl reload")
+    root(vm, "cgpolicyctl check && systemctl restart cgpolicyd")  # it may have been stopped
     vm.put_bytes(vm.image.ssh_key.read_bytes(), KEY, mode=0o600)
     root(vm, f"head -c 200000 /dev/urandom >{DATA} && printf 'a\\r\\nb\\n' >>{DATA}")
     for name in USERS:
@@ -67,7 +67,7 @@ def node(vm) -> Iterator[Any]:
             root(vm, "cgpolicyctl release lena", check=False)
             root(vm, f"rm -rf /etc/cgpolicy && mv {BACKUP} /etc/cgpolicy", check=False)
             root(vm, f"rm -f {KEY} {DATA} /tmp/cgpolicy-login-*", check=False)
-            root(vm, "cgpolicyctl reload", check=False)
+            root(vm, "systemctl restart cgpolicyd", check=False)
 
 
 def with_terminal(vm, user: str) -> str:

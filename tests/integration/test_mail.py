@@ -149,7 +149,8 @@ def mail_node(vm) -> Iterator[Any]:
     for name, text in POLICY.items():
         data = textwrap.dedent(text).lstrip().encode()
         vm.put_bytes(data, f"/etc/cgpolicy/{name}", mode=0o644)
-    root(vm, "cgpolicyctl check && cgpolicyctl reload")
+    # A restart, not a reload: an earlier module may have left cgpolicyd stopped.
+    root(vm, "cgpolicyctl check && systemctl restart cgpolicyd")
     root(vm, f"rm -f /var/mail/{USER} /var/mail/{ADMIN}; systemctl start exim4")
     vm.ssh("nohup sleep 100000 >/dev/null 2>&1 &", user=USER)  # mona's slice
     yield vm
@@ -158,7 +159,7 @@ def mail_node(vm) -> Iterator[Any]:
         root(
             vm,
             f"rm -rf /etc/cgpolicy && cp -a {BACKUP} /etc/cgpolicy && rm -rf {BACKUP} && "
-            "cgpolicyctl reload",
+            "systemctl restart cgpolicyd",
             check=False,
         )
         root(vm, f"cgpolicyctl release {USER}", check=False)

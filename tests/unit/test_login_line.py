@@ -85,3 +85,17 @@ def test_a_copy_from_before_the_message_still_gives_the_line(tmp_path: Path) -> 
 
 def test_the_frozen_line_is_one_printable_line() -> None:
     assert FROZEN_LINE.isprintable() and FROZEN_LINE.startswith("cgpolicy: ")
+
+
+def test_selftest_sessions_get_no_line(tmp_path: Path) -> None:
+    """selftest's PAM library crashes on a message during open_session: none is sent there."""
+    write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS)
+    penalties = {NOBODY: (EXPIRY, "penalty1", None, "slow down")}
+    save_penalties(str(tmp_path / "state" / PENALTIES), penalties)
+    bus = f"unix:path={tmp_path}/no-such-bus"
+    sshd, _ = run_hook(tmp_path, bus, merged=True, pam_environment=["PAM_SERVICE=sshd"])
+    assert sshd.stdout.startswith("cgpolicy: your limits are lowered"), sshd.stdout
+    selftest, _ = run_hook(
+        tmp_path, bus, merged=True, pam_environment=["PAM_SERVICE=cgpolicy-selftest"]
+    )
+    assert selftest.returncode == 0 and selftest.stdout == ""
