@@ -19,8 +19,9 @@ hands its child the PAM environment (which pam_env fills from the user's
 by pam_exec's own PAM_SERVICE, PAM_USER, PAM_TTY, PAM_RHOST, PAM_RUSER and,
 last, PAM_TYPE. Nothing stops the PAM environment from holding its own
 PAM_USER or PAM_TYPE, and getenv (so os.environ) returns the first of two
-entries: the user's. So the hook reads no variable but those two, and each
-from the environment block's last entry of that name, pam_exec's. Its paths
+entries: the user's. So the hook reads no variable but those two and
+PAM_SERVICE (which only decides whether the login line is shown), each from
+the environment block's last entry of that name, pam_exec's. Its paths
 are fixed here or given on the root-owned PAM line.
 """
 
