@@ -157,7 +157,9 @@ def test_evict_then_restore_continues_where_it_stopped(node):
     assert root(vm, f"ps -o tty= -p {job}").stdout.strip() == "?"
     assert memory(vm) > after + 400 * MB, diagnostics(vm)
     kinds = [e["kind"] for e in json.loads(root(vm, f"cgpolicyctl history {USER} --json").stdout)]
-    assert kinds[:2] == ["restored", "evicted"], kinds
+    # cgpolicyd may have judged the 500 MB job meanwhile (a penalty, a release): not ours.
+    ours = [kind for kind in kinds if kind in ("evicted", "restored")]
+    assert ours[:2] == ["restored", "evicted"], kinds
     root(vm, f"kill -9 {job}")
 
 
