@@ -185,6 +185,13 @@ class _Site:
         if found and isinstance(value, bool):
             self.same.append(f"{key} = {tomlwrite.value(value)}")
 
+    def false_is_ours(self, key: str, if_true: str) -> None:
+        """A flag whose false is what cgpolicy does anyway; true is noted, with why."""
+        if not self.flag(key):
+            self.matched(key)
+        else:
+            self.note(key, "true: " + if_true)
+
     def note(self, key: str, reason: str) -> None:
         self.used.add(key)
         self.notes.append(Note(key, reason))
@@ -316,14 +323,11 @@ def config_groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _general(site: _Site) -> Table:
     table = Table("general")
-    if not site.flag("general.debug_mode"):
-        site.matched("general.debug_mode")
-    else:
-        site.note(
-            "general.debug_mode",
-            "true: Arbiter2 set no limits; cgpolicy has no such mode, and the imported "
-            "policy sets its limits at login and its penalties",
-        )
+    site.false_is_ours(
+        "general.debug_mode",
+        "Arbiter2 set no limits; cgpolicy has no such mode, and the imported "
+        "policy sets its limits at login and its penalties",
+    )
     min_uid = int(site.number("general.min_uid", 1, ID_MAX, 1000))
     table.add("min_uid", min_uid, "general.min_uid")
     refresh = site.number("general.arbiter_refresh", 1, 3600, 10)
@@ -459,22 +463,16 @@ def _processes(site: _Site) -> Table:
                 'directory. match = "name" would trust names as Arbiter2 did',
             )
         )
-    if not site.flag("processes.memsw"):
-        site.matched("processes.memsw")
-    else:
-        site.note(
-            "processes.memsw",
-            "true: MemoryMax limits memory without swap; swap has its own limit, "
-            "MemorySwapMax (cgroup v2), left unset",
-        )
-    if not site.flag("processes.whitelist_other_processes"):
-        site.matched("processes.whitelist_other_processes")
-    else:
-        site.note(
-            "processes.whitelist_other_processes",
-            "true: cgpolicy charges all of a slice's CPU but whitelisted programs', "
-            "short-lived processes it cannot name included",
-        )
+    site.false_is_ours(
+        "processes.memsw",
+        "MemoryMax limits memory without swap; swap has its own limit, "
+        "MemorySwapMax (cgroup v2), left unset",
+    )
+    site.false_is_ours(
+        "processes.whitelist_other_processes",
+        "cgpolicy charges all of a slice's CPU but whitelisted programs', "
+        "short-lived processes it cannot name included",
+    )
     return table
 
 
