@@ -9,6 +9,13 @@ from collections.abc import Iterable
 
 from .errors import UnknownUser
 
+NSSWITCH = "/etc/nsswitch.conf"
+# NSS services whose enumeration of the group database lists every membership
+# their initgroups would give: /etc/group, and systemd's userdb (its getgrent
+# also lists each membership record). A directory (sss, ldap, winbind) may list
+# no members, or no groups at all, without being asked about the user.
+WHOLE_GROUP_SERVICES = frozenset({"files", "systemd"})
+
 
 class Account:
     """A user as the policy sees them. Group names are looked up only if a rule needs them."""
@@ -73,12 +80,21 @@ class Accounts:
 
         The names come from one pass over the user database instead of one
         search of it per uid (thousands of users); a database that does not
-        list its users is asked one uid at a time. Groups come from
-        getgrouplist, as at a login.
+        list its users is asked one uid at a time. Groups come from one pass
+        over the group database when NSS takes them from sources that list every
+        membership (``whole_group_database``), else from getgrouplist per user,
+        as at a login.
         """
         wanted = set(uids)
         found: dict[int, Account] = {}
         group_names: dict[int, str | None] = {}  # each gid's name asked once, not once a user
+        member_of: dict[str, set[int]] | None = None
+        if whole_group_database():
+            member_of = {}
+            for group in grp.getgrall():
+                group_names.setdefault(group.gr_gid, group.gr_name)  # getgrgid's: the first
+                for member in group.gr_mem:
+                    member_of.setdefault(member, set()).add(group.gr_gid)
 
         def named(gids: frozenset[int]) -> frozenset[str]:
             for gid in gids - group_names.keys():
@@ -90,7 +106,10 @@ class Accounts:
 
         for entry in pwd.getpwall():
             if entry.pw_uid in wanted and entry.pw_uid not in found:
-                gids = frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
+                if member_of is None:
+                    gids = frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
+                else:
+                    gids = frozenset({entry.pw_gid, *member_of.get(entry.pw_name, ())})
                 found[entry.pw_uid] = Account(entry.pw_name, entry.pw_uid, gids, named(gids))
         for uid in wanted - found.keys():
             try:
@@ -98,3 +117,28 @@ class Accounts:
             except UnknownUser:
                 continue
         return found
+
+
+def whole_group_database(nsswitch: str = NSSWITCH) -> bool:
+    """Whether one pass over the group database gives each user the groups getgrouplist
+    would: NSS lists groups from WHOLE_GROUP_SERVICES alone, with no action that
+    stops early, and asks the same services for a user's groups.
+
+    getgrall follows the ``group`` line, getgrouplist the ``initgroups`` line
+    when there is one. A file or line missing, a line given twice, or anything
+    else on it answers False: ask per user.
+    """
+    lines: dict[str, list[str] | None] = {}
+    try:
+        with open(nsswitch, encoding="utf-8") as file:
+            for line in file:
+                database, colon, services = line.partition("#")[0].partition(":")
+                if colon:
+                    name = database.strip()
+                    lines[name] = None if name in lines else services.split()
+    except (OSError, UnicodeDecodeError):
+        return False
+    group = lines.get("group")
+    if not group or not all(service in WHOLE_GROUP_SERVICES for service in group):
+        return False
+    return lines.get("initgroups", group) == group
