@@ -49,13 +49,13 @@ from .constants import (
     usage_db_file,
 )
 from .engine import Action, Engine, Properties
-from .errors import CgpolicyError, NotManaged, policy_error
+from .errors import CgpolicyError, NotManaged, StateError, SystemdError, policy_error
 from .mail import deliver
 from .notifier import Deliver, Notifier, Png, facts_for, no_png
 from .policy import General, Policy, StatusGroup, load_policy
 from .report import report_from_files
 from .salvage import last_salvage, open_or_salvage
-from .setprops import set_slice_properties
+from .setprops import NO_BUSCTL, set_slice_properties
 from .slicelimits import SliceLimits, Standing, physical_memory
 from .state import StateStore
 from .systemd import Systemd
@@ -84,6 +84,26 @@ Writer = Callable[[int, Properties], None]  # sets a user slice's properties thr
 
 
 RETRY = "retry"  # the actor of a cycle's reload of files it refused before
+
+
+class Outage:
+    """A fault of the whole node, logged once when it starts and once when it ends,
+    however many tries fail meanwhile; the daemon keeps trying every cycle."""
+
+    def __init__(self, lost: str, back: str) -> None:
+        self.lost = lost  # the event kinds of its two log lines
+        self.back = back
+        self.error: str | None = None  # the first failure's, while it lasts
+
+    def failed(self, err: Exception) -> None:
+        if self.error is None:
+            log.error(self.lost, log.fields(event=self.lost, error=err, retry="every-cycle"))
+            self.error = str(err)
+
+    def ended(self) -> None:
+        if self.error is not None:
+            log.info(self.back, log.fields(event=self.back, since_error=self.error))
+            self.error = None
 
 
 def system_writer(uid: int, props: Properties) -> None:
@@ -149,6 +169,9 @@ class Daemon:
         self.pending: set[int] = set()  # uids whose last send failed: retried every cycle
         self.stepped: set[int] = set()  # users whose MemoryMax was above target this cycle
         self.clock_watch = ClockWatch()  # notices a step of the wall clock
+        # The state database locked by another process or on a full disk; busctl gone.
+        self.unwritable = Outage("state-unwritable", "state-writable")
+        self.no_busctl = Outage("busctl-missing", "busctl-found")
         self.notifier = Notifier(
             store, lambda: self.policy.notify, png=plot, send=mailer, clock=clock
         )
@@ -301,6 +324,9 @@ class Daemon:
             except CgpolicyError as err:
                 self.pending.add(uid)
                 limits.fail(err)
+                if isinstance(err, SystemdError) and err.name == NO_BUSCTL:
+                    self.no_busctl.failed(err)  # the node's fault: Status lists who waits
+                    return limits
                 log.error(
                     "failed",
                     log.fields(
@@ -318,6 +344,8 @@ class Daemon:
                 )
                 return limits
             self.pending.discard(uid)
+            if limits.properties:
+                self.no_busctl.ended()
             return limits
 
     def _tier_of(self, uid: int) -> str:
@@ -360,18 +388,24 @@ class Daemon:
         reason = event.reason if event else ""
         return f"{said} ({reason})" if said and reason else said or reason
 
-    async def follow_clock(self, wall: float, boot: float) -> None:
+    async def follow_clock(self, wall: float, boot: float) -> bool:
         """If the wall clock was set since the last cycle, the recorded times move with it.
 
         Before anything is judged: a day forward must not end every penalty. Then
         the hook's copy and the penalized slices are set again, since a login in
-        between read the copy against the stepped clock.
+        between read the copy against the stepped clock. False when the times
+        could not be moved: nothing may be judged by them until a later cycle has.
         """
         step = self.clock_watch.step(wall, boot)
         if not step:
             self.clock_watch.mark(wall, boot)
-            return
-        moved = self.store.shift_times(step)  # a failure here leaves the step to the next cycle
+            return True
+        try:
+            moved = self.store.shift_times(step)
+        except StateError as err:  # not marked: the next cycle sees the step again
+            self.unwritable.failed(err)
+            return False
+        self.unwritable.ended()
         self.clock_watch.mark(wall, boot)
         text = log.fields(event="clock-step", step=f"{step:+.1f}", penalties_shifted=moved)
         log.info("clock-step", text)
@@ -379,6 +413,7 @@ class Daemon:
         self.write_penalties()
         for row in rows:
             await self.send(row.uid, row.user)
+        return True
 
     async def cycle(self) -> None:
         self.cached.clear()  # group membership is at most one interval old
@@ -386,7 +421,7 @@ class Daemon:
         # One reading judges the whole cycle: a step landing after it is seen whole
         # by the next cycle's follow_clock, before anything expires by it.
         now = self.clock()
-        await self.follow_clock(now, boot_clock())
+        followed = await self.follow_clock(now, boot_clock())
         marks = fingerprint(self.config_dir)
         if marks != self.marks or self.refused:
             # The hook reads the files at every login: follow an edit at once, so
@@ -413,7 +448,15 @@ class Daemon:
             current = await self._memory_current(uid)
             if current is not None:
                 memory[uid] = current
-        actions = self.engine.cycle(samples, now, memory)
+        actions: list[Action] = []
+        if followed:
+            try:
+                actions = self.engine.cycle(samples, now, memory)
+            except StateError as err:  # judged again next cycle from what is recorded
+                self.unwritable.failed(err)
+            else:
+                if self.engine.recorded:
+                    self.unwritable.ended()
         await asyncio.to_thread(self._record_usage, now, samples, actions)
         await self.apply(actions)
 

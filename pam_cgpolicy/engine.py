@@ -20,7 +20,7 @@ from typing import Any
 from .accounts import Account, lookup_uid
 from .badness import Change, Tier, UserScore, evaluate
 from .classify import decide
-from .errors import CgpolicyError, NotManaged, NotPenalized, UnknownTier
+from .errors import CgpolicyError, NotManaged, NotPenalized, StateError, UnknownTier
 from .policy import Policy
 from .slicelimits import SliceLimits, Standing, group_quotas, is_watched, slice_limits
 from .state import StateStore
@@ -66,6 +66,7 @@ class Engine:
         # uid -> (tier, MemoryMax sent, the tier's target) of users in a tier
         self.memory_in_force: dict[int, tuple[str, int, int]] = {}
         self.scores: dict[int, UserScore] = {}  # the standings the last cycle judged
+        self.recorded = 0  # users whose standing the last cycle wrote
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
@@ -145,13 +146,17 @@ class Engine:
         """One evaluation of every sampled user; ``now`` is epoch seconds.
 
         ``memory`` is the slices' current memory (bytes) where it was read; the
-        samples' memory stands in elsewhere.
+        samples' memory stands in elsewhere. StateError when the standings cannot
+        be recorded: then the engine is as before the call. ``recorded`` says how
+        many users' standings were written.
         """
         memory = memory or {}
         self.scores = {}
+        self.recorded = 0
         penalty = self.policy.penalty
         if penalty is None:
             return []
+        kept = dict(self.memory_in_force)
         recorded: list[tuple[int, str, UserScore, Change | None]] = []
         actions: list[Action] = []
         judged: set[int] = set()
@@ -193,7 +198,13 @@ class Engine:
                     actions.append(Action(uid, account.name, limits.properties, change, watched))
         actions += self._release_expired(now, skip=judged, recorded=recorded)
         if recorded:
-            self.store.record_many(recorded, now=now)
+            try:
+                self.store.record_many(recorded, now=now)
+            except StateError:  # nothing unrecorded is acted on, nor kept for the next step
+                self.memory_in_force = kept
+                self.scores = {}
+                raise
+            self.recorded = len(recorded)
         return actions
 
     def _elapsed(self, interval: float) -> float:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
     from .accounts import Account
 
+# The error of a node without busctl: cgpolicyd says it once, not once a user.
+NO_BUSCTL = "org.cgpolicy1.Error.NoBusctl"
 BUSCTL_PATHS = ("/usr/bin/busctl", "/bin/busctl")
 # busctl's whole environment, whoever calls: the hook's own is partly the
 # user's, and a DBUS_SYSTEM_BUS_ADDRESS (or SYSTEMD_*) there would steer it.
@@ -35,7 +37,7 @@ def _busctl() -> str:
     for path in BUSCTL_PATHS:
         if os.access(path, os.X_OK):
             return path
-    raise SystemdError("org.cgpolicy1.Error.NoBusctl", "busctl not found: is systemd installed?")
+    raise SystemdError(NO_BUSCTL, "busctl not found: is systemd installed?")
 
 
 def _value_words(signature: str, value: Any) -> list[str]:
