@@ -36,7 +36,7 @@ from . import control, log, metrics
 from .accounts import Account, Accounts, is_admin
 from .badness import UserScore
 from .classify import decide
-from .clockstep import ClockWatch, boot_clock
+from .clockstep import STEP_MIN, ClockWatch, boot_clock
 from .compiled import fingerprint, read_last_good, read_penalties, save, save_penalties
 from .constants import (
     MAIN_FILE,
@@ -746,10 +746,33 @@ class Daemon:
         """Start-up: end expired penalties, re-apply those in force, refresh the hook's copy."""
         if self.has_policy and not self.refused:
             self.save_last_good()
-        actions = self.engine.reconcile(self.clock(), self._memory_reached())
+        now = self.clock()
+        self._follow_clock_back(now)
+        actions = self.engine.reconcile(now, self._memory_reached())
         await self.apply(actions)
         self.write_penalties()
         return actions
+
+    def _follow_clock_back(self, now: float) -> None:
+        """At start: a wall clock behind the last standing recorded was set back while
+        cgpolicyd was down. The recorded times move back by the least step that
+        explains it, so no penalty has more left than it had at that record.
+
+        A step forward cannot be told from time passing (the boot clock is not
+        comparable across a reboot): penalties whose expiry has passed end.
+        """
+        try:
+            latest = self.store.last_recorded()
+            if latest is None or latest - now <= STEP_MIN:
+                return
+            moved = self.store.shift_times(now - latest)
+        except StateError as err:  # the times stay as recorded; the live watch goes on
+            self.unwritable.failed(err)
+            return
+        text = log.fields(
+            event="clock-step", step=f"{now - latest:+.1f}", penalties_shifted=moved, seen="start"
+        )
+        log.info("clock-step", text)
 
     def _memory_reached(self) -> dict[int, Standing]:
         """Each penalty's MemoryMax on its way down, from the hook's copy of before a restart."""

@@ -330,8 +330,9 @@ class StateStore(SQLiteFile):
             )
 
     def shift_times(self, step: float) -> int:
-        """Move every tier expiry and zero-badness start by ``step`` seconds, in one
-        transaction: the wall clock was set by that much. Returns the tiers moved."""
+        """Move every tier expiry, zero-badness start and standing's time by ``step``
+        seconds, in one transaction: the wall clock was set by that much. Returns the
+        tiers moved. (The events keep the times they happened at, as the clock said.)"""
         with self._errors("cannot shift the recorded times"), self._transaction():
             moved = self._conn.execute(
                 "UPDATE users SET tier_expiry = tier_expiry + ? WHERE tier_expiry IS NOT NULL",
@@ -341,7 +342,14 @@ class StateStore(SQLiteFile):
                 "UPDATE users SET zero_since = zero_since + ? WHERE zero_since IS NOT NULL",
                 (step,),
             )
+            self._conn.execute("UPDATE users SET updated = updated + ?", (step,))
         return int(moved)
+
+    def last_recorded(self) -> float | None:
+        """When a standing was last recorded, on the wall clock as it was followed since."""
+        with self._errors("cannot read"):
+            (latest,) = self._conn.execute("SELECT MAX(updated) FROM users").fetchone()
+        return None if latest is None else float(latest)
 
     def copy_rows_from(self, path: str) -> dict[str, int]:
         """Copy into this store every row each table of the (damaged) file at ``path``

@@ -136,3 +136,48 @@ def test_a_step_landing_during_a_cycle_ends_no_penalty(daemon):
     asyncio.run(daemon.cycle())
     assert daemon.store.get(2002).tier == "penalty1"
     assert daemon.store.get(2002).tier_expiry == pytest.approx(expiry + DAY, abs=1.0)
+
+
+# A step while cgpolicyd was down: seen at start, from what it recorded last.
+
+
+def restarted_at(daemon, wall: float) -> None:
+    daemon.clock = lambda: wall
+    daemon.lines.clear()
+    asyncio.run(daemon.start())
+
+
+def test_a_clock_set_back_while_down_gives_no_penalty_more_than_it_had_left(daemon, tmp_path):
+    wall = 1_800_000_000.0
+    daemon.clock = lambda: wall
+    asyncio.run(daemon.penalize("bob", "penalty1", "admin"))  # penalty1: 1800 s
+    assert daemon.store.get(2002).tier_expiry == wall + 1800
+    restarted_at(daemon, wall - DAY + 60)  # a day back, a minute after the last record
+    now = wall - DAY + 60
+    assert daemon.store.get(2002).tier == "penalty1"
+    assert daemon.store.get(2002).tier_expiry == pytest.approx(now + 1800)
+    assert read_penalty(str(tmp_path / "penalties"), 2002, now).tier == "penalty1"
+    assert read_penalty(str(tmp_path / "penalties"), 2002, now + 1801) is None  # not a day on
+    assert any("event=clock-step step=-86340.0 penalties_shifted=1" in x for x in daemon.lines)
+    restarted_at(daemon, now + 10)  # the times moved: a second start sees no step
+    assert daemon.store.get(2002).tier_expiry == pytest.approx(now + 1800)
+    assert not any("event=clock-step" in x for x in daemon.lines)
+
+
+def test_a_clock_set_forward_while_down_ends_the_penalties_it_passed(daemon):
+    wall = 1_800_000_000.0
+    daemon.clock = lambda: wall
+    asyncio.run(daemon.penalize("bob", "penalty1", "admin"))
+    restarted_at(daemon, wall + DAY)  # as if a day had passed: nothing tells it apart
+    assert daemon.store.get(2002).tier is None
+    assert daemon.store.history(2002, limit=1)[0].reason == "penalty expired"
+    assert not any("event=clock-step" in x for x in daemon.lines)
+
+
+def test_a_restart_on_a_clock_that_went_on_shifts_nothing(daemon):
+    wall = 1_800_000_000.0
+    daemon.clock = lambda: wall
+    asyncio.run(daemon.penalize("bob", "penalty1", "admin"))
+    restarted_at(daemon, wall + 600)
+    assert daemon.store.get(2002).tier_expiry == wall + 1800
+    assert not any("event=clock-step" in x for x in daemon.lines)
