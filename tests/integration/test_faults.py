@@ -369,6 +369,13 @@ FAULTS: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
 }
 # Logins that mostly wait (pam_systemd on a stopped bus) run all at once.
 AT_ONCE_UNDER = {"system bus SIGSTOP": LOGINS}
+# Faults cgpolicyd rides out without failing a cycle, logged when they start and,
+# where the same process sees them end, when they end: the events of both lines.
+SAID_ONCE: dict[str, tuple[str, str | None]] = {
+    "state.db locked": ("state-unwritable", None),  # ended once a record is needed again
+    "state dir full": ("state-unwritable", None),  # cleared by a restart
+    "busctl missing": ("busctl-missing", "busctl-found"),
+}
 
 
 # --- the hook's own share -------------------------------------------------
@@ -384,6 +391,31 @@ def hook_seconds(lines: list[str]) -> list[float]:
     """The hook's time at each login, from its own log line (timeouts included)."""
     found = (re.search(r"\belapsed_ms=(\d+)", line) for line in lines)
     return [int(m.group(1)) / 1000 for m in found if m]
+
+
+def said_once(vm, fault: str, since: int) -> list[str]:
+    """cgpolicyd's lines about the fault since line ``since``: no cycle failed, the
+    loss said once at most, and its end said once where this process saw it end."""
+    if fault not in SAID_ONCE:
+        return []
+    lost, back = SAID_ONCE[fault]
+
+    def lines() -> list[str]:
+        return journal(vm, "cgpolicyd")[since:]
+
+    def count(event: str) -> int:
+        return sum(f"event={event}" in line for line in lines())
+
+    if back and count(lost):  # sent again at the next cycle, now that it can be
+        wait(f"cgpolicyd saying {back}", lambda: count(back), 30, vm)
+    found = lines()
+    failed = [line for line in found if "event=cycle-failed" in line]
+    assert not failed, f"cycles failed under {fault}: {failed[:3]}"
+    per_user = [line for line in found if "retry=next-cycle" in line and "NoBusctl" in line]
+    assert not per_user, f"busctl's loss said per user: {per_user[:3]}"
+    counts = {event: count(event) for event in (lost, back) if event}
+    assert all(n <= 1 for n in counts.values()), f"said more than once: {counts}"
+    return ["cgpolicyd said: " + ", ".join(f"{event} x{n}" for event, n in counts.items())]
 
 
 # --- the module -------------------------------------------------------------
@@ -477,9 +509,11 @@ def test_logins_go_on_and_the_penalty_stays_under(node, fault):
     vm = node.vm
     before = penalty_in_force(vm)
     hooks_before, sshd_before = len(journal(vm, "cgpolicy-pam-hook")), len(journal(vm, "sshd"))
+    daemon_before = len(journal(vm, "cgpolicyd"))
     with FAULTS[fault](vm):
         done = logins(vm, AT_ONCE_UNDER.get(fault, AT_ONCE))
     held, seen = kept(vm, before)
+    said = said_once(vm, fault, daemon_before)
     hook = hook_seconds(journal(vm, "cgpolicy-pam-hook")[hooks_before:])
     added = max(login.seconds - node.baseline[login.user] for login in done)
     failed = [login for login in done if not login.ok]
@@ -491,6 +525,7 @@ def test_logins_go_on_and_the_penalty_stays_under(node, fault):
         if "pam_systemd" in line and "Failed to create session" in line
     ]
     row = Row(fault, LOGINS - len(failed), LOGINS, added, max(hook, default=0.0), int(held), 1)
+    row.notes += said
     node.rows.append(row)
     assert not failed, f"{len(failed)} logins failed: {failed}\n{diagnostics(vm)}"
     assert len(hook) == LOGINS and row.hook <= HOOK_TIMEOUT + 0.1, (
