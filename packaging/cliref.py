@@ -127,8 +127,12 @@ def completion(parser: argparse.ArgumentParser) -> str:
 _cgpolicyctl() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}}
     local i word command="" config=() nth=0 flags args
-    if [ "$prev" = --config-dir ] || [ "$prev" = --out ]; then
+    if [ "$prev" = --config-dir ] || [ "$prev" = --out ] || [ "$prev" = --policy ]; then
         COMPREPLY=($(compgen -d -- "$cur"))
+        return
+    fi
+    if [ "$prev" = --history ] || [ "$prev" = --plot ]; then
+        COMPREPLY=($(compgen -f -- "$cur"))
         return
     fi
     for ((i = 1; i < COMP_CWORD; i++)); do

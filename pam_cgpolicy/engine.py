@@ -140,12 +140,18 @@ class Engine:
         return self.policy.penalty.find(name) if self.policy.penalty else None
 
     def cycle(
-        self, samples: Mapping[int, Sample], now: float, memory: Mapping[int, int] | None = None
+        self,
+        samples: Mapping[int, Sample],
+        now: float,
+        memory: Mapping[int, int] | None = None,
+        longest_step: float | None = None,
     ) -> list[Action]:
         """One evaluation of every sampled user; ``now`` is epoch seconds.
 
         ``memory`` is the slices' current memory (bytes) where it was read; the
-        samples' memory stands in elsewhere.
+        samples' memory stands in elsewhere. A sample's interval counts for at most
+        ``longest_step`` seconds, by default two of the policy's intervals; a replay
+        of recorded usage passes the recorded interval's, or an average's span.
         """
         memory = memory or {}
         self.scores = {}
@@ -175,7 +181,7 @@ class Engine:
                 _reading(sample.memory_bytes),
                 quotas.memory_max,
                 now,
-                self._elapsed(sample.interval),
+                self._elapsed(sample.interval, longest_step),
                 self.policy.badness,
                 penalty,
             )
@@ -196,9 +202,9 @@ class Engine:
             self.store.record_many(recorded, now=now)
         return actions
 
-    def _elapsed(self, interval: float) -> float:
+    def _elapsed(self, interval: float, longest: float | None) -> float:
         """At most two intervals: a stall, a suspend or a clock step is not one long step."""
-        return min(interval, 2 * self.policy.general.interval)
+        return min(interval, 2 * self.policy.general.interval if longest is None else longest)
 
     def _release_expired(
         self, now: float, skip: set[int], recorded: list[tuple[int, str, UserScore, Change | None]]
