@@ -280,3 +280,19 @@ def test_accounts_are_asked_once_each_known_or_not(tmp_path, history):
     policy = policy_in(tmp_path, "p", DAEMON_SECTIONS)
     replay(policy, history, None, T0, end, 16 * GiB, lookup=counting)
     assert sorted(asked) == [BOB, STRANGER]
+
+
+def test_the_plot_draws_both_policies_per_hour_and_the_coarse_stretch(tmp_path, history):
+    from test_report import decoded
+
+    from pam_cgpolicy.plot import replay_png
+
+    end = synthetic(history, [(7200, 1.0)])
+    history.maintain(end, retention=30 * 86400)
+    policy = policy_in(tmp_path, "p", DAEMON_SECTIONS)
+    result = replay(policy, history, None, T0, end, 16 * GiB, lookup=lookup)
+    assert result.averages and result.candidate
+    assert decoded(replay_png(result, "candidate")).shape[:2] == (450, 1100)
+    empty = replay(policy, history, None, end + 10, end + 20, 16 * GiB, lookup=lookup)
+    assert empty.samples == 0 and empty.rows == ()
+    assert decoded(replay_png(empty, "candidate")).shape[:2] == (450, 1100)
