@@ -61,7 +61,8 @@ def synopsis(name: str, parser: argparse.ArgumentParser) -> str:
     for action in options(parser):
         flag = roff(action.option_strings[-1])
         value = f" \\fI{action.metavar or action.dest.upper()}\\fR" if action.nargs != 0 else ""
-        words.append(f"[\\fB{flag}\\fR{value}]")
+        word = f"\\fB{flag}\\fR{value}"
+        words.append(word if action.required else f"[{word}]")
     for action in positionals(parser):
         word = f"\\fI{roff(str(action.metavar or action.dest).upper())}\\fR"
         word += " ..." if action.nargs == "+" else ""

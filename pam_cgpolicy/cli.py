@@ -5,6 +5,11 @@ announces what changed, and status shows its tiers and badness); when it does
 not, they go straight to systemd as before. penalize, release, reload and metrics
 need cgpolicyd; history reads its state database, read-only. classify, status and
 history show another user only to root and the policy's admin group.
+replay (root) judges the usage history again under a candidate policy, in memory,
+with cgpolicyd's own engine, beside the penalties recorded; it changes nothing.
+Each user starts with no badness; admins' penalize and release are listed apart,
+never replayed; where the history is kept as averages it says so, and times
+there are to the bucket.
 notify-test (root) sends its sample mail itself, to see the server's answer.
 
 Exit codes: 0 success, 1 the action failed or the policy is invalid, 2 usage.
@@ -490,9 +495,9 @@ def _record_event(uid: int, user: str, kind: str, reason: str) -> None:
     )
 
 
-def _root_only(command: str) -> None:
+def _root_only(command: str, why: str = "runs CRIU, which needs root") -> None:
     if os.geteuid() != 0:
-        print(f"error: {command} runs CRIU, which needs root", file=sys.stderr)
+        print(f"error: {command} {why}", file=sys.stderr)
         raise _Failed
 
 
@@ -676,11 +681,10 @@ def cmd_replay(args: argparse.Namespace) -> None:
     """Read-only: the candidate is judged in memory; nothing of the node changes."""
     from . import replay
 
-    uid = _visible_uid(None if args.user is None else _history_uid(args.user), "replay")
+    _root_only("replay", "is for root: it reads every user's usage history")
+    uid = None if args.user is None else _history_uid(args.user)
     policy = _strict_policy(argparse.Namespace(config_dir=args.policy))
     usage = args.history or usage_db_file()
-    for path in (usage, state_db_file()):
-        _readable_db(path)
     history = UsageHistory.open_readonly(usage)
     if history is None:
         print(f"error: {usage}: no usage history (yet) to replay", file=sys.stderr)

@@ -251,13 +251,11 @@ def test_the_json_holds_both_sides_the_rows_and_the_coarse_stretches(tmp_path, h
     assert data["unknown_uids"] == [STRANGER] and data["candidate_has_tiers"] is True
 
 
-def test_cli_replay_prints_both_sides_and_refuses_an_unreadable_history(
-    tmp_path, history, monkeypatch, capsys
-):
+def test_cli_replay_prints_both_sides_and_is_for_root(tmp_path, history, monkeypatch, capsys):
     synthetic(history, [(400, 1.0)], start=float(int(time.time()) - 1000))
     write_policy(tmp_path / "cand", MAIN + DAEMON_SECTIONS)
     monkeypatch.setattr(cli, "Accounts", lambda: DictAccounts(dict(ACCOUNTS)))
-    monkeypatch.setattr(cli, "_visible_uid", lambda uid, _command: uid)
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
     args = ["replay", "--policy", str(tmp_path / "cand"), "--history", str(history.path)]
     assert cli.main([*args, "--since", "1h"]) == 0
     out = capsys.readouterr().out
@@ -267,6 +265,9 @@ def test_cli_replay_prints_both_sides_and_refuses_an_unreadable_history(
     missing = str(tmp_path / "none.db")
     assert cli.main(["replay", "--policy", str(tmp_path / "cand"), "--history", missing]) == 1
     assert "no usage history" in capsys.readouterr().err
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    assert cli.main([*args, "--since", "1h"]) == 1
+    assert "replay is for root: it reads every user's usage history" in capsys.readouterr().err
 
 
 def test_accounts_are_asked_once_each_known_or_not(tmp_path, history):
