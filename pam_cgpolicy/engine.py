@@ -22,7 +22,14 @@ from .badness import Change, Tier, UserScore, evaluate
 from .classify import decide
 from .errors import CgpolicyError, NotManaged, NotPenalized, UnknownTier
 from .policy import Policy
-from .slicelimits import SliceLimits, Standing, group_quotas, is_watched, slice_limits
+from .slicelimits import (
+    Quotas,
+    SliceLimits,
+    Standing,
+    group_quotas,
+    is_watched,
+    slice_limits,
+)
 from .state import StateStore
 from .usage import Sample
 
@@ -72,6 +79,14 @@ class Engine:
         compiled = policy.compile()  # first: a policy that fails to compile changes nothing
         self.policy = policy
         self.compiled = compiled
+        self._quotas: dict[str, Quotas] = {}  # group name -> its quotas, under this policy
+
+    def _group_quotas(self, group: Group) -> Quotas:
+        """group_quotas, worked out once a group: a cycle asks it of every user."""
+        quotas = self._quotas.get(group["name"])
+        if quotas is None:
+            quotas = self._quotas[group["name"]] = group_quotas(group, self.memory_total)
+        return quotas
 
     def _judged_group(self, account: Account) -> tuple[Group | None, str]:
         """The user's group if they can be penalized: limited, not exempt, not skipped.
@@ -84,7 +99,7 @@ class Engine:
             return None, decision.reason
         if decision.action != "applied":
             return None, f"group {group['name']} is exempt"
-        quotas = group_quotas(group, self.memory_total)
+        quotas = self._group_quotas(group)
         if quotas.cpu_usec is None and quotas.memory_max is None:
             # nothing to measure against, and nothing a tier could lower
             return None, f"group {group['name']} sets neither CPUQuota nor MemoryMax"
@@ -127,6 +142,11 @@ class Engine:
         else:
             self.memory_in_force.pop(uid, None)
         return self.memory_in_force.get(uid) != before
+
+    def _stepping(self, uid: int) -> bool:
+        """The user's MemoryMax is still above their tier's (one of memory_stepping())."""
+        found = self.memory_in_force.get(uid)
+        return found is not None and found[1] > found[2]
 
     def memory_stepping(self) -> dict[int, tuple[int, int]]:
         """Users whose MemoryMax is still above their tier's: uid -> (in force, target)."""
@@ -171,7 +191,7 @@ class Engine:
             group, _ = self._judged_group(account)
             if group is None:
                 continue
-            quotas = group_quotas(group, self.memory_total)
+            quotas = self._group_quotas(group)
             old = self.store.get(uid) or UserScore()
             judged.add(uid)
             new, change = evaluate(
@@ -192,7 +212,7 @@ class Engine:
             if new != old:
                 recorded.append((uid, account.name, new, change))
             current = memory.get(uid, sample.memory_bytes)
-            stepping = change is None and new.tier is not None and uid in self.memory_stepping()
+            stepping = change is None and new.tier is not None and self._stepping(uid)
             if (change is not None and change.kind != "forgiven") or stepping:
                 limits = self.limits(account, new, current)
                 if self.remember(uid, limits) or change is not None:
