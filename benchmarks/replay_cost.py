@@ -148,7 +148,8 @@ def replay_once(path: Path, days: float, report: int) -> None:
             last = FIRST_UID + report - 1
             mine = [row for row in result.rows if row.penalty.uid <= last]
             shown = dataclasses.replace(result, rows=tuple(mine))
-            cli._print_replay(shown, "benchmarks/replay_cost.py's policy", str(path), False)
+            why = "the benchmark has no state database"
+            cli._print_replay(shown, "benchmarks/replay_cost.py's policy", str(path), why)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     users = len({p.uid for p in result.candidate})
     print(

@@ -708,7 +708,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(replay.to_json(result, _event_dict), indent=2))
         return
-    _print_replay(result, args.policy, usage, compared=store is not None)
+    missing = "the history is another node's" if args.history else "no state database yet"
+    _print_replay(result, args.policy, usage, None if store else missing)
     if args.plot:
         print(f"plot written to {args.plot}")
 
@@ -725,7 +726,8 @@ def _duration_text(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _print_replay(result: Replay, policy: str, usage: str, compared: bool) -> None:
+def _print_replay(result: Replay, policy: str, usage: str, uncompared: str | None) -> None:
+    """The replay as text; ``uncompared`` says why no recorded penalties are compared."""
     from .replay import CANDIDATE_ONLY, RECORDED_ONLY
 
     every = f"{result.sampled_every:g} s" if result.sampled_every else "-"
@@ -750,9 +752,9 @@ def _print_replay(result: Replay, policy: str, usage: str, compared: bool) -> No
         print("  the candidate policy has no [penalty]: it penalizes nobody")
     same = sum(1 for row in result.rows if row.verdict not in (CANDIDATE_ONLY, RECORDED_ONLY))
     recorded = (
-        f"{len(result.recorded)} recorded under the policy in force, {same} at the same time"
-        if compared
-        else "none recorded compared: the history is another node's"
+        f"none recorded compared: {uncompared}"
+        if uncompared
+        else f"{len(result.recorded)} recorded under the policy in force, {same} at the same time"
     )
     print(f"\nthe model's penalties: {len(result.candidate)} under the candidate, {recorded}")
 
