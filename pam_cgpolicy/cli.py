@@ -728,7 +728,7 @@ def _duration_text(seconds: float) -> str:
 
 def _print_replay(result: Replay, policy: str, usage: str, uncompared: str | None) -> None:
     """The replay as text; ``uncompared`` says why no recorded penalties are compared."""
-    from .replay import CANDIDATE_ONLY, RECORDED_ONLY
+    from .replay import SAME
 
     every = f"{result.sampled_every:g} s" if result.sampled_every else "-"
     print(f"replay of the policy in {policy} on the usage history in {usage}")
@@ -750,11 +750,11 @@ def _print_replay(result: Replay, policy: str, usage: str, uncompared: str | Non
         print(f"  not judged: {len(result.unknown)} uids unknown here ({uids}{more})")
     if not result.has_tiers:
         print("  the candidate policy has no [penalty]: it penalizes nobody")
-    same = sum(1 for row in result.rows if row.verdict not in (CANDIDATE_ONLY, RECORDED_ONLY))
+    same = sum(1 for row in result.rows if row.verdict == SAME)
     recorded = (
         f"none recorded compared: {uncompared}"
         if uncompared
-        else f"{len(result.recorded)} recorded under the policy in force, {same} at the same time"
+        else f"{len(result.recorded)} recorded under the policy in force, {same} the same"
     )
     print(f"\nthe model's penalties: {len(result.candidate)} under the candidate, {recorded}")
 
@@ -776,7 +776,7 @@ def _print_replay(result: Replay, policy: str, usage: str, uncompared: str | Non
         ]
         return text + (f" ({', '.join(notes)})" if notes else "")
 
-    table = [["START", "USER", "CANDIDATE", "RECORDED", ""]]
+    table = [["START", "USER", "CANDIDATE", "RECORDED", "VERDICT"]]
     for row in result.rows:
         table.append(
             [

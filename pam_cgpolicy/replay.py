@@ -65,10 +65,13 @@ class Penalty:
         return self.end - self.start
 
 
-# A row's verdict: the same penalty under both; another tier at the same time; one only.
-SAME, OTHER_TIER, CANDIDATE_ONLY, RECORDED_ONLY = (
+# A row's verdict: the same penalty under both; another tier at the same time; the
+# candidate's begins sooner or later, the two in force at once; one only.
+SAME, OTHER_TIER, SOONER, LATER, CANDIDATE_ONLY, RECORDED_ONLY = (
     "same",
     "other tier",
+    "sooner",
+    "later",
     "candidate only",
     "recorded only",
 )
@@ -247,36 +250,49 @@ def _recorded(
 def compare(
     candidate: Iterable[Penalty], recorded: Iterable[Penalty], tolerance: float
 ) -> list[Row]:
-    """Pair each candidate penalty with a recorded one of the same user that began within
-    ``tolerance`` seconds, or two buckets where the history is averages (a bucket a user
-    was busy in for part of it counts as busy through it): the same tier first, then
-    any; the rest stand alone. In order of their start."""
+    """Pair the candidate's penalties with the recorded ones of the same user, in order:
+    begun within ``tolerance`` seconds (two buckets where the history is averages: a
+    bucket a user was busy in for part of it counts as busy through it) at the same tier,
+    then at any tier; then any two in force at once, the nearest start first (sooner or
+    later). The rest stand alone. In order of their start."""
     left = sorted(recorded, key=lambda p: p.start)
     rows: list[Row] = []
     pending = sorted(candidate, key=lambda p: p.start)
-    for same_tier in (True, False):
+
+    def near(mine: Penalty, theirs: Penalty) -> bool:
+        return abs(theirs.start - mine.start) <= max(tolerance, 2 * mine.bucket)
+
+    def overlap(mine: Penalty, theirs: Penalty) -> bool:
+        return mine.start < theirs.end and theirs.start < mine.end
+
+    passes: tuple[Callable[[Penalty, Penalty], bool], ...] = (
+        lambda mine, theirs: near(mine, theirs) and theirs.tier == mine.tier,
+        near,
+        overlap,
+    )
+    for fits in passes:
         unmatched = []
         for mine in pending:
-            near = max(tolerance, 2 * mine.bucket)
-            found = next(
-                (
-                    theirs
-                    for theirs in left
-                    if theirs.uid == mine.uid
-                    and abs(theirs.start - mine.start) <= near
-                    and (theirs.tier == mine.tier or not same_tier)
-                ),
-                None,
+            found = min(
+                (t for t in left if t.uid == mine.uid and fits(mine, t)),
+                key=lambda t: abs(t.start - mine.start),
+                default=None,
             )
             if found is None:
                 unmatched.append(mine)
                 continue
             left.remove(found)
-            rows.append(Row(mine, found, SAME if found.tier == mine.tier else OTHER_TIER))
+            rows.append(Row(mine, found, _verdict(mine, found, near(mine, found))))
         pending = unmatched
     rows += [Row(p, None, CANDIDATE_ONLY) for p in pending]
     rows += [Row(None, p, RECORDED_ONLY) for p in left]
     return sorted(rows, key=lambda r: (r.start, r.penalty.uid))
+
+
+def _verdict(mine: Penalty, theirs: Penalty, near: bool) -> str:
+    if near:
+        return SAME if mine.tier == theirs.tier else OTHER_TIER
+    return SOONER if mine.start < theirs.start else LATER
 
 
 def per_hour(penalties: Iterable[Penalty], since: float, until: float) -> list[int]:

@@ -26,6 +26,7 @@ from pam_cgpolicy.replay import (
     OTHER_TIER,
     RECORDED_ONLY,
     SAME,
+    SOONER,
     Penalty,
     compare,
     per_hour,
@@ -217,21 +218,27 @@ def test_downsampled_history_is_judged_a_bucket_a_step_and_said_to_be_coarser(tm
     assert raw and all(p.bucket == 0 for p in raw)
 
 
-def test_compare_pairs_the_same_tier_first_then_another_tier_then_alone():
+def test_compare_pairs_the_same_tier_then_another_then_two_at_once_then_none():
     def pen(uid, tier, start):
         return Penalty(uid, str(uid), tier, start, start + 60, False, False)
 
-    mine = [pen(1, "p1", 100), pen(2, "p2", 100), pen(3, "p1", 100)]
-    theirs = [pen(1, "p1", 109), pen(2, "p1", 95), pen(3, "p1", 200), pen(4, "p1", 5)]
+    mine = [pen(1, "p1", 100), pen(2, "p2", 100), pen(3, "p1", 100), pen(5, "p2", 300)]
+    theirs = [
+        *(pen(1, "p1", 109), pen(2, "p1", 95), pen(3, "p1", 200), pen(4, "p1", 5)),
+        *(pen(5, "p1", 260), pen(5, "p1", 330)),  # both in force with 5's: the nearer
+    ]
     rows = compare(mine, theirs, tolerance=11)
     got = [(r.penalty.uid, r.verdict) for r in rows]
     assert got == [
         (4, RECORDED_ONLY),
         (2, OTHER_TIER),  # a row's time is its sooner start
         (1, SAME),
-        (3, CANDIDATE_ONLY),
+        (3, CANDIDATE_ONLY),  # 100 to 160 and 200 to 260: never at once
         (3, RECORDED_ONLY),
+        (5, RECORDED_ONLY),  # 260: 40 s from 300
+        (5, SOONER),  # 330: the nearer
     ]
+    assert rows[6].recorded.start == 330
 
 
 def test_per_hour_counts_the_penalties_begun_in_each_hour():
