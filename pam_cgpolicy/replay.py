@@ -196,7 +196,7 @@ def replay(
         idle_until(until, interval)
         engine.cycle({}, until)  # what has expired by the end, as a cycle then would
         events = reversed(judged.history(uid, None))
-        candidate = [_penalty(s, until, buckets) for s in stays(events, judged, until)]
+        candidate = [_penalty(s, buckets) for s in stays(events, judged, until)]
     finally:
         judged.close()
     made, admin = _recorded(recorded, since, until, uid)
@@ -217,7 +217,7 @@ def replay(
     )
 
 
-def _penalty(stay: Stay, until: float, buckets: dict[float, float]) -> Penalty:
+def _penalty(stay: Stay, buckets: dict[float, float]) -> Penalty:
     ended = stay.ended
     return Penalty(
         uid=stay.began.uid,
@@ -243,7 +243,7 @@ def _recorded(
     if store is None:
         return [], []
     events = [e for e in reversed(store.history(uid, None, since)) if e.time <= until]
-    made = [_penalty(s, until, {}) for s in stays(events, store, until) if s.began.actor is None]
+    made = [_penalty(s, {}) for s in stays(events, store, until) if s.began.actor is None]
     return made, [e for e in events if e.actor is not None]
 
 
