@@ -7,7 +7,7 @@ sets the penalties that store recorded beside those the node's state database
 recorded under the policy in force. The result is plain data (``Replay``);
 ``to_json`` prints it and ``plot.replay_png`` draws it.
 
-What the replay can and cannot know, each said in its output:
+What it cannot know, in the README and, the first three where they apply, in its output:
 - Each user starts the span with no badness and no occurrences.
 - Only the model is replayed. An admin's penalize or release is not the policy's
   doing: it is listed apart, never replayed; a recorded penalty an admin set is
