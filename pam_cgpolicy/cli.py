@@ -706,7 +706,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
         Path(args.plot).write_bytes(replay_png(result, args.policy))
     if args.json:
-        print(json.dumps(replay.to_json(result, _event_dict), indent=2))
+        data = {"policy": args.policy, "history": usage, **replay.to_json(result, _event_dict)}
+        print(json.dumps(data, indent=2))
         return
     missing = "the history is another node's" if args.history else "no state database yet"
     _print_replay(result, args.policy, usage, None if store else missing)

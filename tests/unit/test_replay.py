@@ -269,6 +269,10 @@ def test_cli_replay_prints_both_sides_and_is_for_root(tmp_path, history, monkeyp
     assert "bob" in out and "penalty1 for 30m" in out and "candidate only" in out, out
     assert "not judged: 1 uids unknown here (7777)" in out
     assert "none recorded compared: the history is another node's" in out
+    assert cli.main([*args, "--since", "1h", "--user", str(BOB), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["policy"] == str(tmp_path / "cand") and data["history"] == str(history.path)
+    assert [p["user"] for p in data["candidate"]] == ["bob"] and data["unknown_uids"] == []
     missing = str(tmp_path / "none.db")
     assert cli.main(["replay", "--policy", str(tmp_path / "cand"), "--history", missing]) == 1
     assert "no usage history" in capsys.readouterr().err
