@@ -61,7 +61,8 @@ def synopsis(name: str, parser: argparse.ArgumentParser) -> str:
     for action in options(parser):
         flag = roff(action.option_strings[-1])
         value = f" \\fI{action.metavar or action.dest.upper()}\\fR" if action.nargs != 0 else ""
-        words.append(f"[\\fB{flag}\\fR{value}]")
+        word = f"\\fB{flag}\\fR{value}"
+        words.append(word if action.required else f"[{word}]")
     for action in positionals(parser):
         word = f"\\fI{roff(str(action.metavar or action.dest).upper())}\\fR"
         word += " ..." if action.nargs == "+" else ""
@@ -127,8 +128,12 @@ def completion(parser: argparse.ArgumentParser) -> str:
 _cgpolicyctl() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}}
     local i word command="" config=() nth=0 flags args
-    if [ "$prev" = --config-dir ] || [ "$prev" = --out ]; then
+    if [ "$prev" = --config-dir ] || [ "$prev" = --out ] || [ "$prev" = --policy ]; then
         COMPREPLY=($(compgen -d -- "$cur"))
+        return
+    fi
+    if [ "$prev" = --history ] || [ "$prev" = --plot ]; then
+        COMPREPLY=($(compgen -f -- "$cur"))
         return
     fi
     for ((i = 1; i < COMP_CWORD; i++)); do

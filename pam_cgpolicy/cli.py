@@ -5,6 +5,11 @@ announces what changed, and status shows its tiers and badness); when it does
 not, they go straight to systemd as before. penalize, release, reload and metrics
 need cgpolicyd; history reads its state database, read-only. classify, status and
 history show another user only to root and the policy's admin group.
+replay (root) judges the usage history again under a candidate policy, in memory,
+with cgpolicyd's own engine, beside the penalties recorded; it changes nothing.
+Each user starts with no badness; admins' penalize and release are listed apart,
+never replayed; where the history is kept as averages it says so, and times
+there are to the bucket.
 notify-test (root) sends its sample mail itself, to see the server's answer.
 
 Exit codes: 0 success, 1 the action failed or the policy is invalid, 2 usage.
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import bus, control, evict, log
-from .accounts import Account, is_admin, lookup_account, lookup_uid
+from .accounts import Account, Accounts, is_admin, lookup_account, lookup_uid
 from .cgroups import CGROUP_ROOT, cgroup_mode
 from .classify import decide, describe_limits
 from .client import Daemon, daemon_running
@@ -51,9 +56,11 @@ from .setprops import apply_limits
 from .slicelimits import Standing, format_size, physical_memory, slice_limits
 from .state import Event, StateStore
 from .systemd import Systemd
+from .usagehistory import UsageHistory
 
 if TYPE_CHECKING:
     from .compiled import Compiled
+    from .replay import Penalty, Replay
 
 BUS_TIMEOUT = 10.0
 NOT_RUNNING = "cgpolicyd is not running (start it with: systemctl start cgpolicyd)"
@@ -488,9 +495,9 @@ def _record_event(uid: int, user: str, kind: str, reason: str) -> None:
     )
 
 
-def _root_only(command: str) -> None:
+def _root_only(command: str, why: str = "runs CRIU, which needs root") -> None:
     if os.geteuid() != 0:
-        print(f"error: {command} runs CRIU, which needs root", file=sys.stderr)
+        print(f"error: {command} {why}", file=sys.stderr)
         raise _Failed
 
 
@@ -668,6 +675,132 @@ def _print_report(report: UsageReport) -> None:
             f"({process.executable or '?'}) CPU {cores(process.cores)} cores, "
             f"memory {_human_bytes(process.memory)}"
         )
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    """Read-only: the candidate is judged in memory; nothing of the node changes."""
+    from . import replay
+
+    _root_only("replay", "is for root: it reads every user's usage history")
+    uid = None if args.user is None else _history_uid(args.user)
+    policy = _strict_policy(argparse.Namespace(config_dir=args.policy))
+    usage = args.history or usage_db_file()
+    history = UsageHistory.open_readonly(usage)
+    if history is None:
+        print(f"error: {usage}: no usage history (yet) to replay", file=sys.stderr)
+        raise _Failed
+    # Another node's history was judged there: this node's events are not its own.
+    store = None if args.history else StateStore.open_readonly(state_db_file())
+    until = time.time()
+    try:
+        lookup = Accounts().by_uid  # as cgpolicyd asks NSS
+        result = replay.replay(
+            policy, history, store, until - args.since, until, physical_memory(), uid, lookup
+        )
+    finally:
+        for source in (history, store):
+            if source is not None:
+                source.close()
+    if args.plot:
+        from .plot import replay_png  # matplotlib: only when a picture is asked for
+
+        Path(args.plot).write_bytes(replay_png(result, args.policy))
+    if args.json:
+        data = {"policy": args.policy, "history": usage, **replay.to_json(result, _event_dict)}
+        print(json.dumps(data, indent=2))
+        return
+    missing = "the history is another node's" if args.history else "no state database yet"
+    _print_replay(result, args.policy, usage, None if store else missing)
+    if args.plot:
+        print(f"plot written to {args.plot}")
+
+
+def _duration_text(seconds: float) -> str:
+    """4h05m, 30m, 40s: how long a penalty lasts."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
+    return f"{secs}s"
+
+
+def _print_replay(result: Replay, policy: str, usage: str, uncompared: str | None) -> None:
+    """The replay as text; ``uncompared`` says why no recorded penalties are compared."""
+    from .replay import SAME
+
+    every = f"{result.sampled_every:g} s" if result.sampled_every else "-"
+    print(f"replay of the policy in {policy} on the usage history in {usage}")
+    print(
+        f"  {_local_time(result.since)} to {_local_time(result.until)}: {result.users} users, "
+        f"{result.samples} samples, taken every {every}"
+    )
+    for stretch in result.averages:
+        print(
+            f"  coarser from {_local_time(stretch.first)} to "
+            f"{_local_time(stretch.last + stretch.bucket)}: {stretch.bucket / 60:g}-minute "
+            "averages; there a penalty's time is its bucket's start, and a bucket's average "
+            "counts for all of it"
+        )
+    print("  each user starts with no badness and no occurrences; groups as NSS says now")
+    if result.unknown:
+        uids = ", ".join(str(uid) for uid in result.unknown[:10])
+        more = ", ..." if len(result.unknown) > 10 else ""
+        print(f"  not judged: {len(result.unknown)} uids unknown here ({uids}{more})")
+    if not result.has_tiers:
+        print("  the candidate policy has no [penalty]: it penalizes nobody")
+    same = sum(1 for row in result.rows if row.verdict == SAME)
+    recorded = (
+        f"none recorded compared: {uncompared}"
+        if uncompared
+        else f"{len(result.recorded)} recorded under the policy in force, {same} the same"
+    )
+    print(f"\nthe model's penalties: {len(result.candidate)} under the candidate, {recorded}")
+
+    def shown(penalty: Penalty | None, start: float) -> str:
+        if penalty is None:
+            return "-"
+        text = f"{penalty.tier} for {_duration_text(penalty.seconds)}"
+        if penalty.start != start:
+            text += f" at {_local_time(penalty.start)[11:19]}"
+        notes = [
+            note
+            for note, present in (
+                ("watched", penalty.watched),
+                ("in force", penalty.in_force),
+                (f"released by {penalty.ended_by}", penalty.ended_by),
+                (f"to {penalty.bucket / 60:g} min", penalty.bucket),
+            )
+            if present
+        ]
+        return text + (f" ({', '.join(notes)})" if notes else "")
+
+    table = [["START", "USER", "CANDIDATE", "RECORDED", "VERDICT"]]
+    for row in result.rows:
+        table.append(
+            [
+                _local_time(row.start),
+                row.penalty.user,
+                shown(row.candidate, row.start),
+                shown(row.recorded, row.start),
+                row.verdict,
+            ]
+        )
+    if len(table) > 1:
+        widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+        for line in table:
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    if result.admin:
+        print(
+            "\nadmins' actions, not replayed (the replay judges usage alone; "
+            "a penalty an admin set is not compared):"
+        )
+        for event in result.admin:
+            tier = f"{event.old_tier or '-'} -> {event.new_tier or '-'}"
+            when = _local_time(event.time)
+            print(f"  {when}  {event.user}  {event.kind} ({tier}) by {event.actor}")
 
 
 def _positive(text: str) -> int:
@@ -922,6 +1055,37 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.add_argument(
         "--plot", metavar="FILE", help="also draw it into FILE as a PNG image (needs matplotlib)"
+    )
+    replaying = add(
+        "replay",
+        cmd_replay,
+        "judge this node's recorded usage under the policy in a directory, as cgpolicyd "
+        "would have, and show who it would have penalized, when, at which tier and for "
+        "how long, beside the penalties recorded (root)",
+    )
+    replaying.add_argument(
+        "--policy", required=True, metavar="DIR", help="the candidate policy's directory"
+    )
+    replaying.add_argument(
+        "--since",
+        type=_duration,
+        default=7 * 86400.0,
+        metavar="DURATION",
+        help="how far back: 30m, 2h, 7d (the default)",
+    )
+    replaying.add_argument("--user", help="only this user (a name, or a uid)")
+    replaying.add_argument("--json", action="store_true", help="machine-readable output")
+    replaying.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw the penalties per hour, recorded and replayed, into FILE as a PNG "
+        "image (needs matplotlib)",
+    )
+    replaying.add_argument(
+        "--history",
+        metavar="FILE",
+        help="a usage history copied from another node (its usage.db) instead of this "
+        "node's; there are no recorded penalties to compare then",
     )
     add(
         "metrics",

@@ -22,7 +22,14 @@ from .badness import Change, Tier, UserScore, evaluate
 from .classify import decide
 from .errors import CgpolicyError, NotManaged, NotPenalized, StateError, UnknownTier
 from .policy import Policy
-from .slicelimits import SliceLimits, Standing, group_quotas, is_watched, slice_limits
+from .slicelimits import (
+    Quotas,
+    SliceLimits,
+    Standing,
+    group_quotas,
+    is_watched,
+    slice_limits,
+)
 from .state import StateStore
 from .usage import Sample
 
@@ -73,6 +80,14 @@ class Engine:
         compiled = policy.compile()  # first: a policy that fails to compile changes nothing
         self.policy = policy
         self.compiled = compiled
+        self._quotas: dict[str, Quotas] = {}  # group name -> its quotas, under this policy
+
+    def _group_quotas(self, group: Group) -> Quotas:
+        """group_quotas, worked out once a group: a cycle asks it of every user."""
+        quotas = self._quotas.get(group["name"])
+        if quotas is None:
+            quotas = self._quotas[group["name"]] = group_quotas(group, self.memory_total)
+        return quotas
 
     def _judged_group(self, account: Account) -> tuple[Group | None, str]:
         """The user's group if they can be penalized: limited, not exempt, not skipped.
@@ -85,7 +100,7 @@ class Engine:
             return None, decision.reason
         if decision.action != "applied":
             return None, f"group {group['name']} is exempt"
-        quotas = group_quotas(group, self.memory_total)
+        quotas = self._group_quotas(group)
         if quotas.cpu_usec is None and quotas.memory_max is None:
             # nothing to measure against, and nothing a tier could lower
             return None, f"group {group['name']} sets neither CPUQuota nor MemoryMax"
@@ -129,6 +144,11 @@ class Engine:
             self.memory_in_force.pop(uid, None)
         return self.memory_in_force.get(uid) != before
 
+    def _stepping(self, uid: int) -> bool:
+        """The user's MemoryMax is still above their tier's (one of memory_stepping())."""
+        found = self.memory_in_force.get(uid)
+        return found is not None and found[1] > found[2]
+
     def memory_stepping(self) -> dict[int, tuple[int, int]]:
         """Users whose MemoryMax is still above their tier's: uid -> (in force, target)."""
         return {
@@ -141,14 +161,20 @@ class Engine:
         return self.policy.penalty.find(name) if self.policy.penalty else None
 
     def cycle(
-        self, samples: Mapping[int, Sample], now: float, memory: Mapping[int, int] | None = None
+        self,
+        samples: Mapping[int, Sample],
+        now: float,
+        memory: Mapping[int, int] | None = None,
+        longest_step: float | None = None,
     ) -> list[Action]:
         """One evaluation of every sampled user; ``now`` is epoch seconds.
 
         ``memory`` is the slices' current memory (bytes) where it was read; the
-        samples' memory stands in elsewhere. StateError when the standings cannot
-        be recorded: then the engine is as before the call. ``recorded`` says how
-        many users' standings were written.
+        samples' memory stands in elsewhere. A sample's interval counts for at most
+        ``longest_step`` seconds, by default two of the policy's intervals; a replay
+        of recorded usage passes the recorded interval's, or an average's span.
+        StateError when the standings cannot be recorded: then the engine is as
+        before the call. ``recorded`` says how many users' standings were written.
         """
         memory = memory or {}
         self.scores = {}
@@ -170,7 +196,7 @@ class Engine:
             group, _ = self._judged_group(account)
             if group is None:
                 continue
-            quotas = group_quotas(group, self.memory_total)
+            quotas = self._group_quotas(group)
             old = self.store.get(uid) or UserScore()
             judged.add(uid)
             new, change = evaluate(
@@ -180,7 +206,7 @@ class Engine:
                 _reading(sample.memory_bytes),
                 quotas.memory_max,
                 now,
-                self._elapsed(sample.interval),
+                self._elapsed(sample.interval, longest_step),
                 self.policy.badness,
                 penalty,
             )
@@ -191,7 +217,7 @@ class Engine:
             if new != old:
                 recorded.append((uid, account.name, new, change))
             current = memory.get(uid, sample.memory_bytes)
-            stepping = change is None and new.tier is not None and uid in self.memory_stepping()
+            stepping = change is None and new.tier is not None and self._stepping(uid)
             if (change is not None and change.kind != "forgiven") or stepping:
                 limits = self.limits(account, new, current)
                 if self.remember(uid, limits) or change is not None:
@@ -207,9 +233,9 @@ class Engine:
             self.recorded = len(recorded)
         return actions
 
-    def _elapsed(self, interval: float) -> float:
+    def _elapsed(self, interval: float, longest: float | None) -> float:
         """At most two intervals: a stall, a suspend or a clock step is not one long step."""
-        return min(interval, 2 * self.policy.general.interval)
+        return min(interval, 2 * self.policy.general.interval if longest is None else longest)
 
     def _release_expired(
         self, now: float, skip: set[int], recorded: list[tuple[int, str, UserScore, Change | None]]

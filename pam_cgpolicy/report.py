@@ -10,7 +10,8 @@ result is plain data (``UsageReport``); ``to_json`` prints it and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .accounts import Account
@@ -18,7 +19,7 @@ from .classify import decide
 from .constants import state_db_file, usage_db_file
 from .policy import Policy
 from .slicelimits import group_quotas
-from .state import StateStore
+from .state import Event, StateStore
 from .usage import Process
 from .usagehistory import UsageHistory, UsagePoint
 
@@ -57,24 +58,49 @@ class UsageReport:
     processes: tuple[tuple[float, Process], ...] = ()
 
 
+@dataclass(frozen=True)
+class Stay:
+    """A tier a user was in: the event that put them there, the one that ended it (None
+    while it is in force), and its span; a span in force ends at its expiry."""
+
+    began: Event
+    ended: Event | None
+    span: PenaltySpan
+
+
+def stays(events: Iterable[Event], store: StateStore, until: float) -> list[Stay]:
+    """Every user's tiers from ``events`` (oldest first); one still in force ends at the
+    expiry ``store`` has for it, else at ``until``. In order of their start."""
+    found = []
+    current: dict[int, Event] = {}
+
+    def stay(began: Event, ended: Event | None, end: float) -> Stay:
+        assert began.new_tier is not None  # only a penalty with a tier begins a stay
+        return Stay(began, ended, PenaltySpan(began.time, end, began.new_tier, began.watched))
+
+    for event in events:
+        began = current.get(event.uid)
+        if began is not None and event.kind in ("released", "penalized"):
+            found.append(stay(began, event, event.time))
+            del current[event.uid]
+        if event.kind == "penalized" and event.new_tier:
+            current[event.uid] = event
+    for uid, began in current.items():
+        state = store.get(uid)
+        found.append(stay(began, None, state.tier_expiry if state and state.tier_expiry else until))
+    return sorted(found, key=lambda s: (s.span.start, s.began.id))
+
+
 def penalty_spans(
     store: StateStore | None, uid: int, since: float, until: float
 ) -> list[PenaltySpan]:
     """The tiers the user was in between ``since`` and ``until``, from the recorded events."""
     if store is None:
         return []
-    spans = []
-    current: tuple[float, str, bool] | None = None
-    for event in reversed(store.history(uid, EVENTS_READ)):  # oldest first
-        if current is not None and event.kind in ("released", "penalized"):
-            spans.append(PenaltySpan(current[0], event.time, current[1], current[2]))
-            current = None
-        if event.kind == "penalized" and event.new_tier:
-            current = (event.time, event.new_tier, event.watched)
-    if current is not None:
-        state = store.get(uid)
-        end = state.tier_expiry if state and state.tier_expiry else until
-        spans.append(PenaltySpan(current[0], min(end, until), current[1], current[2]))
+    spans = [
+        replace(s.span, end=min(s.span.end, until))
+        for s in stays(reversed(store.history(uid, EVENTS_READ)), store, until)
+    ]
     return [s for s in spans if s.end >= since and s.start <= until]
 
 

@@ -174,22 +174,41 @@ class StateStore(SQLiteFile):
                     raise StateError(f"{path}: SQLite refused WAL mode here (got {mode!r})")
                 # FULL: a commit is on disk before record() returns, even if power fails.
                 conn.execute("PRAGMA synchronous=FULL")
-                with store._transaction():
-                    version = store._version()
-                    if version == 0:
-                        for statement in _SCHEMA:
-                            conn.execute(statement)
-                        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                        version = SCHEMA_VERSION
-                    if version < SCHEMA_VERSION:  # only then: opening writes nothing
-                        for older in range(version, SCHEMA_VERSION):
-                            for statement in _UPGRADES[older]:
-                                conn.execute(statement)
-                        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                store._create_or_upgrade()
         except BaseException:
             conn.close()
             raise
         return store
+
+    @classmethod
+    def in_memory(cls) -> StateStore:
+        """A store of this process alone, gone when closed: standings worked out, not kept
+        (cgpolicyctl replay)."""
+        try:
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+        except sqlite3.Error as err:
+            raise StateError(f"cannot create a state database in memory: {err}") from err
+        store = cls(conn, ":memory:")
+        with store._errors("cannot create the state database"):
+            conn.row_factory = sqlite3.Row
+            store._create_or_upgrade()
+        return store
+
+    def _create_or_upgrade(self) -> None:
+        """The schema of a new file, or the upgrades an older one needs."""
+        conn = self._conn
+        with self._transaction():
+            version = self._version()
+            if version == 0:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
+            if version < SCHEMA_VERSION:  # only then: opening writes nothing
+                for older in range(version, SCHEMA_VERSION):
+                    for statement in _UPGRADES[older]:
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @classmethod
     def open_readonly(
@@ -265,9 +284,21 @@ class StateStore(SQLiteFile):
             ).fetchall()
         return [_user_row(row) for row in rows]
 
-    def history(self, uid: int | None = None, limit: int = 100) -> list[Event]:
-        """The latest events, newest (last recorded) first; only ``uid``'s if given."""
-        where, args = ("WHERE uid = ?", (uid, limit)) if uid is not None else ("", (limit,))
+    def history(
+        self, uid: int | None = None, limit: int | None = 100, since: float | None = None
+    ) -> list[Event]:
+        """The latest events, newest (last recorded) first; only ``uid``'s if given, only
+        those at or after ``since`` if given; all of them with ``limit`` None."""
+        clauses: list[str] = []
+        args: list[object] = []
+        if uid is not None:
+            clauses.append("uid = ?")
+            args.append(uid)
+        if since is not None:
+            clauses.append("time >= ?")
+            args.append(since)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        args.append(-1 if limit is None else limit)  # SQLite: a negative LIMIT is none
         with self._errors("cannot read"):
             # read-only, a file cgpolicyd has not upgraded yet lacks the newer columns
             columns = _readable(self._conn, "events", _EVENT_COLUMNS)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import StateError
 from .sqlitefile import SQLiteFile, readonly_uri
@@ -80,6 +81,32 @@ class UsagePoint:
     memory_badness: float | None = None
     tier: str | None = None
     span: float = 0.0
+
+
+def is_average(point: UsagePoint, sampled_every: float) -> bool:
+    """A downsampled point: the average of a bucket that starts at its time and lasts its
+    span, longer than the interval the samples were taken at."""
+    return (
+        point.span > sampled_every
+        and any(point.span == bucket for _, bucket in LEVELS)
+        and point.time % point.span == 0
+    )
+
+
+_POINT_COLUMNS = "uid, time, millicores, memory, cpu_badness, memory_badness, tier, span"
+
+
+def _point(row: tuple[Any, ...]) -> UsagePoint:
+    return UsagePoint(
+        row[0],
+        float(row[1]),
+        _float(row[2], 1000),
+        row[3],
+        _float(row[4], 100),
+        _float(row[5], 100),
+        row[6],
+        float(row[7]),
+    )
 
 
 def _int(value: float | None, scale: float) -> int | None:
@@ -236,23 +263,47 @@ class UsageHistory(SQLiteFile):
         end = 2**62 if until is None else int(until)
         with self._errors("cannot read"):
             rows = self._conn.execute(
-                "SELECT uid, time, millicores, memory, cpu_badness, memory_badness, tier, span "
-                "FROM samples WHERE uid = ? AND time >= ? AND time <= ? ORDER BY time",
+                f"SELECT {_POINT_COLUMNS} FROM samples "
+                "WHERE uid = ? AND time >= ? AND time <= ? ORDER BY time",
                 (uid, int(since), end),
             ).fetchall()
-        return [
-            UsagePoint(
-                row[0],
-                float(row[1]),
-                _float(row[2], 1000),
-                row[3],
-                _float(row[4], 100),
-                _float(row[5], 100),
-                row[6],
-                float(row[7]),
+        return [_point(row) for row in rows]
+
+    def timeline(
+        self, since: float, until: float | None = None, uid: int | None = None
+    ) -> Iterator[UsagePoint]:
+        """Every user's samples (only ``uid``'s if given) from ``since`` on, in time order,
+        then by uid. Read as they are used: a week of a thousand users is never all in
+        memory at once. Not for sharing the connection meanwhile."""
+        end = 2**62 if until is None else int(until)
+        where, args = "time >= ? AND time <= ?", [int(since), end]
+        if uid is not None:
+            where += " AND uid = ?"
+            args.append(uid)
+        with self._errors("cannot read"):
+            cursor = self._conn.execute(
+                f"SELECT {_POINT_COLUMNS} FROM samples WHERE {where} ORDER BY time, uid", args
             )
-            for row in rows
-        ]
+        while True:
+            with self._errors("cannot read"):
+                rows = cursor.fetchmany(4096)
+            if not rows:
+                return
+            for row in rows:
+                yield _point(row)
+
+    def sampled_every(self, since: float, until: float | None = None) -> float | None:
+        """The interval the samples from ``since`` on were taken at: the commonest span of
+        their last hour, which is not downsampled yet. None when there are none."""
+        end = 2**62 if until is None else int(until)
+        with self._errors("cannot read"):
+            row = self._conn.execute(
+                "SELECT span FROM samples WHERE time <= ? AND time >= max(?, "
+                "(SELECT max(time) FROM samples WHERE time <= ?) - ?) "
+                "GROUP BY span ORDER BY count(*) DESC, span LIMIT 1",
+                (end, int(since), end, LEVELS[0][0]),
+            ).fetchone()
+        return None if row is None else float(row[0])
 
     def processes(self, uid: int, since: float) -> list[tuple[float, Process]]:
         """The top processes recorded at the user's violations since ``since``, in order."""

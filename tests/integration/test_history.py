@@ -5,7 +5,9 @@ vera (uid 5050, group normal: CPUQuota 100%) runs two busy loops under
 test_daemon.py's policy with [penalty] mode = "watch". cgpolicyd must record
 a penalty1 event marked watched while her slice keeps the group's CPUQuota;
 ``cgpolicyctl report`` then shows her samples and the watched span, and
-``--plot`` writes a PNG. One set-up for all checks: one hog, one wait.
+``--plot`` writes a PNG; ``cgpolicyctl replay`` of the policy in force
+reproduces her recorded penalty from her recorded usage, and a stricter
+candidate shows the difference. One set-up for all checks: one hog, one wait.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 USER, UID = "vera", 5050
 GROUPS_CPU = "1s"  # normal's CPUQuota 100%, as systemctl shows CPUQuotaPerSecUSec
 PNG = "/tmp/cgpolicy-vera.png"
+INTERVAL = 2.0  # test_daemon.py's POLICY: general.interval
+STRICTER = "/tmp/cgpolicy-stricter"  # a candidate policy: penalty1 lasts 600 s, not 40
 
 WATCH_POLICY = {
     **POLICY,
@@ -71,7 +75,7 @@ def hogged(vm) -> Iterator[Any]:
         yield vm
     finally:
         if vm.running:  # nobody busy or in a tier, cgpolicyd running, for the next module
-            root(vm, f"pkill -KILL -u {USER}; rm -f {PNG}", check=False)
+            root(vm, f"pkill -KILL -u {USER}; rm -rf {PNG} {STRICTER}", check=False)
             root(vm, f"cgpolicyctl release {USER}", check=False)
             root(vm, "systemctl start cgpolicyd", check=False)
 
@@ -103,3 +107,46 @@ def test_report_shows_the_samples_and_plots_them(hogged):
     magic = root(vm, f"head -c 8 {PNG} | od -An -tx1").stdout.split()
     assert magic == ["89", "50", "4e", "47", "0d", "0a", "1a", "0a"], magic
     assert int(root(vm, f"stat -c %s {PNG}").stdout) > 10_000
+
+
+def replayed(vm, policy: str) -> dict[str, Any]:
+    done = root(vm, f"cgpolicyctl replay --policy {policy} --user {USER} --json", check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def test_replay_of_the_policy_in_force_reproduces_the_watched_penalty(hogged):
+    vm = hogged
+    first = min(
+        (e for e in history(vm) if e["kind"] == "penalized" and e["watched"]),
+        key=lambda e: e["timestamp"],
+    )
+    result = replayed(vm, "/etc/cgpolicy")
+    assert result["samples"] >= 3 and result["sampled_every"], result
+    candidate = result["candidate"][0]
+    assert (candidate["user"], candidate["tier"], candidate["watched"]) == (USER, "penalty1", True)
+    # the history keeps whole seconds: one interval, and the second cut off
+    assert abs(candidate["start"] - first["timestamp"]) <= INTERVAL + 1, (candidate, first)
+    row = result["comparison"][0]
+    assert row["verdict"] == "same" and row["recorded"]["start"] == first["timestamp"], row
+    # and her later penalties too, but one that began in the last cycles before the end:
+    # the files are read one after the other while cgpolicyd goes on
+    settled = [
+        r
+        for r in result["comparison"]
+        if min(p["start"] for p in (r["candidate"], r["recorded"]) if p)
+        < result["until"] - 3 * INTERVAL
+    ]
+    for r in settled:
+        assert r["candidate"] and r["recorded"], result["comparison"]
+        assert r["candidate"]["tier"] == r["recorded"]["tier"], result["comparison"]
+    assert result["admin_actions"] == []
+
+    # a stricter candidate: penalty1 for 600 s instead of 40
+    root(vm, f"rm -rf {STRICTER} && cp -r /etc/cgpolicy {STRICTER}")
+    root(vm, f"sed -i 's/^timeout = 40$/timeout = 600/' {STRICTER}/cgpolicy.toml")
+    stricter = replayed(vm, STRICTER)
+    longer = stricter["comparison"][0]
+    assert longer["verdict"] == "same", longer  # the same start and tier...
+    assert longer["candidate"]["seconds"] == 600 and longer["candidate"]["in_force"], longer
+    assert longer["recorded"]["seconds"] <= 40 + 2 * INTERVAL, longer  # ...and far longer

@@ -17,7 +17,8 @@ from pam_cgpolicy import cli
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTED = [
     "check", "classify", "apply", "freeze", "thaw", "status", "penalize",
-    "release", "reload", "notify-test", "history", "report", "metrics", "evict", "restore",
+    "release", "reload", "notify-test", "history", "report", "replay", "metrics", "evict",
+    "restore",
     "doctor", "selftest",
     "import-arbiter2",
 ]  # fmt: skip
@@ -79,7 +80,9 @@ def complete(tmp_path: Path, *words: str) -> list[str]:
 
 def test_completion_offers_commands_options_users_and_tiers(tmp_path) -> None:
     assert complete(tmp_path, "") == [*DOCUMENTED, "--config-dir", "--help"]
-    assert complete(tmp_path, "re") == ["release", "reload", "report", "restore"]
+    assert complete(tmp_path, "re") == ["release", "reload", "report", "replay", "restore"]
+    assert complete(tmp_path, "replay", "--policy", "packag") == ["packaging"]
+    assert complete(tmp_path, "replay", "--history", "pyproject.t") == ["pyproject.toml"]
     assert complete(tmp_path, "history", "--") == ["--limit", "--json", "--help"]
     assert complete(tmp_path, "freeze", "roo") == ["root"]
     assert complete(tmp_path, "freeze", "root", "") == []
