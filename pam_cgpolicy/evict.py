@@ -5,14 +5,15 @@ one using the most memory, or the one under --pid), thaws, checkpoints it with C
 into a root-only directory under the state directory, checks the images, and
 only then kills the tree.
 A tree CRIU cannot dump (an established TCP connection, a terminal) keeps
-running: the failure is reported and nothing is killed.
+running: the failure is reported and nothing is killed. cgpolicyctl restore
+brings a checkpoint back on the same node, detached from any terminal, in a
+scope of the user's slice.
+
 A checkpoint waits for its restore exactly while its directory holds both its
 record (checkpoint.json, written once the dump is verified) and CRIU's
 inventory image (removed after a failed dump and at the restore, before the
 record changes): the login hook reads that much from the directory to tell the
-user, without reading the record. cgpolicyctl restore
-brings a checkpoint back on the same node, detached from any terminal, in a
-scope of the user's slice.
+user, without reading the record.
 
 Nothing the user controls steers root here: checkpoint ids are made by us and
 checked before they name a directory, and every pid is read from the user's
