@@ -11,9 +11,10 @@ time short.
 
 cgroup v2 only: on v1 the eviction, the login line, the mail and the refused
 TCP job work as here, but the restored 500 MB job ends within about 3 s of
-CRIU's "Restore finished successfully": its scope empties with no kill by
-systemd and no OOM kill in the kernel log, and restore says so and keeps the
-images. A 300 MB job restored the same way on v1 ran on, so the cause is not
+CRIU's "Restore finished successfully", and restore says so and keeps the
+images. A kernel trace shows the job itself calling exit_group(78), with no
+signal sent to it, nothing on its stderr and no OOM kill; its scope then
+empties. A 300 MB job restored the same way on v1 ran on. The cause is not
 yet known.
 """
 
