@@ -482,17 +482,41 @@ def _actor() -> str:
 
 
 def _record_event(uid: int, user: str, kind: str, reason: str) -> None:
-    """An admin's eviction or restore, in the history beside cgpolicyd's tier changes."""
+    """An admin's eviction or restore: in the history beside cgpolicyd's tier changes,
+    and in the mail queue cgpolicyd sends from. (The login line reads the checkpoint.)"""
     actor = _actor()
-    with StateStore.open(state_db_file()) as store:
-        store.record_event(uid, user, kind, reason, actor)
+    now = time.time()
     log.open_log("cgpolicyctl")
-    log.info(
-        kind,
-        log.fields(user=user, uid=uid, event=kind, actor=actor, reason=reason),
-        user=user,
-        uid=uid,
-    )
+    with StateStore.open(state_db_file()) as store:
+        store.record_event(uid, user, kind, reason, actor, now=now)
+        log.info(
+            kind,
+            log.fields(user=user, uid=uid, event=kind, actor=actor, reason=reason),
+            user=user,
+            uid=uid,
+        )
+        _queue_mail(store, user, uid, kind, reason, actor, now)
+
+
+def _queue_mail(
+    store: StateStore, user: str, uid: int, kind: str, reason: str, actor: str, now: float
+) -> None:
+    """The user's mail about it, as the node's own policy's [notify] says (none without)."""
+    from .notifier import eviction_facts, queue_mail
+
+    try:
+        policy = load_policy(Path(config_dir()))
+        if policy.notify is not None:
+            facts = eviction_facts(policy, user, uid, kind, reason, actor, now)
+            queue_mail(store, policy.notify, facts, now)
+    except CgpolicyError as err:  # done is done: the mail alone is missing
+        print(f"warning: no mail to {user}: {err}", file=sys.stderr)
+        log.error(
+            "mail-failed",
+            log.fields(event="mail-failed", user=user, uid=uid, kind=kind, error=err),
+            user=user,
+            uid=uid,
+        )
 
 
 def _root_only(command: str, why: str = "runs CRIU, which needs root") -> None:
@@ -526,7 +550,6 @@ def cmd_evict(args: argparse.Namespace) -> None:
         f"{format_size(checkpoint.rss)}) to checkpoint {checkpoint.id}"
     )
     _record_event(uid, args.user, "evicted", reason)
-    evict.tell_user(checkpoint, "evicted")
     print(f"{args.user}: {reason}; the rest of the session runs on")
     print(f"bring it back with: cgpolicyctl restore {checkpoint.id}")
 
@@ -536,7 +559,6 @@ def cmd_restore(args: argparse.Namespace) -> None:
     checkpoint, scope = evict.restore(args.id)
     reason = f"restored checkpoint {checkpoint.id} (pid {checkpoint.root}) in {scope}"
     _record_event(checkpoint.uid, checkpoint.user, "restored", reason)
-    evict.tell_user(checkpoint, "restored")
     print(f"{checkpoint.user}: {reason}")
 
 

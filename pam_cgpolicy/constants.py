@@ -20,6 +20,11 @@ PENALTIES = "penalties.compiled"  # cgpolicyd's penalties in force, for the hook
 STATE_DB = "state.db"
 USAGE_DB = "usage.db"  # cgpolicyd's usage history (usagehistory.py)
 CHECKPOINTS = "checkpoints"
+# In a checkpoint's directory: its record, written once the dump is verified, and
+# the image CRIU writes for every dump; evict.py keeps both present exactly while
+# the job waits for its restore (the login hook reads that from the directory).
+CHECKPOINT_META = "checkpoint.json"
+CHECKPOINT_INVENTORY = "inventory.img"
 MAIN_FILE = "cgpolicy.toml"
 GROUPS_DIR = "groups.d"
 

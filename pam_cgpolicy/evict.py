@@ -9,6 +9,12 @@ running: the failure is reported and nothing is killed. cgpolicyctl restore
 brings a checkpoint back on the same node, detached from any terminal, in a
 scope of the user's slice.
 
+A checkpoint waits for its restore exactly while its directory holds both its
+record (checkpoint.json, written once the dump is verified) and CRIU's
+inventory image (removed after a failed dump and at the restore, before the
+record changes): the login hook reads that much from the directory to tell the
+user, without reading the record.
+
 Nothing the user controls steers root here: checkpoint ids are made by us and
 checked before they name a directory, and every pid is read from the user's
 own cgroup while the user is frozen, and again (with its start time) before
@@ -30,7 +36,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from .cgroups import CGROUP_ROOT, cgroup_mode
-from .constants import checkpoints_dir, slice_name
+from .constants import CHECKPOINT_INVENTORY, CHECKPOINT_META, checkpoints_dir, slice_name
 from .errors import EvictError
 from .freezer import start_time
 
@@ -42,10 +48,10 @@ RESTORE_SETTLE = 2.0  # seconds a restored job must live before restore says don
 ID_PATTERN = re.compile(r"(?P<uid>[1-9][0-9]*)-(?P<when>[0-9]{8}T[0-9]{6}Z)-[0-9a-f]{6}")
 # What a complete dump holds whatever the job: CRIU writes these last two only
 # once the whole tree is collected, and says so in the last line of its log.
-REQUIRED_IMAGES = ("inventory.img", "pstree.img")
+REQUIRED_IMAGES = (CHECKPOINT_INVENTORY, "pstree.img")
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
-META = "checkpoint.json"
+META = CHECKPOINT_META
 DUMP_DONE = "Dumping finished successfully"
 RESTORE_DONE = "Restore finished successfully"
 _ROOT_ONLY = 0o700
@@ -292,6 +298,15 @@ def _save(checkpoint: Checkpoint, directory: str) -> None:
     os.rename(temporary, os.path.join(directory, META))
 
 
+def _remove_images(directory: str) -> None:
+    """Remove a checkpoint's images, the inventory first: from then on the user's
+    login no longer names the checkpoint as waiting (loginmessage.waiting_checkpoints)."""
+    names = sorted(os.listdir(directory), key=lambda name: name != CHECKPOINT_INVENTORY)
+    for name in names:
+        if name.endswith(".img"):
+            os.unlink(os.path.join(directory, name))
+
+
 def load(cid: str) -> Checkpoint:
     directory = checkpoint_dir(cid)
     info = os.lstat(directory) if os.path.lexists(directory) else None
@@ -335,9 +350,7 @@ def dump(tree: Tree, uid: int, user: str, now: float, start: str | None) -> Chec
         if returncode in (0, -1):  # CRIU left it stopped, or was killed holding it
             signal_tree(uid, tree.root, start, signal.SIGCONT)
         checkpoint.state = "failed"
-        for name in os.listdir(directory):
-            if name.endswith(".img"):
-                os.unlink(os.path.join(directory, name))
+        _remove_images(directory)
         _save(checkpoint, directory)
         raise EvictError(
             f"could not checkpoint pid {tree.root} ({tree.command}); it keeps running, "
@@ -439,18 +452,7 @@ def restore(cid: str) -> tuple[Checkpoint, str]:
             f"CRIU reported checkpoint {cid} restored, but pid {checkpoint.root} is not "
             f"running {RESTORE_SETTLE:g}s later; its images are kept"
         )
+    _remove_images(directory)  # the job runs again: its pages are stale
     checkpoint.state = "restored"
     _save(checkpoint, directory)
-    for name in os.listdir(directory):  # the job runs again: its pages are stale
-        if name.endswith(".img"):
-            os.unlink(os.path.join(directory, name))
     return checkpoint, f"cgpolicy-restore-{cid}.scope"
-
-
-def tell_user(checkpoint: Checkpoint, what: str) -> None:
-    """Where the user hears of an eviction or a restore (mail, login message).
-
-    The notifications are a separate piece of cgpolicy; until they are wired in
-    here, only the log and the history say it.
-    """
-    del checkpoint, what

@@ -10,7 +10,8 @@ It runs at every login, so it imports only builtin modules and the project's
 small hot-path modules: compiled policy, accounts, classify, slicelimits, setprops.
 
 A user in a penalty, or frozen, gets one line on stdout (loginmessage.py),
-which pam_exec's ``stdout`` option hands to sshd as a PAM text message. The
+and one more while a job an admin evicted waits for its restore; pam_exec's
+``stdout`` option hands them to sshd as PAM text messages. The
 same option points stderr at that pipe, so the hook writes nothing else there.
 
 It runs as root with an environment that is partly the user's: pam_exec
@@ -39,6 +40,7 @@ from . import log
 from .accounts import lookup_account
 from .compiled import Penalty, load_in_force, read_penalty_entry
 from .constants import (
+    CHECKPOINTS,
     COMPILED_POLICY,
     DEFAULT_CONFIG_DIR,
     DEFAULT_STATE_DIR,
@@ -47,7 +49,7 @@ from .constants import (
 )
 from .errors import CgpolicyError
 from .freezer import hold_frozen_login
-from .loginmessage import FROZEN_LINE, penalty_line, show
+from .loginmessage import FROZEN_LINE, evicted_line, penalty_line, show, waiting_checkpoints
 from .setprops import apply_limits, kill_pending
 
 DEFAULT_TIMEOUT = 2.0  # until the policy says otherwise
@@ -175,10 +177,13 @@ def _open_session(
     if hold_frozen_login(account.uid, time.monotonic() + clock.remaining(timeout) / 2):
         outcome.text += " frozen=held"
         message = FROZEN_LINE
+    evicted = evicted_line(waiting_checkpoints(os.path.join(state_dir, CHECKPOINTS), account.uid))
     # Not to selftest: its PAM library crashes on a message during open_session, and
     # nobody reads it there. (A user who fakes the service hides only their own line.)
-    if message and service != SELFTEST_SERVICE:
-        show(message)
+    if service != SELFTEST_SERVICE:
+        for line in (message, evicted):
+            if line:
+                show(line)
     return outcome
 
 

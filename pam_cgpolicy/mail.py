@@ -1,4 +1,5 @@
-"""The mail about a penalty or its end: what it says, and one SMTP conversation to send it.
+"""The mail about a penalty or its end, or an eviction or its restore: what it says, and
+one SMTP conversation to send it.
 
 ``build_mail`` makes the message from plain facts (no I/O), so that its text is
 tested without a server; ``deliver`` sends one stored message with smtplib. The
@@ -27,6 +28,7 @@ from .slicelimits import format_size
 from .trust import why_unsafe
 
 TOP_PROCESSES = 5  # rows of the mail's process table
+EVICTION_KINDS = ("evicted", "restored")
 PLOT_NAME = "usage.png"
 
 
@@ -44,7 +46,8 @@ class Process:
 @dataclass(frozen=True)
 class MailFacts:
     """Everything one mail says. ``kind``: "penalized", "released" or "sample" (a test
-    an admin sends: a penalty's mail that changed nothing)."""
+    an admin sends: a penalty's mail that changed nothing), or one of EVICTION_KINDS
+    (an admin's cgpolicyctl evict or restore: no tier, ``reason`` says what was done)."""
 
     user: str
     uid: int
@@ -79,6 +82,10 @@ def _duration(seconds: float) -> str:
 
 
 def subject(facts: MailFacts) -> str:
+    if facts.kind == "evicted":
+        return f"cgpolicy on {facts.host}: a job of yours was saved to disk, not killed"
+    if facts.kind == "restored":
+        return f"cgpolicy on {facts.host}: your evicted job runs again"
     watch = "[watch] " if facts.watched else "[sample] " if facts.kind == "sample" else ""
     if facts.kind == "released":
         return f"{watch}cgpolicy on {facts.host}: your limits are back (penalty {facts.tier} ended)"
@@ -96,6 +103,8 @@ def _paragraphs(facts: MailFacts) -> list[str]:
         ]
     else:
         lines = [f"Hello {facts.user},"]
+    if facts.kind in EVICTION_KINDS:
+        return [*lines, *_eviction_paragraphs(facts)]
     if facts.kind == "sample":
         lines.append(
             "This is a sample of the mail cgpolicy sends at a penalty, sent by an "
@@ -131,6 +140,24 @@ def _paragraphs(facts: MailFacts) -> list[str]:
     else:
         lines.append(f"Why: an administrator put you in this penalty ({facts.reason}). {rule}")
     return lines
+
+
+def _eviction_paragraphs(facts: MailFacts) -> list[str]:
+    who = f"An administrator ({facts.actor})" if facts.actor else "An administrator"
+    if facts.kind == "restored":
+        return [
+            f"{who} restored your evicted job on {facts.host} at {_local(facts.when)}: "
+            f"{facts.reason}.",
+            "It runs again from where it stopped, in the background, detached from any "
+            "terminal, and counts against your limits again.",
+        ]
+    return [
+        f"{who} stopped one of your jobs on {facts.host} at {_local(facts.when)} and saved "
+        f"it to disk instead of killing it: {facts.reason}. The rest of your session runs on.",
+        "The job is not running now, and nothing of it is lost: an administrator can "
+        f"restore it on {facts.host}, where it goes on from where it stopped. Ask them when "
+        "you need it back, naming its checkpoint.",
+    ]
 
 
 def _rows(facts: MailFacts) -> list[tuple[str, ...]]:

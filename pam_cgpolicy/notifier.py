@@ -1,5 +1,9 @@
 """cgpolicyd's mail queue: penalties and releases become mail, sent with retries.
 
+An admin's eviction or restore (cgpolicyctl, outside cgpolicyd) becomes mail
+too: the command writes it into the same queue with ``queue_mail``, and
+cgpolicyd's sender sends it with the rest, within IDLE_WAKE.
+
 ``notify`` writes the mail into the state database and returns: it never waits
 for a mail server, and any failure is logged, never raised into a cycle. The
 ``sender`` task sends what is due, one SMTP conversation at a time in a thread;
@@ -20,7 +24,7 @@ from dataclasses import replace
 from . import log
 from .badness import Change, UserScore
 from .errors import CgpolicyError, MailError
-from .mail import MailFacts, Process, build_mail, deliver, top_processes
+from .mail import EVICTION_KINDS, MailFacts, Process, build_mail, deliver, top_processes
 from .policy import Notify, Policy
 from .state import QueuedMail, StateStore
 
@@ -103,28 +107,9 @@ class Notifier:
         notify = self.settings()
         if notify is None:
             return None
-        message = build_mail(notify, facts, png)
-        if message is None:
-            log.info(
-                "mail-skipped",
-                log.fields(event="mail-skipped", user=facts.user, reason="no recipient"),
-            )
-            return None
-        mail_id = self.store.enqueue_mail(facts.uid, bytes(message), self.clock())
-        log.info(
-            "mail-queued",
-            log.fields(
-                event="mail-queued",
-                user=facts.user,
-                uid=facts.uid,
-                mail=mail_id,
-                kind=facts.kind,
-                tier=facts.tier,
-                to=message["To"],
-                watched="yes" if facts.watched else None,
-            ),
-        )
-        self.wake.set()
+        mail_id = queue_mail(self.store, notify, facts, self.clock(), png)
+        if mail_id is not None:
+            self.wake.set()
         return mail_id
 
     async def flush(self) -> None:
@@ -191,6 +176,34 @@ class Notifier:
                 waiter.cancel()
 
 
+def queue_mail(
+    store: StateStore, notify: Notify, facts: MailFacts, now: float, png: bytes | None = None
+) -> int | None:
+    """Write the mail for ``facts`` into the queue; its id, or None when it goes to nobody."""
+    message = build_mail(notify, facts, png)
+    if message is None:
+        log.info(
+            "mail-skipped",
+            log.fields(event="mail-skipped", user=facts.user, reason="no recipient"),
+        )
+        return None
+    mail_id = store.enqueue_mail(facts.uid, bytes(message), now)
+    log.info(
+        "mail-queued",
+        log.fields(
+            event="mail-queued",
+            user=facts.user,
+            uid=facts.uid,
+            mail=mail_id,
+            kind=facts.kind,
+            tier=facts.tier,
+            to=message["To"],
+            watched="yes" if facts.watched else None,
+        ),
+    )
+    return mail_id
+
+
 def facts_for(
     policy: Policy,
     user: str,
@@ -244,6 +257,30 @@ def sample_facts(policy: Policy, user: str, uid: int, limits: str | None, when: 
         expiry=when + (tier.timeout if tier else 1800),
         reason="a sample: no usage was judged",
         actor="cgpolicyctl notify-test",
+        cpu_threshold=policy.badness.cpu_threshold,
+        memory_threshold=policy.badness.memory_threshold,
+        when=when,
+    )
+
+
+def eviction_facts(
+    policy: Policy, user: str, uid: int, kind: str, reason: str, actor: str, when: float
+) -> MailFacts:
+    """What the mail about an admin's eviction or restore says: ``reason`` is the
+    history's own words for it (which job, which checkpoint)."""
+    if kind not in EVICTION_KINDS:
+        raise ValueError(f"not an eviction's kind: {kind!r}")
+    return MailFacts(
+        user=user,
+        uid=uid,
+        host=socket.gethostname(),
+        kind=kind,
+        tier="-",
+        message="",
+        limits=None,
+        expiry=None,
+        reason=reason,
+        actor=actor,
         cpu_threshold=policy.badness.cpu_threshold,
         memory_threshold=policy.badness.memory_threshold,
         when=when,

@@ -1,6 +1,8 @@
 """Eviction's own decisions: which tree, the checkpoint ids, the check of a dump, and
 every refusal; CRIU is a small script here (the VM test runs the real one)."""
 
+import email
+import email.policy
 import os
 import signal
 import stat
@@ -8,10 +10,16 @@ import subprocess
 import textwrap
 
 import pytest
+from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
+from test_daemon_mail import NOTIFY
 
-from pam_cgpolicy import evict
+from pam_cgpolicy import cli, evict
+from pam_cgpolicy.constants import checkpoints_dir
 from pam_cgpolicy.errors import EvictError
 from pam_cgpolicy.evict import Task, choose_tree, tree_roots, verify_dump
+from pam_cgpolicy.loginmessage import waiting_checkpoints
+from pam_cgpolicy.notifier import eviction_facts
+from pam_cgpolicy.policy import load_policy
 from pam_cgpolicy.state import StateStore
 
 UID = 5600
@@ -177,6 +185,7 @@ def test_a_failed_dump_kills_nothing(node, tmp_path, monkeypatch):
     assert "Connected TCP socket" in message
     (directory,) = (tmp_path / "state" / "checkpoints").iterdir()
     assert sorted(os.listdir(directory)) == ["argv", "checkpoint.json", "dump.log"]
+    assert waiting_checkpoints(checkpoints_dir(), UID) == []  # nothing to tell the user
     with pytest.raises(EvictError, match="is failed, not restorable"):
         evict.restore(directory.name)
 
@@ -210,6 +219,7 @@ def test_restore_refuses_what_is_not_root_alones(node, tmp_path):
 
 def test_restore_runs_criu_in_a_scope_of_the_users_slice(node, tmp_path, monkeypatch):
     checkpoint = run_evict([])
+    assert waiting_checkpoints(checkpoints_dir(), UID) == [checkpoint.id]
     directory = evict.checkpoint_dir(checkpoint.id)
     argv = evict.restore_argv(checkpoint, directory)
     assert argv[:2] == ["systemd-run", "--scope"]
@@ -226,10 +236,12 @@ def test_restore_runs_criu_in_a_scope_of_the_users_slice(node, tmp_path, monkeyp
     with pytest.raises(EvictError, match="is not running 0s later; its images are kept"):
         evict.restore(checkpoint.id)
     assert [name for name in os.listdir(directory) if name.endswith(".img")]
+    assert waiting_checkpoints(checkpoints_dir(), UID) == [checkpoint.id]  # still waits
     monkeypatch.setattr(evict, "running_as", lambda pid, uid: (pid, uid) == (200, UID))
     restored, scope = evict.restore(checkpoint.id)
     assert (restored.state, scope) == ("restored", f"cgpolicy-restore-{checkpoint.id}.scope")
     assert not [name for name in os.listdir(directory) if name.endswith(".img")]
+    assert waiting_checkpoints(checkpoints_dir(), UID) == []
     with pytest.raises(EvictError, match="is restored, not restorable"):
         evict.restore(checkpoint.id)
 
@@ -281,3 +293,60 @@ def test_kill_the_tree_only_while_its_root_is_the_process_dumped(monkeypatch):
         child.kill()
         root.wait()
         child.wait()
+
+
+@pytest.fixture
+def admin_node(tmp_path, monkeypatch):
+    """The node's own policy and state directory, as cgpolicyctl finds them."""
+    monkeypatch.setenv("CGPOLICY_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CGPOLICY_CONFIG_DIR", str(tmp_path / "etc"))
+    (tmp_path / "state").mkdir()
+    monkeypatch.setattr(cli, "_actor", lambda: "admin")
+    return tmp_path
+
+
+REASON = "evicted pid 200 (python3 big.py, 601M) to checkpoint 5600-20270115T080000Z-0a1b2c"
+
+
+def queued_mail(tmp_path):
+    with StateStore.open(tmp_path / "state" / "state.db") as store:
+        return [
+            email.message_from_bytes(mail.message, policy=email.policy.default)
+            for mail in store.queued_mail()
+        ], store.history(UID)
+
+
+def test_an_eviction_is_recorded_and_its_mail_queued_for_cgpolicyd(admin_node):
+    write_policy(admin_node / "etc", main=MAIN + DAEMON_SECTIONS + NOTIFY)
+    cli._record_event(UID, "eve", "evicted", REASON)
+    (mail,), (event,) = queued_mail(admin_node)
+    assert (event.kind, event.reason, event.actor) == ("evicted", REASON, "admin")
+    assert mail["To"] == "eve@example.org" and "saved to disk, not killed" in mail["Subject"]
+    assert REASON in mail.get_body(("plain",)).get_content()
+
+
+def test_without_notify_the_eviction_is_recorded_and_nothing_mailed(admin_node, capsys):
+    write_policy(admin_node / "etc", main=MAIN + DAEMON_SECTIONS)
+    cli._record_event(UID, "eve", "restored", "restored checkpoint X")
+    assert queued_mail(admin_node)[0] == []
+    (admin_node / "etc" / "cgpolicy.toml").write_text("[general\n")  # broken
+    cli._record_event(UID, "eve", "restored", "restored checkpoint Y")
+    mails, events = queued_mail(admin_node)
+    assert mails == [] and [e.reason for e in events] == [
+        "restored checkpoint Y",
+        "restored checkpoint X",
+    ]
+    assert "warning: no mail to eve: " in capsys.readouterr().err
+
+
+def test_only_an_eviction_or_a_restore_has_eviction_facts(tmp_path):
+    policy = load_policy(write_policy(tmp_path, main=MAIN + DAEMON_SECTIONS))
+    facts = eviction_facts(policy, "eve", UID, "evicted", REASON, "admin", 1e9)
+    assert (facts.kind, facts.reason, facts.actor, facts.watched) == (
+        "evicted",
+        REASON,
+        "admin",
+        False,
+    )
+    with pytest.raises(ValueError, match="not an eviction's kind"):
+        eviction_facts(policy, "eve", UID, "penalized", REASON, "admin", 1e9)

@@ -1,4 +1,5 @@
-"""The line a penalized user sees at login: its text, and the hook writing only it."""
+"""The lines a penalized user, or one with an evicted job, sees at login: their text,
+and the hook writing only them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ from test_hook_trust import NOBODY
 
 from pam_cgpolicy.accounts import Account
 from pam_cgpolicy.compiled import save_penalties
-from pam_cgpolicy.constants import PENALTIES
-from pam_cgpolicy.loginmessage import FROZEN_LINE, penalty_line, printable, until_text
+from pam_cgpolicy.constants import CHECKPOINT_INVENTORY, CHECKPOINT_META, CHECKPOINTS, PENALTIES
+from pam_cgpolicy.loginmessage import (
+    FROZEN_LINE,
+    evicted_line,
+    penalty_line,
+    printable,
+    until_text,
+    waiting_checkpoints,
+)
 from pam_cgpolicy.policy import load_policy
 from pam_cgpolicy.slicelimits import Standing, slice_limits
 
@@ -99,3 +107,54 @@ def test_selftest_sessions_get_no_line(tmp_path: Path) -> None:
         tmp_path, bus, merged=True, pam_environment=["PAM_SERVICE=cgpolicy-selftest"]
     )
     assert selftest.returncode == 0 and selftest.stdout == ""
+
+
+def checkpoint(checkpoints: Path, cid: str, *names: str) -> None:
+    (checkpoints / cid).mkdir(parents=True)
+    for name in names:
+        (checkpoints / cid / name).write_text("x")
+
+
+def test_a_checkpoint_waits_while_it_holds_its_record_and_inventory(tmp_path: Path) -> None:
+    both = (CHECKPOINT_META, CHECKPOINT_INVENTORY)
+    checkpoint(tmp_path, "5600-20270115T090000Z-bbbbbb", *both)
+    checkpoint(tmp_path, "5600-20270115T080000Z-aaaaaa", *both)
+    checkpoint(tmp_path, "5600-20270115T100000Z-cccccc", CHECKPOINT_INVENTORY)  # being dumped
+    checkpoint(tmp_path, "5600-20270115T110000Z-dddddd", CHECKPOINT_META)  # failed, or restored
+    checkpoint(tmp_path, "56001-20270115T080000Z-eeeeee", *both)  # another uid's
+    assert waiting_checkpoints(str(tmp_path), 5600) == [
+        "5600-20270115T080000Z-aaaaaa",
+        "5600-20270115T090000Z-bbbbbb",
+    ]
+    assert waiting_checkpoints(str(tmp_path), 560) == []
+    assert waiting_checkpoints(str(tmp_path / "none"), 5600) == []
+
+
+def test_the_eviction_line_names_each_checkpoint_and_who_can_restore() -> None:
+    assert evicted_line([]) is None
+    one = evicted_line(["5600-20270115T080000Z-aaaaaa"])
+    assert one == (
+        "cgpolicy: an administrator evicted a job of yours to disk (checkpoint "
+        "5600-20270115T080000Z-aaaaaa); it is not running, and an administrator can restore "
+        "it on this node"
+    )
+    two = evicted_line(["5600-a", "5600-b"])
+    assert two is not None and "(checkpoints 5600-a, 5600-b); they are" in two
+    odd = evicted_line(["5600-\x1b[2J\n"])  # a name no dump makes: still nothing raw
+    assert odd is not None and odd.isprintable()
+
+
+def test_the_hook_writes_the_eviction_line_after_the_penalty_line(tmp_path: Path) -> None:
+    write_policy(tmp_path / "etc", main=MAIN + DAEMON_SECTIONS)
+    save_penalties(str(tmp_path / "state" / PENALTIES), {NOBODY: (EXPIRY, "penalty1", None, "x")})
+    cid = f"{NOBODY}-20270115T080000Z-aaaaaa"
+    checkpoint(tmp_path / "state" / CHECKPOINTS, cid, CHECKPOINT_META, CHECKPOINT_INVENTORY)
+    done, _ = run_hook(tmp_path, f"unix:path={tmp_path}/no-such-bus", merged=True)
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    assert lines[0].startswith("cgpolicy: your limits are lowered to penalty tier penalty1")
+    assert lines[1] == evicted_line([cid])
+    save_penalties(str(tmp_path / "state" / PENALTIES), {})
+    done, _ = run_hook(tmp_path, f"unix:path={tmp_path}/no-such-bus", merged=True)
+    assert done.stdout.splitlines() == [evicted_line([cid])]

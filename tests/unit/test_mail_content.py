@@ -114,3 +114,40 @@ def test_top_processes_reads_this_users_processes_busiest_first():
     mine = next(p for p in found if p.pid == os.getpid())
     assert mine.memory > 0 and os.path.isabs(mine.executable)
     assert len(top_processes(os.getuid(), count=1)) == 1
+
+
+def eviction(kind: str) -> MailFacts:
+    return MailFacts(
+        user="eve",
+        uid=5600,
+        host="login1",
+        kind=kind,
+        tier="-",
+        message="",
+        limits=None,
+        expiry=None,
+        reason="evicted pid 200 (python3 big.py, 601M) to checkpoint 5600-20270115T080000Z-0a1b2c",
+        actor="admin",
+        cpu_threshold=0.8,
+        memory_threshold=0.5,
+    )
+
+
+def test_an_eviction_mail_says_what_was_saved_and_who_can_bring_it_back():
+    mail = parsed(eviction("evicted"), png=None)
+    assert mail["To"] == "eve@example.org" and mail["Bcc"] == "hpc@example.org, ops@example.org"
+    assert mail["Subject"] == "cgpolicy on login1: a job of yours was saved to disk, not killed"
+    text = mail.get_body(("plain",)).get_content()
+    assert "An administrator (admin) stopped one of your jobs on login1" in text
+    assert "checkpoint 5600-20270115T080000Z-0a1b2c" in text
+    assert "an administrator can restore it on login1" in text
+    assert "penalty" not in text and "Badness" not in text  # no tier's words
+    assert "checkpoint 5600-20270115T080000Z-0a1b2c" in mail.get_body(("html",)).get_content()
+
+
+def test_a_restore_mail_says_the_job_runs_again():
+    mail = parsed(eviction("restored"), png=None)
+    assert mail["Subject"] == "cgpolicy on login1: your evicted job runs again"
+    text = mail.get_body(("plain",)).get_content()
+    assert "An administrator (admin) restored your evicted job on login1" in text
+    assert "runs again from where it stopped" in text and "penalty" not in text
