@@ -23,7 +23,7 @@ from .classify import decide
 from .errors import CgpolicyError, NotManaged, NotPenalized, UnknownTier
 from .policy import Policy
 from .slicelimits import SliceLimits, Standing, group_quotas, is_watched, slice_limits
-from .state import StateStore
+from .state import SYNC_ACTOR, Published, StateStore
 from .usage import Sample
 
 Properties = tuple[tuple[str, str, Any], ...]
@@ -300,6 +300,58 @@ class Engine:
         limits = self.limits(account, new, current)  # a new tier steps down from the group's
         self.remember(uid, limits)
         return Action(uid, account.name, limits.properties, change)
+
+    def adopt(self, shared: Published, now: float, current: int | None = None) -> Action | None:
+        """Take another node's winning standing (sync.py) as this node's; None when it
+        changes nothing here, or the user is not one this node could penalize.
+
+        Recorded under the actor "sync:<node>", so that it is neither published back
+        nor mailed (the origin node mails), and its occurrences are not counted again.
+        """
+        old = self.store.get(shared.uid) or UserScore()
+        actor = SYNC_ACTOR + shared.origin
+        try:
+            account = self.lookup(shared.uid)
+        except CgpolicyError:
+            return None
+        group, _ = self._judged_group(account)
+        if group is None:
+            return None
+        watched = is_watched(group)
+        if shared.tier is not None and (shared.tier_expiry or 0) > now:
+            if self._tier(shared.tier) is None:
+                return None  # a tier this node's policy lacks: its own standing stays
+            if (old.tier, old.tier_expiry) == (shared.tier, shared.tier_expiry):
+                return None
+            occurrences = max(old.occurrences, shared.occurrences)
+            new = replace(
+                old,
+                tier=shared.tier,
+                tier_expiry=shared.tier_expiry,
+                occurrences=occurrences,
+                cpu_badness=0.0,
+                memory_badness=0.0,
+                zero_since=None,
+            )
+            change = Change(
+                "penalized",
+                old.tier,
+                shared.tier,
+                old.occurrences,
+                occurrences,
+                f"on {shared.origin}",
+                watched,
+            )
+        elif shared.released is not None and old.tier is not None:
+            new, change = self._released(old, now, f"released on {shared.origin}", watched)
+        else:
+            return None  # an expired standing: this node's own expiry ends it
+        self.store.record(shared.uid, account.name, new, change, actor, now=now)
+        if new.tier is None:
+            self.memory_in_force.pop(shared.uid, None)
+        limits = self.limits(account, new, current)
+        self.remember(shared.uid, limits)
+        return Action(shared.uid, account.name, limits.properties, change, watched)
 
     def release(self, uid: int, actor: str, now: float) -> Action:
         """An admin ends a user's penalty now; NotPenalized when there is none."""
