@@ -330,3 +330,18 @@ def test_a_wrong_password_is_a_clear_error(server, tmp_path):
     )
     with pytest.raises(SyncError, match="password authentication failed for user"):
         db.exchange([], 0, T0, ORDER)
+
+
+def test_doctor_checks_the_database_and_this_nodes_last_sync(pair, server):
+    from dataclasses import replace
+
+    from pam_cgpolicy.cli import _sync_check
+
+    settings = pair.daemons["login1"].policy.sync
+    assert settings is not None
+    assert _sync_check(settings, 10)[0] == "warn"  # never synced yet
+    pair.share("login1")
+    verdict, what, text = _sync_check(settings, 10)
+    assert (verdict, what) == ("ok", "sync database") and "node login1 last synced" in text
+    verdict, _, text = _sync_check(replace(settings, port=1), 10)
+    assert verdict == "FAIL" and "cannot connect" in text
