@@ -518,13 +518,17 @@ class Daemon:
                 return
             now = self.clock()
             order = self.policy.penalty.order if self.policy.penalty else ()
-            for shared in await self.sharing.share(self.store, now, order):
-                current = None
-                if shared.tier is not None:
+            winners = await self.sharing.share(self.store, now, order)
+            memory = {}
+            for shared in winners:
+                # a tier's MemoryMax never goes below what the slice uses now
+                if shared.tier is not None and shared.uid in self.known:
                     current = await self._memory_current(shared.uid)
-                action = self.engine.adopt(shared, self.clock(), current)
-                if action is not None:
-                    await self.apply([action], SYNC_ACTOR + shared.origin)
+                    if current is not None:
+                        memory[shared.uid] = current
+            origins = {shared.uid: shared.origin for shared in winners}
+            for action in self.engine.adopt(winners, self.clock(), memory):
+                await self.apply([action], SYNC_ACTOR + origins[action.uid])
         except Exception as err:  # even a bug: enforcement goes on
             text = f"{type(err).__name__}: {err}"
             log.error("sync-failed", log.fields(event="sync-failed", error=text))

@@ -13,7 +13,7 @@ reconcile, never an applied one that was forgotten.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -301,23 +301,49 @@ class Engine:
         self.remember(uid, limits)
         return Action(uid, account.name, limits.properties, change)
 
-    def adopt(self, shared: Published, now: float, current: int | None = None) -> Action | None:
-        """Take another node's winning standing (sync.py) as this node's; None when it
-        changes nothing here, or the user is not one this node could penalize.
+    def adopt(
+        self, winners: Sequence[Published], now: float, memory: Mapping[int, int] | None = None
+    ) -> list[Action]:
+        """Take other nodes' winning standings (sync.py) as this node's, in one transaction;
+        the actions of those that change something here. ``memory``: slices' memory now.
 
-        Recorded under the actor "sync:<node>", so that it is neither published back
-        nor mailed (the origin node mails), and its occurrences are not counted again.
+        Recorded under the actor "sync:<node>", so that they are neither published back
+        nor mailed (the origin node mails), and their occurrences are not counted again.
+        A user this node could not penalize, or a tier its policy lacks, is passed over.
         """
-        old = self.store.get(shared.uid) or UserScore()
-        actor = SYNC_ACTOR + shared.origin
-        try:
-            account = self.lookup(shared.uid)
-        except CgpolicyError:
-            return None
-        group, _ = self._judged_group(account)
-        if group is None:
-            return None
-        watched = is_watched(group)
+        recorded: list[tuple[int, str, UserScore, Change | None]] = []
+        actors: dict[int, str] = {}
+        taken: list[tuple[Account, UserScore, bool]] = []
+        for shared in winners:
+            try:
+                account = self.lookup(shared.uid)
+            except CgpolicyError:
+                continue
+            group, _ = self._judged_group(account)
+            if group is None:
+                continue
+            old = self.store.get(shared.uid) or UserScore()
+            adopted = self._adopted(shared, old, now, is_watched(group))
+            if adopted is None:
+                continue
+            recorded.append((shared.uid, account.name, *adopted))
+            actors[shared.uid] = SYNC_ACTOR + shared.origin
+            taken.append((account, adopted[0], is_watched(group)))
+        if recorded:
+            self.store.record_many(recorded, now=now, actors=actors)
+        actions = []
+        for (account, new, watched), (_, _, _, change) in zip(taken, recorded, strict=True):
+            if new.tier is None:
+                self.memory_in_force.pop(account.uid, None)
+            limits = self.limits(account, new, (memory or {}).get(account.uid))
+            self.remember(account.uid, limits)
+            actions.append(Action(account.uid, account.name, limits.properties, change, watched))
+        return actions
+
+    def _adopted(
+        self, shared: Published, old: UserScore, now: float, watched: bool
+    ) -> tuple[UserScore, Change] | None:
+        """The standing and change that adopting ``shared`` makes of ``old``; None: none."""
         if shared.tier is not None and (shared.tier_expiry or 0) > now:
             if self._tier(shared.tier) is None:
                 return None  # a tier this node's policy lacks: its own standing stays
@@ -333,25 +359,14 @@ class Engine:
                 memory_badness=0.0,
                 zero_since=None,
             )
+            reason = f"on {shared.origin}"
             change = Change(
-                "penalized",
-                old.tier,
-                shared.tier,
-                old.occurrences,
-                occurrences,
-                f"on {shared.origin}",
-                watched,
+                "penalized", old.tier, shared.tier, old.occurrences, occurrences, reason, watched
             )
-        elif shared.released is not None and old.tier is not None:
-            new, change = self._released(old, now, f"released on {shared.origin}", watched)
-        else:
-            return None  # an expired standing: this node's own expiry ends it
-        self.store.record(shared.uid, account.name, new, change, actor, now=now)
-        if new.tier is None:
-            self.memory_in_force.pop(shared.uid, None)
-        limits = self.limits(account, new, current)
-        self.remember(shared.uid, limits)
-        return Action(shared.uid, account.name, limits.properties, change, watched)
+            return new, change
+        if shared.released is not None and old.tier is not None:
+            return self._released(old, now, f"released on {shared.origin}", watched)
+        return None  # an expired standing: this node's own expiry ends it
 
     def release(self, uid: int, actor: str, now: float) -> Action:
         """An admin ends a user's penalty now; NotPenalized when there is none."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from .badness import Change, UserScore
@@ -343,8 +343,12 @@ class StateStore(SQLiteFile):
         actor: str | None = None,
         *,
         now: float | None = None,
+        actors: Mapping[int, str] | None = None,
     ) -> None:
-        """``record`` for many users in one transaction: a whole evaluation cycle."""
+        """``record`` for many users in one transaction: a whole evaluation cycle.
+
+        ``actors``: the actor of some users' changes, where it is not ``actor``.
+        """
         for _uid, _user, state, change in entries:
             if change is not None and (
                 change.new_tier != state.tier or change.new_occurrences != state.occurrences
@@ -356,8 +360,9 @@ class StateStore(SQLiteFile):
             for uid, user, state, change in entries:
                 self._write_user(uid, user, state, when)
                 if change is not None:
-                    self._write_event(uid, user, change, actor, when)
-                    self._write_outbox(uid, user, state, change, actor, when)
+                    who = (actors or {}).get(uid, actor)
+                    self._write_event(uid, user, change, who, when)
+                    self._write_outbox(uid, user, state, change, who, when)
 
     def _write_outbox(
         self,
