@@ -92,6 +92,7 @@ mountpoint -q {B}/rw || mount -t tmpfs -o mode=0755 tmpfs {B}/rw
 mkdir -p {B}/rw/upper/var/lib/cgpolicy {B}/rw/upper/etc/systemd/system {B}/rw/work
 chmod 0700 {B}/rw/upper/var/lib/cgpolicy
 python3 -c "import os; os.setxattr('{B}/rw/upper/var/lib/cgpolicy', 'trusted.overlay.opaque', b'y')"
+echo {MACHINE} > {B}/rw/upper/etc/hostname  # its node name: the VM's is taken
 ln -sf /dev/null {B}/rw/upper/etc/systemd/system/ssh.service
 ln -sf /dev/null {B}/rw/upper/etc/systemd/system/postgresql.service
 mountpoint -q {B}/mnt || mount -t overlay overlay \

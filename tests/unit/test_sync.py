@@ -345,3 +345,15 @@ def test_doctor_checks_the_database_and_this_nodes_last_sync(pair, server):
     assert (verdict, what) == ("ok", "sync database") and "node login1 last synced" in text
     verdict, _, text = _sync_check(replace(settings, port=1), 10)
     assert verdict == "FAIL" and "cannot connect" in text
+
+
+def test_only_the_node_where_a_penalty_began_mails_it(pair, monkeypatch):
+    monkeypatch.setattr(parts.daemon_mod, "facts_for", lambda *_a, **_k: "facts")
+    told: dict[str, list[object]] = {"login1": [], "login2": []}
+    for name, daemon in pair.daemons.items():
+        monkeypatch.setattr(daemon.notifier, "notify", told[name].append)
+    asyncio.run(pair.daemons["login1"].penalize("bob", "penalty1", "admin"))
+    pair.share("login1")
+    pair.share("login2")
+    assert pair.tier("login2") == "penalty1"
+    assert (len(told["login1"]), len(told["login2"])) == (1, 0)
