@@ -32,6 +32,7 @@ pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
 USER, UID = "syncu", 5711
+HOG, HOG_UID = "synch", 5712  # burns CPU on A: penalized by the model, not by an admin
 INTERVAL = 2
 PASSWORD = "sync-pw-5711"
 BACKUP = "/root/cgpolicy-before-test-sync"
@@ -46,11 +47,11 @@ POLICY = {
         interval = {INTERVAL}
 
         [status]
-        order = ["synced"]
+        order = ["hogs", "synced"]
         fallback = "others"
 
         [badness]
-        time_to_max_bad = 86400
+        time_to_max_bad = 20
 
         [penalty]
         order = ["penalty1", "penalty2"]
@@ -72,6 +73,11 @@ POLICY = {
         password_file = "/etc/cgpolicy/sync-password"
         group = "vmtest"
         timeout = 2
+        """,
+    "groups.d/hogs.toml": f"""
+        users = ["{HOG}"]
+        [limits]
+        CPUQuota = "50%"
         """,
     "groups.d/synced.toml": f"""
         users = ["{USER}"]
@@ -123,18 +129,18 @@ def on_b(vm, cmd: str, check: bool = True, timeout: float = 120):
     )
 
 
-def quota(vm, node: str) -> str:
-    cmd = f"systemctl show user-{UID}.slice -p CPUQuotaPerSecUSec --value"
+def quota(vm, node: str, uid: int = UID) -> str:
+    cmd = f"systemctl show user-{uid}.slice -p CPUQuotaPerSecUSec --value"
     out = on_b(vm, cmd, check=False) if node == "b" else root(vm, cmd, check=False)
     return out.stdout.strip()
 
 
-def events(vm, node: str) -> list[tuple[float, str, str | None, str | None]]:
+def events(vm, node: str, uid: int = UID) -> list[tuple[float, str, str | None, str | None]]:
     """(time, kind, new tier, actor) of the user's events in the node's state.db."""
     script = (
         "import sqlite3; db = sqlite3.connect('file:/var/lib/cgpolicy/state.db?mode=ro', "
         f"uri=True); print(db.execute('SELECT time, kind, new_tier, actor FROM events "
-        f"WHERE uid = {UID} ORDER BY id').fetchall())"
+        f"WHERE uid = {uid} ORDER BY id').fetchall())"
     )
     cmd = f"python3 -c {shlex.quote(script)}"
     out = (on_b if node == "b" else root)(vm, cmd)
@@ -157,13 +163,16 @@ def diagnostics(vm) -> str:
     return "\n".join(parts)
 
 
-def wait_quota(vm, node: str, tier: str | None, timeout: float = 30) -> float:
-    """Seconds until the node's slice has the tier's CPU quota."""
+def wait_quota(
+    vm, node: str, tier: str | None, timeout: float = 30, uid: int = UID, shown: str = ""
+) -> float:
+    """Seconds until the node's slice has the tier's CPU quota (or ``shown``)."""
     start = time.monotonic()
+    want = shown or QUOTA[tier]
     poll(
-        f"node {node}: user-{UID}.slice at {QUOTA[tier]} ({tier})",
-        lambda: quota(vm, node),
-        lambda shown: shown == QUOTA[tier],
+        f"node {node}: user-{uid}.slice at {want} ({tier})",
+        lambda: quota(vm, node, uid),
+        lambda now: now == want,
         timeout,
         lambda: diagnostics(vm),
         every=0.5,
@@ -171,13 +180,17 @@ def wait_quota(vm, node: str, tier: str | None, timeout: float = 30) -> float:
     return time.monotonic() - start
 
 
-def converged(vm, origin: str, other: str, kind: str) -> float:
+def converged(vm, origin: str, other: str, kind: str, uid: int = UID) -> float:
     """Seconds between the origin's last event of ``kind`` and the other node's adoption
     of it, from the two nodes' own records (one kernel clock)."""
-    made = [e for e in events(vm, origin) if e[1] == kind and not (e[3] or "").startswith("sync:")]
+    made = [
+        e for e in events(vm, origin, uid) if e[1] == kind and not (e[3] or "").startswith("sync:")
+    ]
     taken = poll(
         f"node {other} adopts the {kind}",
-        lambda: [e for e in events(vm, other) if e[1] == kind and (e[3] or "").startswith("sync:")],
+        lambda: [
+            e for e in events(vm, other, uid) if e[1] == kind and (e[3] or "").startswith("sync:")
+        ],
         lambda found: bool(found) and found[-1][0] >= made[-1][0],
         30,
         lambda: diagnostics(vm),
@@ -192,6 +205,7 @@ def nodes(vm_v2) -> Iterator[Any]:
     vm = vm_v2
     install_cgpolicy(vm, REPO)
     vm.add_user(USER, UID)
+    vm.add_user(HOG, HOG_UID)
     root(vm, CONTAINER_DOWN, check=False)  # a run killed half way
     root(vm, f"rm -rf {BACKUP} && cp -a /etc/cgpolicy {BACKUP}")
     root(vm, "systemctl start postgresql")
@@ -206,7 +220,10 @@ def nodes(vm_v2) -> Iterator[Any]:
     root(vm, "rm -f /etc/cgpolicy/groups.d/*.toml")
     for name, text in POLICY.items():
         vm.put_bytes(textwrap.dedent(text).lstrip().encode(), f"/etc/cgpolicy/{name}", mode=0o644)
-    root(vm, "cgpolicyctl check && systemctl restart cgpolicyd")
+    root(vm, "cgpolicyctl check && systemctl stop cgpolicyd")
+    # a login costs CPU under emulation: made while nobody judges it
+    vm.ssh("nohup sleep 100000 >/dev/null 2>&1 &", user=USER)
+    root(vm, "systemctl start cgpolicyd")
     wait_until_serving(vm)
     root(vm, CONTAINER_UP)
     poll(
@@ -218,13 +235,17 @@ def nodes(vm_v2) -> Iterator[Any]:
         every=3,
     )
     on_b(vm, "systemctl restart cgpolicyd && systemctl is-active cgpolicyd")
-    # the user's slice on each node: a login on A (through the hook), a unit on B
-    vm.ssh("nohup sleep 100000 >/dev/null 2>&1 &", user=USER)
+    # the user's slice on B (on A: the login above, through the hook)
     on_b(vm, f"systemd-run --uid={UID} --slice=user-{UID}.slice --unit=syncu-sleep sleep 100000")
+    on_b(
+        vm, f"systemd-run --uid={HOG_UID} --slice=user-{HOG_UID}.slice --unit=synch-sleep sleep 1e6"
+    )
     wait_quota(vm, "a", None)
     wait_quota(vm, "b", None)
     yield vm
     if vm.running:
+        root(vm, f"pkill -KILL -u {HOG}; cgpolicyctl release {HOG}", check=False)
+        root(vm, f"loginctl terminate-user {HOG}", check=False)
         root(vm, f"cgpolicyctl release {USER}", check=False)
         root(vm, CONTAINER_DOWN, check=False)
         root(
@@ -310,3 +331,18 @@ def test_b_with_a_wrong_password_says_so_and_enforces_locally(nodes):
     finally:
         root(vm, f"printf '{PASSWORD}\\n' > {path}")
         on_b(vm, "systemctl restart cgpolicyd", check=False)
+
+
+def test_a_hog_on_a_is_penalized_by_the_model_and_b_follows(nodes):
+    vm = nodes
+    vm.ssh("nohup sh -c 'while :; do :; done' >/dev/null 2>&1 &", user=HOG)
+    try:
+        wait_quota(vm, "a", "penalty1", timeout=120, uid=HOG_UID, shown="250ms")
+        wait_quota(vm, "b", "penalty1", uid=HOG_UID, shown="250ms")
+        seconds = converged(vm, "a", "b", "penalized", HOG_UID)
+        print(f"convergence of the model's penalty A -> B: {seconds:.2f} s")
+        assert seconds <= 2 * INTERVAL
+        (made,) = [e for e in events(vm, "a", HOG_UID) if e[1] == "penalized"]
+        assert made[3] is None  # the model's own, no admin
+    finally:
+        root(vm, f"pkill -KILL -u {HOG}", check=False)
