@@ -49,7 +49,7 @@ from .constants import (
 from .errors import CgpolicyError, DaemonError, EvictError, PolicyError, SystemdError
 from .freezer import V1Freezer
 from .pamconfig import hook_wiring, user_env_before_hook
-from .policy import Policy, load_policy
+from .policy import Policy, Sync, load_policy
 from .report import UsageReport, report_from_files, to_json
 from .salvage import last_salvage
 from .setprops import apply_limits
@@ -886,6 +886,8 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     try:
         policy = load_policy(Path(config_dir(args.config_dir)))
         checks.append(("ok", "policy", f"valid, {len(policy.groups)} groups"))
+        if policy.sync is not None:
+            checks.append(_sync_check(policy.sync, policy.general.interval))
     except PolicyError as err:
         checks.append(("FAIL", "policy", f"{len(err.problems)} errors; run cgpolicyctl check"))
     compiled = Path(compiled_policy_file())
@@ -903,6 +905,27 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         checks.append(("warn", "state database", "was damaged, salvaged: " + salvaged))
     checks += _daemon_checks(salvage_shown=salvaged is not None)
     return checks
+
+
+def _sync_check(settings: Sync, interval: float) -> tuple[str, str, str]:
+    """The sync group's database answers, and this node synced lately."""
+    from .syncdb import SyncDB
+
+    db = SyncDB(settings)
+    try:
+        nodes = db.nodes()
+    except CgpolicyError as err:
+        return ("FAIL", "sync database", str(err))
+    finally:
+        db.close()
+    what = f"group {settings.group}, node {settings.node}"
+    last = nodes.get(settings.node)
+    if last is None:
+        return ("warn", "sync database", f"{db.where} answers; {what} has never synced")
+    age = time.time() - last
+    others = len(nodes) - 1
+    text = f"{db.where}: {what} last synced {age:.0f}s ago; {others} other nodes in the group"
+    return ("ok" if age <= 3 * interval else "warn", "sync database", text)
 
 
 def _daemon_checks(salvage_shown: bool) -> list[tuple[str, str, str]]:
@@ -949,6 +972,8 @@ def _daemon_checks(salvage_shown: bool) -> list[tuple[str, str, str]]:
                 + ", ".join(status["pending"]),
             )
         )
+    if status.get("sync") == "down":
+        checks.append(("warn", "cgpolicyd sync", "the sync database is away: enforcing locally"))
     if status.get("salvage") and not salvage_shown:  # an admin who cannot read the report
         checks.append(("warn", "cgpolicyd state", "salvaged at start: " + status["salvage"]))
     return checks

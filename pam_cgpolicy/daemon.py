@@ -52,12 +52,13 @@ from .engine import Action, Engine, Properties
 from .errors import CgpolicyError, NotManaged, StateError, SystemdError, policy_error
 from .mail import deliver
 from .notifier import Deliver, Notifier, Png, facts_for, no_png
-from .policy import General, Policy, StatusGroup, load_policy
+from .policy import General, Policy, StatusGroup, Sync, load_policy
 from .report import report_from_files
 from .salvage import last_salvage, open_or_salvage
 from .setprops import NO_BUSCTL, set_slice_properties
 from .slicelimits import SliceLimits, Standing, physical_memory
-from .state import StateStore
+from .state import SYNC_ACTOR, StateStore
+from .sync import Exchange, Sharing
 from .systemd import Systemd
 from .usage import Sample, UsageSampler
 from .usagehistory import TOP_PROCESSES, UsageHistory, UsagePoint
@@ -137,6 +138,7 @@ class Daemon:
         history: UsageHistory | None = None,
         mailer: Deliver = deliver,
         plot: Png = no_png,
+        sync_db: Callable[[Sync], Exchange] | None = None,
     ) -> None:
         self.store = store
         self.history = history  # None: no usage history (it could not be opened)
@@ -179,6 +181,10 @@ class Daemon:
         self.reloads = self.reload_errors = self.cycle_failures = 0  # since start
         self.exposition: bytes | None = None  # the last cycle's metrics
         self.textfile = metrics.TextfileWriter()
+        self.sync_db = sync_db or _sync_db  # opens the sync group's database
+        self.sharing: Sharing | None = None  # [sync] is set: this node's side of it
+        self.sync_settings: Sync | None = None  # the [sync] that ``sharing`` was made for
+        self.follow_sync()
 
     @property
     def policy(self) -> Policy:
@@ -201,28 +207,30 @@ class Daemon:
         change = action.change
         if change is None:
             return
-        try:  # a mail never fails the change it tells of
-            facts = facts_for(
-                self.policy,
-                action.user,
-                action.uid,
-                change,
-                self.store.get(action.uid),
-                limits,
-                actor=actor,
-                watched=watched,
-                host=self.notifier.host,
-                when=self.clock(),
-            )
-            if facts is not None:
-                self.notifier.notify(facts)
-        except Exception as err:
-            log.error(
-                "mail-failed",
-                log.fields(user=action.user, uid=action.uid, event="mail-failed", error=err),
-                user=action.user,
-                uid=action.uid,
-            )
+        # the node where an adopted change began mails it
+        if not (actor or "").startswith(SYNC_ACTOR):
+            try:  # a mail never fails the change it tells of
+                facts = facts_for(
+                    self.policy,
+                    action.user,
+                    action.uid,
+                    change,
+                    self.store.get(action.uid),
+                    limits,
+                    actor=actor,
+                    watched=watched,
+                    host=self.notifier.host,
+                    when=self.clock(),
+                )
+                if facts is not None:
+                    self.notifier.notify(facts)
+            except Exception as err:
+                log.error(
+                    "mail-failed",
+                    log.fields(user=action.user, uid=action.uid, event="mail-failed", error=err),
+                    user=action.user,
+                    uid=action.uid,
+                )
         if self.service is not None and not watched:  # a watched tier is no one's business yet
             await self.service.emit_tier_changed(
                 action.user, change.old_tier, change.new_tier, change.reason
@@ -527,10 +535,46 @@ class Daemon:
                 self.cycle_failures += 1
                 text = f"internal: {type(err).__name__}: {err}"
                 log.error("cycle-failed", log.fields(event="cycle-failed", error=text))
+            await self.share()
             await self.publish_metrics(self.ticks() - started)
             wait = self.policy.general.interval - (self.ticks() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(wait, 0.1))
+
+    def follow_sync(self) -> None:
+        """Open (or close) the sync group's database as the policy's [sync] says."""
+        settings = self.policy.sync
+        if settings == self.sync_settings:
+            return
+        if self.sharing is not None:
+            self.sharing.db.close()
+        self.sync_settings = settings
+        self.sharing = None if settings is None else Sharing(self.sync_db(settings), settings.node)
+        self.store.sharing = settings is not None
+
+    async def share(self) -> None:
+        """After each cycle: publish this node's tier changes to its sync group and adopt
+        the group's. Never fails the cycle; the database away costs at most its timeout."""
+        try:
+            self.follow_sync()
+            if self.sharing is None:
+                return
+            now = self.clock()
+            order = self.policy.penalty.order if self.policy.penalty else ()
+            winners = await self.sharing.share(self.store, now, order)
+            memory = {}
+            for shared in winners:
+                # a tier's MemoryMax never goes below what the slice uses now
+                if shared.tier is not None and shared.uid in self.known:
+                    current = await self._memory_current(shared.uid)
+                    if current is not None:
+                        memory[shared.uid] = current
+            origins = {shared.uid: shared.origin for shared in winners}
+            for action in self.engine.adopt(winners, self.clock(), memory):
+                await self.apply([action], SYNC_ACTOR + origins[action.uid])
+        except Exception as err:  # even a bug: enforcement goes on
+            text = f"{type(err).__name__}: {err}"
+            log.error("sync-failed", log.fields(event="sync-failed", error=text))
 
     async def publish_metrics(self, cycle_seconds: float) -> None:
         """The cycle's series, kept for Metrics and written for the node exporter.
@@ -650,6 +694,7 @@ class Daemon:
             "pending": pending or None,
             "salvage": self.salvage,
             "users": len(self.store.all()),
+            **(self.sharing.status() if self.sharing else {}),
         }
 
     async def freeze(self, name: str, actor: str) -> None:
@@ -790,6 +835,12 @@ class Daemon:
         except CgpolicyError:
             return False
         return is_admin(account, self.policy.general.admin_group)
+
+
+def _sync_db(settings: Sync) -> Exchange:
+    from .syncdb import SyncDB  # psycopg2 only with [sync]
+
+    return SyncDB(settings)
 
 
 def refusal(err: Exception, config: str) -> list[str]:

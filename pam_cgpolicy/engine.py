@@ -13,7 +13,7 @@ reconcile, never an applied one that was forgotten.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,7 +30,7 @@ from .slicelimits import (
     is_watched,
     slice_limits,
 )
-from .state import StateStore
+from .state import SYNC_ACTOR, Published, StateStore
 from .usage import Sample
 
 Properties = tuple[tuple[str, str, Any], ...]
@@ -337,6 +337,73 @@ class Engine:
         limits = self.limits(account, new, current)  # a new tier steps down from the group's
         self.remember(uid, limits)
         return Action(uid, account.name, limits.properties, change)
+
+    def adopt(
+        self, winners: Sequence[Published], now: float, memory: Mapping[int, int] | None = None
+    ) -> list[Action]:
+        """Take other nodes' winning standings (sync.py) as this node's, in one transaction;
+        the actions of those that change something here. ``memory``: slices' memory now.
+
+        Recorded under the actor "sync:<node>", so that they are neither published back
+        nor mailed (the origin node mails), and their occurrences are not counted again.
+        A user this node could not penalize, or a tier its policy lacks, is passed over.
+        """
+        recorded: list[tuple[int, str, UserScore, Change | None]] = []
+        actors: dict[int, str] = {}
+        taken: list[tuple[Account, UserScore, bool]] = []
+        for shared in winners:
+            try:
+                account = self.lookup(shared.uid)
+            except CgpolicyError:
+                continue
+            group, _ = self._judged_group(account)
+            if group is None:
+                continue
+            old = self.store.get(shared.uid) or UserScore()
+            adopted = self._adopted(shared, old, now, is_watched(group))
+            if adopted is None:
+                continue
+            recorded.append((shared.uid, account.name, *adopted))
+            actors[shared.uid] = SYNC_ACTOR + shared.origin
+            taken.append((account, adopted[0], is_watched(group)))
+        if recorded:
+            self.store.record_many(recorded, now=now, actors=actors)
+        actions = []
+        for (account, new, watched), (_, _, _, change) in zip(taken, recorded, strict=True):
+            if new.tier is None:
+                self.memory_in_force.pop(account.uid, None)
+            limits = self.limits(account, new, (memory or {}).get(account.uid))
+            self.remember(account.uid, limits)
+            actions.append(Action(account.uid, account.name, limits.properties, change, watched))
+        return actions
+
+    def _adopted(
+        self, shared: Published, old: UserScore, now: float, watched: bool
+    ) -> tuple[UserScore, Change] | None:
+        """The standing and change that adopting ``shared`` makes of ``old``; None: none."""
+        if shared.tier is not None and (shared.tier_expiry or 0) > now:
+            if self._tier(shared.tier) is None:
+                return None  # a tier this node's policy lacks: its own standing stays
+            if (old.tier, old.tier_expiry) == (shared.tier, shared.tier_expiry):
+                return None
+            occurrences = max(old.occurrences, shared.occurrences)
+            new = replace(
+                old,
+                tier=shared.tier,
+                tier_expiry=shared.tier_expiry,
+                occurrences=occurrences,
+                cpu_badness=0.0,
+                memory_badness=0.0,
+                zero_since=None,
+            )
+            reason = f"on {shared.origin}"
+            change = Change(
+                "penalized", old.tier, shared.tier, old.occurrences, occurrences, reason, watched
+            )
+            return new, change
+        if shared.released is not None and old.tier is not None:
+            return self._released(old, now, f"released on {shared.origin}", watched)
+        return None  # an expired standing: this node's own expiry ends it
 
     def release(self, uid: int, actor: str, now: float) -> Action:
         """An admin ends a user's penalty now; NotPenalized when there is none."""

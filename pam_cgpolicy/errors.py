@@ -145,3 +145,7 @@ class MailError(CgpolicyError):
     def __init__(self, message: str, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class SyncError(CgpolicyError):
+    """The sync group's database could not be reached, or refused this node."""

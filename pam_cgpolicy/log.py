@@ -72,6 +72,10 @@ MESSAGE_IDS = {
     "mail-skipped": "c3f8a1d6e2b94c7a5f0e3d8b1a6c2f94",
     "mail-plot-failed": "5b9d2e7f1a3c4e8b6d0f2a9c7e1b3d56",
     "mail-queue-failed": "f2a6c9e3b8d14f7a0c5e2b9d6f3a8c71",
+    # several login nodes ([sync])
+    "sync-down": "d2af4c2041d34b74b90567c71733362f",
+    "sync-up": "b8844d792ab54c1fa6ba5aa79441e1e1",
+    "sync-failed": "0c1ab9b3ba144213b77fb1d73f4098bc",
     # eviction to a checkpoint
     "evicted": "7e2b9f4c1a6d4e3b8c5f0a2d9e6b3c17",
     "restored": "3c8f1e6a9b2d4f7c0e5a3b8d1f6c9e24",

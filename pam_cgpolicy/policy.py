@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -77,6 +78,22 @@ class Notify:
 
 
 @dataclass(frozen=True)
+class Sync:
+    """[sync]: the PostgreSQL database through which the login nodes of a group share
+    their penalties (sync.py). Like [notify]'s, the password stays in its file."""
+
+    host: str
+    database: str
+    user: str
+    group: str  # the sync group: nodes of one group share their standings
+    node: str  # this node's name in the group; by default the host name
+    port: int = 5432
+    password_file: str = ""  # root-only file holding the database password
+    timeout: float = 3.0  # seconds to connect, and for one statement
+    tls: tuple[tuple[str, str], ...] = ()  # libpq's sslmode, sslrootcert, ... as given
+
+
+@dataclass(frozen=True)
 class StatusGroup:
     name: str
     description: str = ""
@@ -113,6 +130,7 @@ class Policy:
     history: HistoryParams = HistoryParams()
     notify: Notify | None = None  # no [notify] table: no mail
     metrics: MetricsSettings = MetricsSettings()
+    sync: Sync | None = None  # no [sync] table: a single node
 
     def watched(self, group: str) -> bool:
         """True if the group's penalties are watched only: judged and recorded, never applied.
@@ -162,6 +180,9 @@ class Policy:
             else Notify(**{**data["notify"], "admins": tuple(data["notify"]["admins"])}),
             # absent from a copy saved before [metrics] existed
             metrics=MetricsSettings(**data.get("metrics", {})),
+            sync=None
+            if data.get("sync") is None
+            else Sync(**{**data["sync"], "tls": tuple(tuple(o) for o in data["sync"]["tls"])}),
         )
 
     def compile(self) -> dict[str, Any]:
@@ -488,20 +509,27 @@ def _why_readable(path: str) -> str | None:
     return None
 
 
-def _parse_notify(main: _File, data: dict[str, Any], trusted_uids: set[int]) -> Notify | None:
-    if "notify" not in data:
+def _server_section(
+    main: _File, data: dict[str, Any], name: str, keys: set[str], example: str, port: int
+) -> tuple[dict[str, Any], str, int] | None:
+    """A section naming a server ([notify], [sync]): its table, host and port; None if absent."""
+    if name not in data:
         return None
-    table = main.get(data, "notify", dict, {})
-    main.check_keys(table, NOTIFY_KEYS, "notify.")
-    p = "notify."
+    table = main.get(data, name, dict, {})
+    p = name + "."
+    main.check_keys(table, keys, p)
     host = main.get(table, "host", str, "", p)
     if not host or any(c.isspace() for c in host):
-        main.report('must name the SMTP server, e.g. "localhost"', p + "host")
-    port = main.get(table, "port", int, 25, p)
+        main.report(f"must name the {example}", p + "host")
+    port = main.get(table, "port", int, port, p)
     if not 1 <= port <= 65535:
         main.report(f"must be from 1 to 65535, not {port!r}", p + "port")
-    user = main.get(table, "user", str, "", p)
-    password_file = main.get(table, "password_file", str, "", p)
+    return table, host, port
+
+
+def _secret_file(main: _File, table: dict[str, Any], p: str, trusted_uids: set[int]) -> str:
+    """A section's password_file: absolute, root's alone to write and to read."""
+    password_file: str = main.get(table, "password_file", str, "", p)
     if password_file:
         if not os.path.isabs(password_file):
             main.report(f"{password_file!r} must be an absolute path", p + "password_file")
@@ -509,6 +537,19 @@ def _parse_notify(main: _File, data: dict[str, Any], trusted_uids: set[int]) -> 
             reason = why_unsafe(password_file, trusted_uids) or _why_readable(password_file)
             if reason is not None:
                 main.report(f"{password_file}: {reason}", p + "password_file")
+    return password_file
+
+
+def _parse_notify(main: _File, data: dict[str, Any], trusted_uids: set[int]) -> Notify | None:
+    section = _server_section(
+        main, data, "notify", NOTIFY_KEYS, 'SMTP server, e.g. "localhost"', 25
+    )
+    if section is None:
+        return None
+    table, host, port = section
+    p = "notify."
+    user = main.get(table, "user", str, "", p)
+    password_file = _secret_file(main, table, p, trusted_uids)
     if bool(user) != bool(password_file):
         main.report("user and password_file go together: give both or neither", p + "user")
     sender = main.get(table, "from", str, "", p)
@@ -541,6 +582,51 @@ def _parse_notify(main: _File, data: dict[str, Any], trusted_uids: set[int]) -> 
         user_address=template,
         admins=admins,
         timeout=timeout,
+    )
+
+
+# libpq's TLS options, passed through as given (libpq checks their values).
+SYNC_TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "sslpassword")
+SYNC_KEYS = {
+    "host",
+    "port",
+    "database",
+    "user",
+    "password_file",
+    "group",
+    "node",
+    "timeout",
+    *SYNC_TLS_KEYS,
+}
+
+
+def _parse_sync(main: _File, data: dict[str, Any], trusted_uids: set[int]) -> Sync | None:
+    example = 'PostgreSQL server, e.g. "db.example.org"'
+    section = _server_section(main, data, "sync", SYNC_KEYS, example, 5432)
+    if section is None:
+        return None
+    table, host, port = section
+    p = "sync."
+    names = {}
+    for key in ("database", "user", "group"):
+        names[key] = main.get(table, key, str, "", p)
+        if not names[key] or any(c.isspace() for c in names[key]):
+            main.report("must be given, without spaces", p + key)
+    node = main.get(table, "node", str, "", p) or socket.gethostname()
+    if not _NAME_RE.fullmatch(node):
+        main.report(f"{node[:80]!r} is not a node's name: {NAME_RULE}", p + "node")
+    password_file = _secret_file(main, table, p, trusted_uids)
+    tls = tuple((key, main.get(table, key, str, "", p)) for key in SYNC_TLS_KEYS if key in table)
+    return Sync(
+        host,
+        names["database"],
+        names["user"],
+        names["group"],
+        node,
+        port=port,
+        password_file=password_file,
+        timeout=main.number(table, "timeout", 3, 1, 60, p),
+        tls=tls,
     )
 
 
@@ -654,7 +740,17 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
     data = main.data or {}
     main.check_keys(
         data,
-        {"general", "status", "badness", "processes", "penalty", "history", "notify", "metrics"},
+        {
+            "general",
+            "status",
+            "badness",
+            "processes",
+            "penalty",
+            "history",
+            "notify",
+            "metrics",
+            "sync",
+        },
     )
     general = _parse_general(main, data)
     status = main.get(data, "status", dict, {})
@@ -686,11 +782,22 @@ def _load_policy(config_dir: Path, trusted_uids: set[int] | None) -> Policy:
     history = _parse_history(main, data)
     notify = _parse_notify(main, data, trusted_uids)
     metrics = _parse_metrics(main, data)
+    sync = _parse_sync(main, data, trusted_uids)
     if problems:
         raise PolicyError(problems)
     return Policy(
-        general, tuple(order), fallback, groups, badness, whitelist, penalty, match, history,
-        notify, metrics
+        general,
+        tuple(order),
+        fallback,
+        groups,
+        badness,
+        whitelist,
+        penalty,
+        match,
+        history,
+        notify,
+        metrics,
+        sync,
     )
 
 

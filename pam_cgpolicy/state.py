@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from .badness import Change, UserScore
 from .errors import StateError
 from .sqlitefile import SQLiteFile, readonly_uri
 
-SCHEMA_VERSION = 3  # 2: events.watched; 3: the mail queue
+SCHEMA_VERSION = 4  # 2: events.watched; 3: the mail queue; 4: the sync outbox
 
 _SCHEMA: tuple[str, ...] = (
     """CREATE TABLE users (
@@ -63,11 +63,26 @@ _MAIL_TABLE = (
     )""",
     "CREATE INDEX mail_by_next_try ON mail (next_try, id)",
 )
-_SCHEMA += _MAIL_TABLE
+_OUTBOX_TABLE = (
+    # This node's own tier changes not yet published to its sync group (sync.py); written
+    # in the transaction of the change, so a crash cannot lose one.
+    """CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        tier TEXT,
+        tier_expiry REAL,
+        occurrences INTEGER NOT NULL,
+        since REAL NOT NULL,
+        released REAL
+    )""",
+)
+_SCHEMA += _MAIL_TABLE + _OUTBOX_TABLE
 # What brings a file of version N to N + 1 (opened for writing; a new file gets _SCHEMA).
 _UPGRADES: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE events ADD COLUMN watched INTEGER NOT NULL DEFAULT 0",),
     2: _MAIL_TABLE,
+    3: _OUTBOX_TABLE,
 }
 
 
@@ -81,7 +96,14 @@ _EVENT_COLUMNS = (
 # What a column added by a later version reads as in an older file.
 _ADDED_COLUMNS = {"watched": "0"}
 _MAIL_COLUMNS = "id, queued, uid, message, attempts, next_try, last_error"
-_TABLES = {"users": _USER_COLUMNS, "events": _EVENT_COLUMNS, "mail": _MAIL_COLUMNS}
+_OUTBOX_COLUMNS = "id, uid, user, tier, tier_expiry, occurrences, since, released"
+_TABLES = {
+    "users": _USER_COLUMNS,
+    "events": _EVENT_COLUMNS,
+    "mail": _MAIL_COLUMNS,
+    "outbox": _OUTBOX_COLUMNS,
+}
+SYNC_ACTOR = "sync:"  # the actor of a standing adopted from another node: never published
 
 
 @dataclass(frozen=True)
@@ -125,6 +147,24 @@ def _readable(conn: sqlite3.Connection, table: str, columns: str) -> str:
 
 
 @dataclass(frozen=True)
+class Published:
+    """A standing as the nodes of a sync group share it (sync.py).
+
+    ``since``: when this node recorded it. ``released``: an admin's release at that
+    time, which ends every penalty of the user begun before it, on every node.
+    """
+
+    uid: int
+    user: str
+    tier: str | None
+    tier_expiry: float | None
+    occurrences: int
+    since: float
+    released: float | None = None
+    origin: str = ""  # the node it came from; "" for this node's own
+
+
+@dataclass(frozen=True)
 class QueuedMail:
     """One mail in the queue: the whole message as bytes, and how its sending went."""
 
@@ -154,6 +194,9 @@ def _user_row(row: sqlite3.Row) -> UserRow:
 
 class StateStore(SQLiteFile):
     """One connection to the state database. Not for sharing between threads."""
+
+    # [sync] is set: this node's tier changes go to the outbox too (cgpolicyd sets it)
+    sharing = False
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], timeout: float = 5.0) -> StateStore:
@@ -331,8 +374,12 @@ class StateStore(SQLiteFile):
         actor: str | None = None,
         *,
         now: float | None = None,
+        actors: Mapping[int, str] | None = None,
     ) -> None:
-        """``record`` for many users in one transaction: a whole evaluation cycle."""
+        """``record`` for many users in one transaction: a whole evaluation cycle.
+
+        ``actors``: the actor of some users' changes, where it is not ``actor``.
+        """
         for _uid, _user, state, change in entries:
             if change is not None and (
                 change.new_tier != state.tier or change.new_occurrences != state.occurrences
@@ -344,7 +391,46 @@ class StateStore(SQLiteFile):
             for uid, user, state, change in entries:
                 self._write_user(uid, user, state, when)
                 if change is not None:
-                    self._write_event(uid, user, change, actor, when)
+                    who = (actors or {}).get(uid, actor)
+                    self._write_event(uid, user, change, who, when)
+                    self._write_outbox(uid, user, state, change, who, when)
+
+    def _write_outbox(
+        self,
+        uid: int,
+        user: str,
+        state: UserScore,
+        change: Change,
+        actor: str | None,
+        when: float,
+    ) -> None:
+        """Keep a tier change of this node's for its sync group. Not a standing adopted
+        from another node, nor a watched one (seen, not enforced), nor a forgiveness:
+        badness and its decay stay each node's own. Only an admin's release ends the
+        penalties of other nodes; an expiry is just an expired standing."""
+        if not self.sharing or change.watched or change.kind == "forgiven":
+            return
+        if (actor or "").startswith(SYNC_ACTOR):
+            return
+        released = when if change.kind == "released" and actor is not None else None
+        self._conn.execute(
+            "INSERT INTO outbox (uid, user, tier, tier_expiry, occurrences, since, released) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (uid, user, state.tier, state.tier_expiry, state.occurrences, when, released),
+        )
+
+    def outbox(self, limit: int = 5000) -> list[tuple[int, Published]]:
+        """This node's changes not yet published, oldest first, with their ids."""
+        with self._errors("cannot read the sync outbox"):
+            rows = self._conn.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [(row["id"], Published(*tuple(row)[1:])) for row in rows]
+
+    def published(self, last_id: int) -> None:
+        """The outbox up to ``last_id`` reached the sync group's database."""
+        with self._errors("cannot empty the sync outbox"), self._transaction():
+            self._conn.execute("DELETE FROM outbox WHERE id <= ?", (last_id,))
 
     def record_event(
         self, uid: int, user: str, kind: str, reason: str, actor: str, *, now: float | None = None

@@ -83,7 +83,7 @@ def test_a_file_that_is_not_a_database_is_moved_aside_and_a_fresh_one_started(pa
     store, salvage = open_or_salvage(path, now=NOW)
     with store:
         assert salvage is not None
-        assert salvage.kept == {"users": 0, "events": 0, "mail": 0}
+        assert salvage.kept == {"users": 0, "events": 0, "mail": 0, "outbox": 0}
         assert "not a database" in salvage.problem
         store.record(1000, "user1000", IN_PENALTY1, PENALIZED)
         assert store.get(1000) == IN_PENALTY1
