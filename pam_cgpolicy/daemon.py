@@ -87,26 +87,6 @@ Writer = Callable[[int, Properties], None]  # sets a user slice's properties thr
 RETRY = "retry"  # the actor of a cycle's reload of files it refused before
 
 
-class Outage:
-    """A fault of the whole node, logged once when it starts and once when it ends,
-    however many tries fail meanwhile; the daemon keeps trying every cycle."""
-
-    def __init__(self, lost: str, back: str) -> None:
-        self.lost = lost  # the event kinds of its two log lines
-        self.back = back
-        self.error: str | None = None  # the first failure's, while it lasts
-
-    def failed(self, err: Exception) -> None:
-        if self.error is None:
-            log.error(self.lost, log.fields(event=self.lost, error=err, retry="every-cycle"))
-            self.error = str(err)
-
-    def ended(self) -> None:
-        if self.error is not None:
-            log.info(self.back, log.fields(event=self.back, since_error=self.error))
-            self.error = None
-
-
 def system_writer(uid: int, props: Properties) -> None:
     set_slice_properties(uid, props, BUS_TIMEOUT, system_bus_address())
 
@@ -172,8 +152,8 @@ class Daemon:
         self.stepped: set[int] = set()  # users whose MemoryMax was above target this cycle
         self.clock_watch = ClockWatch()  # notices a step of the wall clock
         # The state database locked by another process or on a full disk; busctl gone.
-        self.unwritable = Outage("state-unwritable", "state-writable")
-        self.no_busctl = Outage("busctl-missing", "busctl-found")
+        self.unwritable = log.Outage("state-unwritable", "state-writable")
+        self.no_busctl = log.Outage("busctl-missing", "busctl-found")
         self.notifier = Notifier(
             store, lambda: self.policy.notify, png=plot, send=mailer, clock=clock
         )

@@ -233,3 +233,26 @@ def _at(priority: int) -> Writer:
 
 info = _at(_INFO)
 error = _at(_ERR)
+
+
+class Outage:
+    """A fault of the whole node, logged once when it starts and once when it ends,
+    however many tries fail meanwhile; the daemon keeps trying every cycle.
+    ``context`` (a node's name, say) goes into both lines."""
+
+    def __init__(self, lost: str, back: str, **context: object) -> None:
+        self.lost = lost  # the event kinds of its two log lines
+        self.back = back
+        self.context = context
+        self.error: str | None = None  # the first failure's, while it lasts
+
+    def failed(self, err: Exception | str) -> None:
+        if self.error is None:
+            text = fields(event=self.lost, **self.context, error=err, retry="every-cycle")
+            error(self.lost, text)
+            self.error = str(err)
+
+    def ended(self) -> None:
+        if self.error is not None:
+            info(self.back, fields(event=self.back, **self.context, since_error=self.error))
+            self.error = None

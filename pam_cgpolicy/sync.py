@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import log
 from .errors import SyncError
@@ -86,8 +86,17 @@ class Sharing:
     db: Exchange
     node: str
     mark: int = 0  # the group's change sequence as last read; 0 reads everything
-    down: str | None = None  # the error while the database is away, logged once
     last_sync: float | None = None  # when an exchange last succeeded
+    # the database away: logged once when it goes, once when it is back
+    outage: log.Outage = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outage = log.Outage("sync-down", "sync-up", node=self.node)
+
+    @property
+    def down(self) -> str | None:
+        """The error while the database is away."""
+        return self.outage.error
 
     async def share(self, store: StateStore, now: float, order: Sequence[str]) -> list[Published]:
         """Publish the outbox and read the group's changes: the other nodes' standings to
@@ -98,32 +107,17 @@ class Sharing:
                 self.db.exchange, [entry for _, entry in outbox], self.mark, now, order
             )
         except Exception as err:  # a bug too: the cycle and enforcement go on
-            self.failed(err if isinstance(err, SyncError) else f"{type(err).__name__}: {err}")
+            said = err if isinstance(err, SyncError) else f"{type(err).__name__}: {err}"
+            self.outage.failed(said)
             return []
         if outbox:
             store.published(outbox[-1][0])
-        self.succeeded(mark, now)
+        self.mark = max(self.mark, mark)
+        self.last_sync = now
+        self.outage.ended()
         # Changed here meanwhile: this node's newer entry is published first next time.
         newer = {entry.uid for _, entry in store.outbox()}
         return [row for row in rows if row.origin != self.node and row.uid not in newer]
-
-    def succeeded(self, mark: int, now: float) -> None:
-        self.mark = max(self.mark, mark)
-        self.last_sync = now
-        if self.down is not None:
-            log.info("sync-up", log.fields(event="sync-up", node=self.node))
-        self.down = None
-
-    def failed(self, err: Exception | str) -> None:
-        text = str(err)
-        if self.down is None:
-            log.error(
-                "sync-down",
-                log.fields(
-                    event="sync-down", node=self.node, error=text, penalties="enforced locally"
-                ),
-            )
-        self.down = text
 
     def status(self) -> dict[str, object]:
         return {"sync": "down" if self.down else "ok", "last_sync": self.last_sync}
