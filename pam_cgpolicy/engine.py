@@ -154,7 +154,7 @@ class Engine:
         return {
             uid: (sent, target)
             for uid, (_tier, sent, target) in self.memory_in_force.items()
-            if sent > target
+            if self._stepping(uid)
         }
 
     def _tier(self, name: str) -> Tier | None:
