@@ -27,20 +27,41 @@ import re
 import textwrap
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from . import tomlwrite
-from .constants import GROUPS_DIR, MAIN_FILE
+from .constants import DEFAULT_CONFIG_DIR, DEFAULT_STATE_DIR, GROUPS_DIR, MAIN_FILE
 from .errors import SiteImportError
-from .policy import ID_MAX, is_group_name, is_whitelist_entry
+from .mail import TOP_PROCESSES
+from .policy import (
+    ID_MAX,
+    SYNC_TLS_KEYS,
+    HistoryParams,
+    is_address,
+    is_group_name,
+    is_whitelist_entry,
+)
 from .tomlwrite import WIDTH, Table
 
 GIB = 1024**3
 PERMYRIAD_MAX = 2**31 - 1  # systemd's largest CPUQuota, in hundredths of a percent
 _SPECIAL_RE = re.compile(r"%H|\$\{")  # Arbiter2 expands these in strings
+# Where the imported [sync] expects the database's password (never written by the import).
+SYNC_PASSWORD_FILE = os.path.join(DEFAULT_CONFIG_DIR, "sync-password")
+DEFAULT_SYNC_GROUP = "default"  # for Arbiter2's empty sync group, which cgpolicy refuses
+_RETENTION = HistoryParams().retention
+_RETENTION_MAX = 86400 * 366  # [history] retention's largest value
+LOCAL = "Arbiter2's status database was a local SQLite file"
 
+_PLOTS = (
+    "cgpolicy keeps no image files: its penalty mail embeds a plot of the user's last hour "
+    "from the usage history (with matplotlib installed), and cgpolicyctl report USER --plot "
+    "FILE draws any span of it again"
+)
 # Settings cgpolicy has no counterpart for, and why; the report lists those present.
 NO_EQUIVALENT = {
     "general.history_per_refresh": "cgpolicyd reads each slice's cgroup counters once per "
@@ -48,14 +69,21 @@ NO_EQUIVALENT = {
     "general.poll": "cgpolicyd reads cgroup counters once per interval: nothing to poll",
     "self.groupname": "cgpolicyd runs as root and needs no group; [general] admin_group "
     "names who may use its D-Bus API (left unset: root only)",
-    "badness.max_history_kept": "cgpolicy keeps no usage history for plots; penalties "
-    "and their events are in its state database (cgpolicyctl history)",
     "badness.imported_badness_timeout": "cgpolicyd keeps each user's badness in its state "
     "database across restarts, without a timeout",
-    "email": "this version of cgpolicy sends no mail: penalties are logged to the journal "
-    "and listed by cgpolicyctl history",
-    "database": "cgpolicy keeps its state and history in /var/lib/cgpolicy/state.db and "
-    "logs to the journal, whose own retention applies; nothing is shared between nodes",
+    "email.reply_to": "cgpolicy's mail sets no Reply-To: replies go to its From address",
+    "email.keep_plots": _PLOTS,
+    "email.plot_location": _PLOTS,
+    "email.plot_suffix": _PLOTS,
+    "email.plot_process_cap": _PLOTS,
+    "email.table_process_cap": f"the mail's process table always lists the user's top "
+    f"{TOP_PROCESSES} processes",
+    "database.log_location": "cgpolicyd keeps its state, penalty events and usage history in "
+    f"{DEFAULT_STATE_DIR} and logs to the journal",
+    "database.log_rotate_period": "cgpolicy rotates no files: penalty events stay in its state "
+    f"database, usage samples for [history] retention (default {_RETENTION / 86400:g} days), "
+    "log lines under the "
+    "journal's own retention",
     "processes.pss": "cgpolicy measures a slice's memory from its cgroup (anonymous plus "
     "mapped-file pages), not per process, so shared pages count once",
     "processes.pss_threshold": "cgpolicy measures memory per slice, not per process",
@@ -104,6 +132,8 @@ class Imported:
     files: dict[str, str]
     notes: list[Note]
     same: list[str]  # settings whose value is cgpolicy's behaviour: nothing to write
+    # Secret files the policy names and the import does not write: policy key -> path.
+    secrets: dict[str, str] = field(default_factory=dict)
 
 
 def read_configs(paths: list[Path]) -> dict[str, Any]:
@@ -153,6 +183,7 @@ class _Site:
         self.used: set[str] = set()
         self.notes: list[Note] = []
         self.same: list[str] = []  # set as cgpolicy behaves anyway: nothing to write
+        self.secrets: dict[str, str] = {}
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value at dotted ``key``, Arbiter2's default if it has one, else ``default``."""
@@ -291,10 +322,11 @@ def import_site(
     ``tpc``: the login nodes' threads per core, and ``tpc_origin`` where it came from.
     """
     site = _Site(config, base_dir, tpc, tpc_origin)
-    general = _general(site)
+    general, watch = _general(site)
     groups, order, fallback = _groups(site)
     main = [general, _status(order, fallback), _badness(site), _processes(site)]
-    main += _penalty(site, config_groups(site.config), fallback)
+    main += _penalty(site, config_groups(site.config), fallback, watch)
+    main += [table for table in (_history(site), _notify(site), _sync(site)) if table]
     for key in site.leaves(config):
         if key in site.used:
             continue
@@ -306,7 +338,7 @@ def import_site(
     files = {MAIN_FILE: _header(sources, site.notes, site.same) + tomlwrite.text(main)}
     for name, tables in groups.items():
         files[f"{GROUPS_DIR}/{name}.toml"] = tomlwrite.text(tables)
-    return Imported(files, site.notes, site.same)
+    return Imported(files, site.notes, site.same, site.secrets)
 
 
 def config_groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -321,18 +353,26 @@ def config_groups(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _general(site: _Site) -> Table:
+def _general(site: _Site) -> tuple[Table, bool]:
+    """[general], and whether the policy watches (Arbiter2's debug mode)."""
     table = Table("general")
-    site.false_is_ours(
-        "general.debug_mode",
-        "Arbiter2 set no limits; cgpolicy has no such mode, and the imported "
-        "policy sets its limits at login and its penalties",
-    )
+    watch = site.flag("general.debug_mode")
+    if not watch:
+        site.matched("general.debug_mode")
+    else:
+        site.note(
+            "general.debug_mode",
+            "true: Arbiter2 limited nobody and mailed the admins alone; the imported [penalty] "
+            'mode is "watch": cgpolicyd scores users, records their tiers and mails them to '
+            "the admins alone, but lowers no limit. Unlike Arbiter2's debug mode, each group's "
+            "own limits are set at login as ever (badness is judged against them), and the "
+            'mail has no debug section. Set mode = "enforce" when the trial is over',
+        )
     min_uid = int(site.number("general.min_uid", 1, ID_MAX, 1000))
     table.add("min_uid", min_uid, "general.min_uid")
     refresh = site.number("general.arbiter_refresh", 1, 3600, 10)
     table.add("interval", refresh, "general.arbiter_refresh")
-    return table
+    return table, watch
 
 
 def _status(order: list[str], fallback: str) -> Table:
@@ -476,7 +516,9 @@ def _processes(site: _Site) -> Table:
     return table
 
 
-def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> list[Table]:
+def _penalty(
+    site: _Site, groups: dict[str, dict[str, Any]], fallback: str, watch: bool
+) -> list[Table]:
     table = site.get("status.penalty")
     if not isinstance(table, dict):
         reason = "absent" if table is None else f"{table!r} is not a table"
@@ -506,6 +548,8 @@ def _penalty(site: _Site, groups: dict[str, dict[str, Any]], fallback: str) -> l
     head.add("order", list(tiers), "status.penalty.order")
     timeout = site.number("status.penalty.occur_timeout", 1, 86400 * 365, 10800)
     head.add("occurrence_timeout", timeout, "status.penalty.occur_timeout")
+    if watch:
+        head.add("mode", "watch", "general.debug_mode = true")
     for key, value in table.items():
         if isinstance(value, dict) and key not in order:
             site.note(f"status.penalty.{key}", "not in status.penalty.order; left out")
@@ -546,6 +590,187 @@ def _tier(site: _Site, name: str, relative: bool, fallback: dict[str, Any]) -> T
         if f"{prefix}.{key}" not in site.used:
             site.note(f"{prefix}.{key}", NOT_IN_PENALTY)
     return result
+
+
+def _history(site: _Site) -> Table | None:
+    """[history] retention, when Arbiter2's plot window is longer than cgpolicy's default."""
+    key = "badness.max_history_kept"
+    kept = site.use(key)
+    if kept is None:
+        return None
+    refresh = site.get("general.arbiter_refresh")
+    per_refresh = site.get("general.history_per_refresh")
+    if not all(_positive(v) for v in (kept, refresh, per_refresh)):
+        site.note(key, f"{kept!r} with its refresh settings makes no span of time; left out")
+        return None
+    span = kept * refresh / per_refresh
+    if span <= _RETENTION:
+        site.note(
+            key,
+            f"Arbiter2 kept the last {kept:g} samples ({span:g} s) in memory for its plots; "
+            f"cgpolicyd records each interval's usage on disk and keeps it for [history] "
+            f"retention, left at its default of {_RETENTION / 86400:g} days, which covers it",
+        )
+        return None
+    table = Table("history")
+    source = f"{key} * general.arbiter_refresh / general.history_per_refresh, in seconds"
+    if span > _RETENTION_MAX:
+        site.note(key, f"{span:g} s is beyond [history] retention's largest, {_RETENTION_MAX}")
+    table.add("retention", min(math.ceil(span), _RETENTION_MAX), source)
+    return table
+
+
+def _mail_server(server: Any) -> tuple[str, int | None] | None:
+    """Arbiter2's mail_server as host and port, split as its smtplib does; None if none."""
+    if not isinstance(server, str) or not server or any(c.isspace() for c in server):
+        return None
+    if server.count(":") != 1:  # no port, or an IPv6 address
+        return server, None
+    host, _, port = server.partition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    return host, int(port)
+
+
+def _notify(site: _Site) -> Table | None:
+    """[email] as [notify]: Arbiter2 mails over plain SMTP, without login or TLS."""
+    if not isinstance(site.get("email"), dict):
+        return None
+    server = _mail_server(site.use("email.mail_server"))
+    sender = site.use("email.from_email")
+    if isinstance(sender, str) and not is_address(sender):
+        name, address = parseaddr(sender)  # "Arbiter <arbiter@example.org>"
+        if name and is_address(address):
+            sender = address
+            site.notes.append(Note("email.from_email", f"{name!r} left out: From is {address}"))
+    domain = site.use("email.email_domain")
+    admins = site.use("email.admin_emails", [])
+    if server is None:
+        why = ("email.mail_server", f"{site.get('email.mail_server')!r} names no SMTP server")
+    elif not isinstance(sender, str) or not is_address(sender):
+        why = ("email.from_email", f"{sender!r} is not a plain mail address")
+    elif not isinstance(domain, str) or not is_address(f"user@{domain}"):
+        why = ("email.email_domain", f"{domain!r} makes no address of a user's name")
+    else:
+        why = None
+    if why is not None:
+        site.note(why[0], f"{why[1]}: no [notify] written, so cgpolicy sends no mail")
+        return None
+    assert server is not None and isinstance(sender, str) and isinstance(domain, str)
+    if not isinstance(admins, list):
+        admins = [admins]
+    valid = [a for a in admins if isinstance(a, str) and is_address(a)]
+    if len(valid) != len(admins):
+        site.note("email.admin_emails", "left out what is not a plain mail address")
+    table = Table("notify")
+    table.add("host", server[0], "email.mail_server")
+    if server[1] is not None:
+        table.add("port", server[1], "email.mail_server")
+    table.add("from", sender, "email.from_email")
+    table.add("user_address", "{user}@" + domain, "email.email_domain")
+    table.add("admins", list(dict.fromkeys(valid)), "email.admin_emails")
+    site.notes.append(
+        Note(
+            "email.email_domain",
+            "each user is mailed at NAME@" + domain + "; an address integrations.py's "
+            "email_addr_of looked up another way is not carried over",
+        )
+    )
+    site.notes.append(
+        Note(
+            "email",
+            "the mail's text is cgpolicy's own (the tier's message in its subject, the limits, "
+            "why, the top processes and a plot); integrations.py and the templates are not read",
+        )
+    )
+    return table
+
+
+def _sync(site: _Site) -> Table | None:
+    """[database] as [sync], when Arbiter2's status database was a shared PostgreSQL one."""
+    url_key, group_key = "database.statusdb_url", "database.statusdb_sync_group"
+    url = site.use(url_key, "")
+    group = site.use(group_key, "")
+    if not isinstance(url, str) or not isinstance(group, str):
+        site.note(url_key, "not a text: no [sync] written; nothing is shared between nodes")
+        return None
+    if not url:
+        if group:
+            site.note(group_key, f"{LOCAL}, so the group shared nothing")
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        site.note(url_key, "not a database URL: no [sync] written")
+        return None
+    dialect = parts.scheme.partition("+")[0]
+    if dialect == "sqlite":
+        site.note(url_key, f"{LOCAL}: nothing was shared")
+        return None
+    if dialect not in ("postgresql", "postgres"):
+        site.note(
+            url_key,
+            f"a {dialect or 'nameless'} database: cgpolicy's nodes share penalties through "
+            "PostgreSQL only ([sync]); none written, nothing is shared",
+        )
+        return None
+    userinfo, _, location = parts.netloc.rpartition("@")
+    name, has_password, _ = userinfo.partition(":")
+    if _SPECIAL_RE.search(f"{name}@{location}{parts.path}?{parts.query}"):
+        site.note(url_key, "uses %H or ${...}, expanded by Arbiter2 at run time: write [sync]")
+        return None
+    if "%H" in group:
+        reason = "one group per host: Arbiter2 shared nothing, as cgpolicy without [sync]"
+        site.note(group_key, reason)
+        return None
+    if _SPECIAL_RE.search(group) or any(c.isspace() for c in group):
+        site.note(group_key, f"{group!r} has ${{...}} or spaces: write [sync] by hand")
+        return None
+    query = dict(parse_qsl(parts.query))
+    host = query.pop("host", "") or unquote(parts.hostname or "")
+    values = {"host": host, "database": unquote(parts.path.lstrip("/")), "user": unquote(name)}
+    missing = [k for k, v in values.items() if not v or any(c.isspace() for c in v)]
+    if missing:
+        site.note(url_key, f"gives no {' or '.join(missing)}: no [sync] written; write it")
+        return None
+    table = Table("sync")
+    for key, value in values.items():
+        table.add(key, value, url_key)
+    if port is not None:
+        table.add("port", port, url_key)
+    if has_password:
+        path = SYNC_PASSWORD_FILE
+        table.add("password_file", path, f"{url_key}'s password, not written here")
+        site.secrets["sync.password_file"] = path
+        site.notes.append(
+            Note(
+                url_key,
+                f"its password is not written into the policy: create {path}, root's alone "
+                "(mode 0600), with the password on its first line, before cgpolicyctl check",
+            )
+        )
+    if group:
+        table.add("group", group, group_key)
+    else:
+        table.add("group", DEFAULT_SYNC_GROUP, f'{group_key} = ""')
+        reason = "empty: every Arbiter2 on the database shared; cgpolicy needs a name"
+        site.notes.append(Note(group_key, f"{reason}, {DEFAULT_SYNC_GROUP!r} on every node"))
+    if query.pop("sslpassword", None) is not None:
+        site.notes.append(
+            Note(
+                url_key,
+                "its sslpassword is not written into the policy, which anyone may "
+                "read: give cgpolicyd a key without a passphrase",
+            )
+        )
+    for key in SYNC_TLS_KEYS:
+        if key in query:
+            table.add(key, query.pop(key), f"{url_key}'s {key}")
+    if query:
+        left = ", ".join(sorted(query))
+        site.note(url_key, f"its {left} not carried over: [sync] takes libpq's TLS options alone")
+    return table
 
 
 # --- writing ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ The expected badness comes from Arbiter2's formulas, written out below.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import tomllib
@@ -28,6 +29,24 @@ EXAMPLE = [DATA / "config.toml"]
 SITE_A = [DATA / "site-a.toml"]
 SITE_B = [DATA / "site-b.toml", DATA / "site-b-node1.toml"]
 GIB = 1024**3
+
+
+@pytest.fixture(autouse=True)
+def sync_password(tmp_path, monkeypatch) -> Path:
+    """The password file an imported [sync] names, made root's-alone-like (0600) here:
+    the admin's to create on a node, the test's to create for the real loader."""
+    path = tmp_path / "sync-password"
+    path.write_text("secret\n")
+    path.chmod(0o600)
+    monkeypatch.setattr(arbiter2, "SYNC_PASSWORD_FILE", str(path))
+    return path
+
+
+def sync_settings(policy: Policy) -> dict:
+    """The policy's [sync] but what the import leaves to cgpolicy's defaults."""
+    assert policy.sync is not None
+    settings = dataclasses.asdict(policy.sync)
+    return {k: v for k, v in settings.items() if k not in ("node", "timeout")}
 
 
 def run_import(tmp_path: Path, configs: list[Path], tpc: int, capsys) -> tuple[Policy, str]:
@@ -91,12 +110,26 @@ def test_arbiters_example_becomes_a_valid_policy(tmp_path, capsys) -> None:
         ("penalty3", 7200, 0.3, 0.3, "severe"),
     ]
     assert "status.invincible: has no uids or gids" in out
-    assert "email.email_domain, email.from_email" in out
+    assert policy.penalty.mode == "enforce"  # debug_mode = false
+    assert policy.notify is not None
+    notify = policy.notify
+    assert (notify.host, notify.port, notify.starttls, notify.user) == ("0.0.0.0", 25, False, "")
+    assert notify.sender == "noreply+arbiter@organization.edu"
+    assert notify.user_address == "{user}@organization.edu"
+    assert notify.admins == ("john.doe@organization.edu",)
+    assert policy.sync is None  # [database] empty: a local SQLite file, nothing shared
+    assert policy.history.retention == 7 * 86400  # 180 samples of 10 s: the default covers it
+    for text in (
+        "badness.max_history_kept: Arbiter2 kept the last 180 samples (1800 s)",
+        "email.keep_plots, email.plot_location: cgpolicy keeps no image files",
+        "email: the mail's text is cgpolicy's own",
+    ):
+        assert text in out
     assert f"{tmp_path / 'out'}: valid; 2 groups" in out
     assert cli.main(["--config-dir", str(tmp_path / "out"), "check"]) == 0
 
 
-def test_site_a_absolute_penalties_and_what_is_left_out(tmp_path, capsys) -> None:
+def test_site_a_absolute_penalties_and_what_is_left_out(tmp_path, capsys, sync_password) -> None:
     policy, out = run_import(tmp_path, SITE_A, 2, capsys)
     assert policy.order == ("staff", "students") and policy.fallback == "general"
     assert sorted(policy.groups) == ["general", "staff", "students"]  # not retired, guests
@@ -120,7 +153,13 @@ def test_site_a_absolute_penalties_and_what_is_left_out(tmp_path, capsys) -> Non
         "status.penalty.slower.cpu_quota: 2 raises the limit",
         "status.penalty.slower.whitelist: Arbiter2 does not use it in a penalty either",
         "'bin/mover' names no program",
-        "database.log_location, database.log_rotate_period, database.statusdb_url",
+        "database.log_location: cgpolicyd keeps its state",
+        "database.log_rotate_period: cgpolicy rotates no files",
+        "email.reply_to: cgpolicy's mail sets no Reply-To",
+        "email.table_process_cap: the mail's process table always lists the user's top 5",
+        "badness.max_history_kept: Arbiter2 kept the last 90 samples (900 s)",
+        f"database.statusdb_url: its password is not written into the policy: create "
+        f"{sync_password}, root's alone (mode 0600)",
         "colour.shade: not a setting of Arbiter2",
         "processes.proc_owner_whitelist: cgpolicy charges every process",
     ):
@@ -130,6 +169,44 @@ def test_site_a_absolute_penalties_and_what_is_left_out(tmp_path, capsys) -> Non
     main = (tmp_path / "out" / "cgpolicy.toml").read_text()
     assert main.startswith("# Imported from an Arbiter2 configuration")
     assert "#   general.debug_mode: true" in main
+    # debug_mode: judged, recorded and mailed to admins alone, no limit lowered.
+    assert policy.penalty.mode == "watch"
+    assert all(policy.watched(group) for group in policy.groups)
+    assert policy.notify is not None
+    notify = policy.notify
+    assert (notify.host, notify.port, notify.sender) == (
+        "mail.example.edu",
+        25,
+        "noreply@example.edu",
+    )
+    assert notify.user_address == "{user}@example.edu"
+    assert notify.admins == ("hpc-admins@example.edu",)
+    assert sync_settings(policy) == {
+        **{"host": "db.example.edu", "port": 5432, "database": "arbiter", "user": "arbiter"},
+        **{"group": "cluster-a", "password_file": str(sync_password), "tls": ()},
+    }
+    assert "secret" not in out  # the URL's password is in no file the import writes
+    for path in (tmp_path / "out").rglob("*.toml"):
+        assert "secret" not in path.read_text()
+    assert cli.main(["--config-dir", str(tmp_path / "out"), "check"]) == 0
+
+
+def test_a_password_file_yet_to_create_is_the_one_problem_left(
+    tmp_path, capsys, sync_password
+) -> None:
+    sync_password.unlink()
+    out = tmp_path / "out"
+    assert cli.main(["import-arbiter2", str(SITE_A[0]), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert f"{out}: valid but for {sync_password}, yet to be created" in printed.out
+    assert printed.err == ""
+    # check itself refuses the policy until the file exists, naming it alone.
+    assert cli.main(["--config-dir", str(out), "check"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and f"sync.password_file: {sync_password}: cannot stat" in errors[0]
+    sync_password.write_text("secret\n")
+    sync_password.chmod(0o600)
+    assert cli.main(["--config-dir", str(out), "check"]) == 0
 
 
 def test_site_b_cascades_and_divides_by_threads_per_core(tmp_path, capsys) -> None:
@@ -151,8 +228,81 @@ def test_site_b_cascades_and_divides_by_threads_per_core(tmp_path, capsys) -> No
         "processes.memsw: true",
         "processes.whitelist_other_processes: true",
         "general.min_uid: 0 is outside",
+        "email.admin_emails: left out what is not a plain mail address",
+        "database.statusdb_sync_group: empty: every Arbiter2 on the database shared",
+        "database.statusdb_url: its application_name not carried over",
     ):
         assert text in out
+    assert policy.penalty.mode == "enforce"
+    assert policy.notify is not None
+    assert (policy.notify.host, policy.notify.port) == ("localhost", 2525)
+    assert policy.notify.admins == ("hpc@example.org",)
+    tls = (("sslmode", "verify-full"), ("sslrootcert", "/etc/arbiter/db-ca.pem"))
+    assert sync_settings(policy) == {
+        **{"host": "db.example.org", "port": 6432, "database": "arbiter", "user": "arbiter"},
+        **{"group": "default", "password_file": "", "tls": tls},  # no password in the URL
+    }
+    # 259200 samples, 3 per 10 s refresh: 10 days of plots, longer than the default 7.
+    assert policy.history.retention == 864000
+    assert cli.main(["--config-dir", str(tmp_path / "out"), "check"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "group", "sync", "note"),
+    [
+        ("sqlite:////var/log/arbiter/statuses.db", "", None, "a local SQLite file"),
+        ("", "login", None, "local SQLite file, so the group shared nothing"),
+        ("mysql+pymysql://arb:pw@db/arbiter", "a", None, "a mysql database: cgpolicy's nodes"),
+        ("postgresql://arb:pw@db/arbiter", "%H", None, "one group per host"),
+        ("postgresql://arb@${DB_HOST}/arbiter", "a", None, "uses %H or ${...}"),
+        ("postgresql://db/arbiter", "a", None, "gives no user: no [sync] written"),
+        ("postgresql://arb@db:notaport/arbiter", "a", None, "not a database URL"),
+        # A password from the environment is still a password: a file, not the URL's text.
+        (
+            "postgres://arb:${DB_PW}@[fd00::5]:5433/arb%2Ddb?host=/run/postgresql&sslpassword=k",
+            "g",
+            {"host": "/run/postgresql", "port": 5433, "database": "arb-db", "user": "arb"},
+            "its sslpassword is not written into the policy",
+        ),
+    ],
+)
+def test_a_status_database_becomes_sync_only_where_it_was_shared_postgresql(
+    tmp_path, url, group, sync, note
+) -> None:
+    config = arbiter2.read_configs(EXAMPLE)
+    config["database"] = {"statusdb_url": url, "statusdb_sync_group": group}
+    result = arbiter2.import_site(config, DATA.parent / "arbiter", 2, ["db"])
+    assert any(note in str(n) for n in result.notes), [str(n) for n in result.notes]
+    arbiter2.write_policy(result, tmp_path / "out")
+    loaded = load_policy(tmp_path / "out").sync
+    if sync is None:
+        assert loaded is None
+        return
+    assert loaded is not None
+    assert {k: getattr(loaded, k) for k in sync} == sync
+    assert loaded.password_file == arbiter2.SYNC_PASSWORD_FILE and loaded.tls == ()
+    assert "${DB_PW}" not in "".join(result.files.values())
+
+
+def test_mail_is_left_out_with_a_reason_when_arbiters_cannot_be_carried_over() -> None:
+    config = arbiter2.read_configs(EXAMPLE)
+    for key, value, reason in (
+        ("mail_server", "mail:smtp", "'mail:smtp' names no SMTP server"),
+        (
+            "from_email",
+            "arbiter at example.org",
+            "'arbiter at example.org' is not a plain mail address",
+        ),
+        ("email_domain", "", "'' makes no address of a user's name"),
+    ):
+        changed = {**config, "email": {**config["email"], key: value}}
+        result = arbiter2.import_site(changed, DATA.parent / "arbiter", 2, ["mail"])
+        assert "\n[notify]\n" not in result.files["cgpolicy.toml"]
+        assert f"email.{key}: {reason}" in [str(n).split(": no [notify]")[0] for n in result.notes]
+    changed = {**config, "email": {**config["email"], "from_email": "Arbiter <a@b.org>"}}
+    result = arbiter2.import_site(changed, DATA.parent / "arbiter", 2, ["mail"])
+    assert 'from = "a@b.org"' in result.files["cgpolicy.toml"]
+    assert "email.from_email: 'Arbiter' left out: From is a@b.org" in map(str, result.notes)
 
 
 def test_the_output_is_the_same_each_time_and_valid_toml() -> None:
