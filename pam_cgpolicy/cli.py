@@ -1180,8 +1180,10 @@ def build_parser() -> argparse.ArgumentParser:
     arbiter = add(
         "import-arbiter2",
         cmd_import_arbiter2,
-        "write a policy directory equivalent to an Arbiter2 configuration, and list "
-        "every setting it could not carry over exactly, and why",
+        "write a policy directory equivalent to an Arbiter2 configuration (its mail, "
+        "shared status database and debug mode included), and list every setting it could "
+        "not carry over exactly, and why. A password in statusdb_url is written nowhere: "
+        "create the root-only file its [sync] password_file names",
     )
     arbiter.add_argument(
         "config",
