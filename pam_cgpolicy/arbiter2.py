@@ -13,6 +13,11 @@ so only units change:
 - A penalty's relative quotas are fractions of the user's own status group's quotas:
   they become a tier's ``cpu_factor`` and ``memory_factor``.
 
+Beyond the model: ``[email]`` becomes ``[notify]``, a shared PostgreSQL status
+database ``[sync]`` (its password never written: the policy names a file for the
+admin to create), ``debug_mode`` the watch mode, and a plot window longer than
+cgpolicy's default ``[history]`` retention.
+
 Arbiter2 judges badness against the status group's quotas, and cgpolicy against the
 group's CPUQuota and MemoryMax: with the quotas carried over, the same usage gives
 the same badness. Every written value carries a comment naming where it came from,
