@@ -302,7 +302,12 @@ def admin_node(tmp_path, monkeypatch):
     monkeypatch.setenv("CGPOLICY_CONFIG_DIR", str(tmp_path / "etc"))
     (tmp_path / "state").mkdir()
     monkeypatch.setattr(cli, "_actor", lambda: "admin")
+    monkeypatch.setattr(cli, "_wake_sender", lambda: WOKEN.append(subjects(tmp_path)))
+    WOKEN.clear()
     return tmp_path
+
+
+WOKEN: list[list[str]] = []  # the queue each time cgpolicyctl asked cgpolicyd to send
 
 
 REASON = "evicted pid 200 (python3 big.py, 601M) to checkpoint 5600-20270115T080000Z-0a1b2c"
@@ -316,6 +321,10 @@ def queued_mail(tmp_path):
         ], store.history(UID)
 
 
+def subjects(tmp_path):
+    return [mail["Subject"] for mail in queued_mail(tmp_path)[0]]
+
+
 def test_an_eviction_is_recorded_and_its_mail_queued_for_cgpolicyd(admin_node):
     write_policy(admin_node / "etc", main=MAIN + DAEMON_SECTIONS + NOTIFY)
     cli._record_event(UID, "eve", "evicted", REASON)
@@ -323,6 +332,7 @@ def test_an_eviction_is_recorded_and_its_mail_queued_for_cgpolicyd(admin_node):
     assert (event.kind, event.reason, event.actor) == ("evicted", REASON, "admin")
     assert mail["To"] == "eve@example.org" and "saved to disk, not killed" in mail["Subject"]
     assert REASON in mail.get_body(("plain",)).get_content()
+    assert [[mail["Subject"]]] == WOKEN  # asked once the mail was in the queue: it goes now
 
 
 def test_without_notify_the_eviction_is_recorded_and_nothing_mailed(admin_node, capsys):
@@ -337,6 +347,7 @@ def test_without_notify_the_eviction_is_recorded_and_nothing_mailed(admin_node, 
         "restored checkpoint X",
     ]
     assert "warning: no mail to eve: " in capsys.readouterr().err
+    assert WOKEN == []  # nothing to send: cgpolicyd is not bothered
 
 
 def test_only_an_eviction_or_a_restore_has_eviction_facts(tmp_path):
