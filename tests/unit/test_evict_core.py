@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
@@ -188,6 +189,31 @@ def test_a_failed_dump_kills_nothing(node, tmp_path, monkeypatch):
     assert waiting_checkpoints(checkpoints_dir(), UID) == []  # nothing to tell the user
     with pytest.raises(EvictError, match="is failed, not restorable"):
         evict.restore(directory.name)
+
+
+def test_room_for_the_images_and_for_the_users_after_them():
+    tree = evict.Tree(200, (200,), 500 * MB, "python3 big.py")
+    assert evict.room_problem(tree, 500 * MB + evict.USERS_ROOM) is None
+    problem = evict.room_problem(tree, 500 * MB + evict.USERS_ROOM - 1)
+    assert problem is not None and "about 500M" in problem and "must keep 256M" in problem
+
+
+def test_no_room_on_the_disk_dumps_nothing_and_kills_nothing(node, tmp_path, monkeypatch):
+    real = os.statvfs
+
+    def statvfs(path):  # the users' room alone is left: none for the images
+        if str(path) != checkpoints_dir():
+            return real(path)
+        return SimpleNamespace(f_bavail=evict.USERS_ROOM // 4096, f_frsize=4096)
+
+    monkeypatch.setattr(evict.os, "statvfs", statvfs)
+    with pytest.raises(EvictError) as raised:
+        run_evict([])
+    assert node == {"killed": [], "signals": []}
+    message = str(raised.value)
+    assert message.startswith("no room to checkpoint pid 200 (python3 big.py); it keeps running")
+    assert "free to users" in message
+    assert os.listdir(checkpoints_dir()) == []  # CRIU never ran
 
 
 def test_a_dump_that_says_done_but_is_not_lets_the_tree_run_on(node, monkeypatch):
