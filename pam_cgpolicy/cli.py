@@ -495,20 +495,24 @@ def _record_event(uid: int, user: str, kind: str, reason: str) -> None:
             user=user,
             uid=uid,
         )
-        _queue_mail(store, user, uid, kind, reason, actor, now)
+        queued = _queue_mail(store, user, uid, kind, reason, actor, now)
+    if queued:
+        _wake_sender()
 
 
 def _queue_mail(
     store: StateStore, user: str, uid: int, kind: str, reason: str, actor: str, now: float
-) -> None:
-    """The user's mail about it, as the node's own policy's [notify] says (none without)."""
+) -> bool:
+    """The user's mail about it, as the node's own policy's [notify] says (none without);
+    whether one was queued."""
     from .notifier import eviction_facts, queue_mail
 
     try:
         policy = load_policy(Path(config_dir()))
-        if policy.notify is not None:
-            facts = eviction_facts(policy, user, uid, kind, reason, actor, now)
-            queue_mail(store, policy.notify, facts, now)
+        if policy.notify is None:
+            return False
+        facts = eviction_facts(policy, user, uid, kind, reason, actor, now)
+        return queue_mail(store, policy.notify, facts, now) is not None
     except CgpolicyError as err:  # done is done: the mail alone is missing
         print(f"warning: no mail to {user}: {err}", file=sys.stderr)
         log.error(
@@ -517,6 +521,21 @@ def _queue_mail(
             user=user,
             uid=uid,
         )
+        return False
+
+
+def _wake_sender() -> None:
+    """Have cgpolicyd send the mail just queued now, not at its sender's next look.
+    Without cgpolicyd, the mail waits in the queue for its start."""
+
+    async def send(_systemd: Systemd, daemon: Daemon | None) -> None:
+        if daemon is not None:
+            await daemon.send_mail()
+
+    try:
+        _on_bus(send)
+    except CgpolicyError as err:  # the mail is queued all the same
+        print(f"warning: cgpolicyd sends the mail later: {err}", file=sys.stderr)
 
 
 def _root_only(command: str, why: str = "runs CRIU, which needs root") -> None:

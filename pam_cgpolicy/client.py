@@ -111,3 +111,7 @@ class Daemon:
         """The series of cgpolicyd's last cycle, in the Prometheus text format."""
         (text,) = await self.call("Metrics")
         return str(text)
+
+    async def send_mail(self) -> None:
+        """Have cgpolicyd send the queued mail that is due now."""
+        await self.call("SendMail")

@@ -584,6 +584,10 @@ class Daemon:
             raise CgpolicyError("cgpolicyd has not finished its first cycle yet; ask again")
         return self.exposition.decode()
 
+    async def send_mail(self, actor: str) -> None:
+        # The one sending path: the sender task, woken as by a mail cgpolicyd queued.
+        self.notifier.wake.set()
+
     async def get_user(self, name: str) -> dict[str, Any]:
         account = self.accounts.by_name(name)
         status = await control.slice_status(self.systemd, account.uid)

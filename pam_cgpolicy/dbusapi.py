@@ -118,6 +118,10 @@ class ManagerCore(Protocol):
         """The last cycle's series in the Prometheus text format."""
         ...
 
+    async def send_mail(self, actor: str) -> None:
+        """Wake the mail sender: what is due in the queue goes now."""
+        ...
+
     async def is_admin(self, uid: int) -> bool:
         """Whether ``uid`` is in the policy's admin group now. Never asked about root."""
         ...
@@ -485,6 +489,11 @@ class ManagerService:
     async def _metrics(self, caller: Caller) -> list[Any]:
         await self._require_admin(caller, "Metrics")  # every user's usage and tier
         return [await self._core.metrics()]
+
+    async def _send_mail(self, caller: Caller) -> list[Any]:
+        await self._require_admin(caller, "SendMail")
+        await self._core.send_mail(caller.actor)
+        return []
 
 
 async def serve(

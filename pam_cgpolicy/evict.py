@@ -39,12 +39,17 @@ from .cgroups import CGROUP_ROOT, cgroup_mode
 from .constants import CHECKPOINT_INVENTORY, CHECKPOINT_META, checkpoints_dir, slice_name
 from .errors import EvictError
 from .freezer import start_time
+from .slicelimits import format_size
 
 CRIU = "criu"
 SYSTEMD_RUN = "systemd-run"
 DUMP_TIMEOUT = 900.0  # seconds: writing a few GB of pages on a busy disk
 RESTORE_TIMEOUT = 300.0
 RESTORE_SETTLE = 2.0  # seconds a restored job must live before restore says done
+# What a dump must leave free to the node's users where the checkpoints live (often
+# the file system of /home and /tmp too): a full disk fails every job's next write,
+# the restored job's first of all.
+USERS_ROOM = 256 * 2**20
 ID_PATTERN = re.compile(r"(?P<uid>[1-9][0-9]*)-(?P<when>[0-9]{8}T[0-9]{6}Z)-[0-9a-f]{6}")
 # What a complete dump holds whatever the job: CRIU writes these last two only
 # once the whole tree is collected, and says so in the last line of its log.
@@ -188,6 +193,18 @@ def verify_dump(directory: str, returncode: int, log_text: str) -> list[str]:
     return problems
 
 
+def room_problem(tree: Tree, free_to_users: int) -> str | None:
+    """Why the file system with ``free_to_users`` bytes cannot take the tree's images;
+    None when it can. The images hold the tree's resident pages, about its memory."""
+    if free_to_users - tree.rss >= USERS_ROOM:
+        return None
+    return (
+        f"its images take about {format_size(tree.rss)} and {checkpoints_dir()} has "
+        f"{format_size(max(free_to_users, 0))} free to users, who must keep "
+        f"{format_size(USERS_ROOM)}"
+    )
+
+
 def log_tail(text: str, lines: int = 6) -> str:
     """The last lines of a CRIU log where it says what went wrong."""
     wanted = [line for line in text.splitlines() if "Error" in line or "error" in line]
@@ -327,6 +344,13 @@ def dump(tree: Tree, uid: int, user: str, now: float, start: str | None) -> Chec
     and EvictError says why.
     """
     _private_dir(checkpoints_dir())
+    disk = os.statvfs(checkpoints_dir())
+    problem = room_problem(tree, disk.f_bavail * disk.f_frsize)  # not root's reserve
+    if problem:
+        raise EvictError(
+            f"no room to checkpoint pid {tree.root} ({tree.command}); it keeps running, "
+            f"nothing was killed: {problem}"
+        )
     cid = new_id(uid, now)
     directory = os.path.join(checkpoints_dir(), cid)
     os.mkdir(directory, _ROOT_ONLY)

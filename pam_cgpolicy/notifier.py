@@ -1,8 +1,8 @@
 """cgpolicyd's mail queue: penalties and releases become mail, sent with retries.
 
 An admin's eviction or restore (cgpolicyctl, outside cgpolicyd) becomes mail
-too: the command writes it into the same queue with ``queue_mail``, and
-cgpolicyd's sender sends it with the rest, within IDLE_WAKE.
+too: the command writes it into the same queue with ``queue_mail`` and wakes
+cgpolicyd's sender over the bus (SendMail), which sends it with the rest.
 
 ``notify`` writes the mail into the state database and returns: it never waits
 for a mail server, and any failure is logged, never raised into a cycle. The

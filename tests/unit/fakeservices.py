@@ -98,6 +98,9 @@ class FakeCore:
         await self._do("metrics")
         return METRICS
 
+    async def send_mail(self, actor: str) -> None:
+        await self._do("send_mail")
+
     async def is_admin(self, uid: int) -> bool:
         return True  # whoever runs the tests; access itself is test_dbusapi's
 

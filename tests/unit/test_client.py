@@ -54,6 +54,7 @@ def test_every_method_reaches_the_core_and_answers_plain_values(address: str) ->
             await daemon.penalize("nobody", "penalty1")
             await daemon.release("nobody")
             problems = await daemon.reload()
+            await daemon.send_mail()
             return info, users, problems
 
     info, users, problems = run(scenario())
@@ -68,6 +69,7 @@ def test_every_method_reaches_the_core_and_answers_plain_values(address: str) ->
         ("penalize", "nobody", "penalty1"),
         ("release", "nobody"),
         ("reload",),
+        ("send_mail",),
     ]
 
 

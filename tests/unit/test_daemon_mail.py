@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import time
 
 import pytest
 from policyfiles import DAEMON_SECTIONS
 from test_daemon_cycle import ADMINS, BOB, Node
+
+from pam_cgpolicy.notifier import IDLE_WAKE, eviction_facts, queue_mail
 
 NOTIFY = """
 [notify]
@@ -109,3 +112,28 @@ def test_without_notify_no_mail_is_queued(node, monkeypatch):
     asyncio.run(daemon.penalize("bob", "penalty1", "root"))
     deliver_all(daemon)
     assert node.store.queued_mail() == [] and outbox.sent == []
+
+
+def test_send_mail_wakes_the_idle_sender_for_a_mail_cgpolicyctl_queued(node, monkeypatch):
+    daemon, outbox = mailing(node, monkeypatch)
+    policy = daemon.policy
+    reason = "evicted pid 200 (python3 big.py, 601M) to checkpoint 5600-20270115T080000Z-0a1b2c"
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        sender = asyncio.create_task(daemon.notifier.run(stop))
+        await asyncio.sleep(0.2)  # it found the queue empty: asleep for IDLE_WAKE
+        facts = eviction_facts(policy, "bob", BOB, "evicted", reason, "root", node.clock.now)
+        queue_mail(node.store, policy.notify, facts, node.clock.now)  # as cgpolicyctl does
+        started = time.monotonic()
+        await daemon.send_mail("root")
+        while not outbox.sent and time.monotonic() - started < 5.0:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await sender
+        return time.monotonic() - started
+
+    took = asyncio.run(scenario())
+    (mail,) = outbox.sent
+    assert "saved to disk, not killed" in mail["Subject"] and took < IDLE_WAKE / 10
+    assert node.store.queued_mail() == []

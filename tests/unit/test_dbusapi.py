@@ -147,6 +147,9 @@ class FakeCore:
         await self._do("metrics")
         return METRICS
 
+    async def send_mail(self, actor: str) -> None:
+        await self._do("send_mail", actor)
+
     async def is_admin(self, uid: int) -> bool:
         self.asked_admin.append(uid)
         return uid in self.admins
@@ -230,6 +233,7 @@ EVERY_METHOD = {
     "Reload": [],
     "Status": [],
     "Metrics": [],
+    "SendMail": [],
 }
 
 
@@ -393,6 +397,21 @@ def test_metrics_are_for_admins_and_reach_them_as_text(address: str) -> None:
     denied = run(scenario())
     if denied is not None:
         assert denied.error == ACCESS_DENIED and "Metrics is for root" in denied.text
+
+
+def test_send_mail_is_for_admins_and_wakes_the_core(address: str) -> None:
+    core = FakeCore()
+
+    async def scenario() -> Sent | None:
+        async with running(address, core) as (_, client):
+            reply = await call(client, "SendMail")
+            assert reply.message_type == MessageType.METHOD_RETURN and reply.body == []
+            return await send_as(address, NOBODY, "SendMail") if IS_ROOT else None
+
+    denied = run(scenario())
+    assert [call[0] for call in core.calls] == ["send_mail"]  # the refused caller's never
+    if denied is not None:
+        assert denied.error == ACCESS_DENIED and "SendMail is for root" in denied.text
 
 
 @pytest.mark.parametrize(

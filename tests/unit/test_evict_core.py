@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
@@ -190,6 +191,31 @@ def test_a_failed_dump_kills_nothing(node, tmp_path, monkeypatch):
         evict.restore(directory.name)
 
 
+def test_room_for_the_images_and_for_the_users_after_them():
+    tree = evict.Tree(200, (200,), 500 * MB, "python3 big.py")
+    assert evict.room_problem(tree, 500 * MB + evict.USERS_ROOM) is None
+    problem = evict.room_problem(tree, 500 * MB + evict.USERS_ROOM - 1)
+    assert problem is not None and "about 500M" in problem and "must keep 256M" in problem
+
+
+def test_no_room_on_the_disk_dumps_nothing_and_kills_nothing(node, tmp_path, monkeypatch):
+    real = os.statvfs
+
+    def statvfs(path):  # the users' room alone is left: none for the images
+        if str(path) != checkpoints_dir():
+            return real(path)
+        return SimpleNamespace(f_bavail=evict.USERS_ROOM // 4096, f_frsize=4096)
+
+    monkeypatch.setattr(evict.os, "statvfs", statvfs)
+    with pytest.raises(EvictError) as raised:
+        run_evict([])
+    assert node == {"killed": [], "signals": []}
+    message = str(raised.value)
+    assert message.startswith("no room to checkpoint pid 200 (python3 big.py); it keeps running")
+    assert "free to users" in message
+    assert os.listdir(checkpoints_dir()) == []  # CRIU never ran
+
+
 def test_a_dump_that_says_done_but_is_not_lets_the_tree_run_on(node, monkeypatch):
     monkeypatch.setenv("FAKE_CRIU", "silent")
     with pytest.raises(EvictError, match=r"inventory\.img is missing or empty"):
@@ -302,7 +328,12 @@ def admin_node(tmp_path, monkeypatch):
     monkeypatch.setenv("CGPOLICY_CONFIG_DIR", str(tmp_path / "etc"))
     (tmp_path / "state").mkdir()
     monkeypatch.setattr(cli, "_actor", lambda: "admin")
+    monkeypatch.setattr(cli, "_wake_sender", lambda: WOKEN.append(subjects(tmp_path)))
+    WOKEN.clear()
     return tmp_path
+
+
+WOKEN: list[list[str]] = []  # the queue each time cgpolicyctl asked cgpolicyd to send
 
 
 REASON = "evicted pid 200 (python3 big.py, 601M) to checkpoint 5600-20270115T080000Z-0a1b2c"
@@ -316,6 +347,10 @@ def queued_mail(tmp_path):
         ], store.history(UID)
 
 
+def subjects(tmp_path):
+    return [mail["Subject"] for mail in queued_mail(tmp_path)[0]]
+
+
 def test_an_eviction_is_recorded_and_its_mail_queued_for_cgpolicyd(admin_node):
     write_policy(admin_node / "etc", main=MAIN + DAEMON_SECTIONS + NOTIFY)
     cli._record_event(UID, "eve", "evicted", REASON)
@@ -323,6 +358,7 @@ def test_an_eviction_is_recorded_and_its_mail_queued_for_cgpolicyd(admin_node):
     assert (event.kind, event.reason, event.actor) == ("evicted", REASON, "admin")
     assert mail["To"] == "eve@example.org" and "saved to disk, not killed" in mail["Subject"]
     assert REASON in mail.get_body(("plain",)).get_content()
+    assert [[mail["Subject"]]] == WOKEN  # asked once the mail was in the queue: it goes now
 
 
 def test_without_notify_the_eviction_is_recorded_and_nothing_mailed(admin_node, capsys):
@@ -337,6 +373,7 @@ def test_without_notify_the_eviction_is_recorded_and_nothing_mailed(admin_node, 
         "restored checkpoint X",
     ]
     assert "warning: no mail to eve: " in capsys.readouterr().err
+    assert WOKEN == []  # nothing to send: cgpolicyd is not bothered
 
 
 def test_only_an_eviction_or_a_restore_has_eviction_facts(tmp_path):

@@ -23,6 +23,9 @@ SHUTDOWN_TIMEOUT = 60.0
 BASE_CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=auto"
 # Bookworm boots the unified hierarchy unless told otherwise.
 CGROUP_CMDLINE = {"v2": "", "v1": "systemd.unified_cgroup_hierarchy=0"}
+# The guest's disk, larger than the image's file system: a test that needs room grows
+# it into the rest (grow_root_fs); the overlay stores only what is written.
+DISK_SIZE = "6G"
 
 
 class VMError(RuntimeError):
@@ -112,6 +115,7 @@ class VM:
                     "-F",
                     "raw",
                     str(self._overlay),
+                    DISK_SIZE,
                 ],
                 check=True,
                 capture_output=True,
@@ -235,6 +239,10 @@ class VM:
             f'chown -R {q(name)}: "$home/.ssh"',
         ]
         self.ssh("\n".join(lines))
+
+    def grow_root_fs(self) -> None:
+        """Grow the root file system (the image's few free GB) to the whole disk, online."""
+        self.ssh("resize2fs /dev/vda")
 
     def cgroup_mode(self) -> str:
         fs_type = self.ssh("stat -fc %T /sys/fs/cgroup").stdout.strip()
