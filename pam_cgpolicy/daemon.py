@@ -529,8 +529,17 @@ class Daemon:
         if self.sharing is not None:
             self.sharing.db.close()
         self.sync_settings = settings
-        self.sharing = None if settings is None else Sharing(self.sync_db(settings), settings.node)
+        self.sharing = (
+            None
+            if settings is None
+            else Sharing(self.sync_db(settings), settings.node, settings.group)
+        )
         self.store.sharing = settings is not None
+        if settings is not None:
+            # What it enforces of its own from before (sharing off, another group, a start)
+            # goes out with the first share; the merge rule makes a repeat harmless.
+            own = self.store.own_standings(self.clock())
+            self.store.to_outbox([p for p in own if not self.engine.watched(p.uid)])
 
     async def share(self) -> None:
         """After each cycle: publish this node's tier changes to its sync group and adopt
