@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
 from pam_cgpolicy import cli
 from pam_cgpolicy import sync as sync_mod
 from pam_cgpolicy.badness import Change, UserScore
+from pam_cgpolicy.compiled import read_penalty_entry
 from pam_cgpolicy.errors import PolicyError, SyncError
 from pam_cgpolicy.policy import Policy, Sync, load_policy
 from pam_cgpolicy.state import Published, StateStore
@@ -454,3 +456,38 @@ def test_status_shows_the_group_the_node_and_the_last_sync(pair, server):
     assert "cannot connect" in line and line.endswith("; last sync 4s ago")
     one.sharing.db.close()
     one.sharing.db = good
+
+
+def test_a_watching_node_neither_publishes_nor_enforces_until_it_enforces(pair, server):
+    one, two = pair.daemons["login1"], pair.daemons["login2"]
+    config, group = pair.nodes["login2"].config, pair.daemons["login2"].policy.sync
+    assert group is not None
+
+    def mode(text: str) -> None:
+        sections = DAEMON_SECTIONS.replace("[penalty]\n", f'[penalty]\nmode = "{text}"\n')
+        write_policy(config, parts.ADMINS + sections + sync_section(server, "login2", group.group))
+        assert asyncio.run(two.reload("admin")) == []
+
+    mode("watch")
+    writer = pair.nodes["login2"].writer
+    before = writer.last(BOB)
+    asyncio.run(one.penalize("bob", "penalty2", "admin"))
+    pair.share("login1")
+    pair.share("login2")
+    assert pair.tier("login2") == "penalty2" and two.store.history(BOB)[0].watched
+    assert writer.last(BOB) == before  # adopted, recorded, not enforced
+    now = pair.nodes["login2"].clock.now
+    assert read_penalty_entry(str(pair.nodes["login2"].penalties), BOB, now) is None
+    asyncio.run(one.release("bob", "admin"))
+    pair.share("login1")
+    pair.share("login2")
+    # login2's model penalizes bob, watched: kept from the group
+    state, change = penalized()
+    two.store.record(BOB, "bob", state, replace(change, watched=True), now=now + 1)
+    pair.share("login2")
+    pair.share("login1")
+    assert pair.tier("login1") is None
+    mode("enforce")  # now it enforces bob's tier: the group gets it
+    pair.share("login2")
+    pair.share("login1")
+    assert pair.tier("login1") == "penalty1"
