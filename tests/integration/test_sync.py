@@ -320,6 +320,7 @@ def test_with_the_database_stopped_both_enforce_and_catch_up_after(nodes):
     vm = nodes
     root(vm, f"cgpolicyctl penalize {USER} penalty1")
     wait_quota(vm, "b", "penalty1")
+    before = len(log_lines(vm, "a", "event=sync-down"))  # B's boot may have cost one
     root(vm, "systemctl stop postgresql")
     try:
         time.sleep(3 * INTERVAL)
@@ -329,7 +330,7 @@ def test_with_the_database_stopped_both_enforce_and_catch_up_after(nodes):
         time.sleep(3 * INTERVAL)
         assert quota(vm, "b") == QUOTA["penalty1"]  # B still enforces what it knows
         down = log_lines(vm, "a", "event=sync-down")
-        assert len(down) == 1, down  # logged once, not every cycle
+        assert len(down) == before + 1, down  # logged once, not every cycle
     finally:
         root(vm, "systemctl start postgresql")
     wait_quota(vm, "b", "penalty2")
