@@ -285,8 +285,11 @@ def test_a_penalty_on_a_is_on_bs_slice_within_two_intervals(nodes):
     seconds = converged(vm, "a", "b", "penalized")
     print(f"convergence A -> B: {seconds:.2f} s (interval {INTERVAL} s)")
     assert seconds <= 2 * INTERVAL, f"{seconds:.2f} s\n{diagnostics(vm)}"
+    a = root(vm, "hostname").stdout.strip()
     (event,) = [e for e in events(vm, "b") if e[1] == "penalized"]
-    assert event[3] == f"sync:{root(vm, 'hostname').stdout.strip()}"
+    assert event[3] == f"sync:{a}"
+    shown = root(vm, "cgpolicyctl status | tail -n 1").stdout.strip()
+    assert shown.startswith(f"sync: group vmtest, node {a}: up, last sync "), shown
 
 
 def test_a_user_penalized_on_a_gets_the_tier_from_bs_hook_at_login_on_b(nodes):
