@@ -340,7 +340,7 @@ def test_with_the_database_stopped_both_enforce_and_catch_up_after(nodes):
     assert log_lines(vm, "a", "event=sync-up")
 
 
-HOLD = "cgpolicy-test-hold"  # a psql session holding the standings table
+HOLD = "cgpolicy-test-hold"  # a psql session holding the user's row of the standings
 
 
 def sql(vm, query: str) -> str:
@@ -352,27 +352,21 @@ def test_a_sigkilled_during_an_exchange_loses_nothing(nodes):
     vm = nodes
     a = root(vm, "hostname").stdout.strip()
     adopted = [e for e in events(vm, "b") if e[1] == "released" and e[3] == f"sync:{a}"]
-    lock = "BEGIN; LOCK TABLE cgpolicy_standings; SELECT pg_sleep(600)"
+    # only an exchange that writes the user's row waits on it: A's, carrying the release
+    row = f"SELECT 1 FROM cgpolicy_standings WHERE uid = {UID} FOR UPDATE"
+    lock = f"BEGIN; {row}; SELECT pg_sleep(600)"
     root(vm, f"systemd-run --unit={HOLD} runuser -u postgres -- psql -d cgsync -Xc '{lock}'")
-    held = (
-        "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) WHERE granted "
-        "AND mode = 'AccessExclusiveLock' AND query LIKE 'BEGIN; LOCK%'"
-    )
+    held = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
     try:
         poll(
-            "the table locked",
-            lambda: sql(vm, held),
-            lambda n: n == "1",
-            30,
-            lambda: diagnostics(vm),
-            every=0.5,
+            "the row locked", lambda: sql(vm, held), lambda n: n == "1", 30, lambda: diagnostics(vm)
         )
         pid = int(root(vm, "systemctl show -p MainPID --value cgpolicyd").stdout)
         root(vm, f"cgpolicyctl release {USER}")
-        # A's exchange publishing the release waits on the table: the kill lands then
         carrying = (
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            f"AND application_name = 'cgpolicyd {a}' AND query LIKE '%ANY(ARRAY[{UID}])%'"
+            f"AND application_name = 'cgpolicyd {a}' "
+            f"AND query LIKE 'INSERT INTO cgpolicy_standings %, {UID}, %'"
         )
         root(
             vm,
