@@ -263,7 +263,7 @@ def nodes(vm_v2) -> Iterator[Any]:
         root(vm, f"pkill -KILL -u {HOG}; cgpolicyctl release {HOG}", check=False)
         root(vm, f"loginctl terminate-user {HOG}", check=False)
         root(vm, f"cgpolicyctl release {USER}; cgpolicyctl release {LATE}", check=False)
-        root(vm, f"systemctl stop {HOLD}", check=False)
+        let_go(vm)
         root(vm, CONTAINER_DOWN, check=False)
         root(vm, f"rm -f {KEY} {KEY}.pub", check=False)
         root(
@@ -348,6 +348,13 @@ def sql(vm, query: str) -> str:
     return str(root(vm, cmd).stdout.strip())
 
 
+def let_go(vm) -> None:
+    """End the session holding the row (its backend would sleep on without its client)."""
+    stop = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+    root(vm, f"runuser -u postgres -- psql -XAtc {shlex.quote(stop)}", check=False)
+    root(vm, f"systemctl stop {HOLD}", check=False)
+
+
 def test_a_sigkilled_during_an_exchange_loses_nothing(nodes):
     vm = nodes
     a = root(vm, "hostname").stdout.strip()
@@ -376,7 +383,7 @@ def test_a_sigkilled_during_an_exchange_loses_nothing(nodes):
         )
         assert quota(vm, "b") == QUOTA["penalty2"]  # nothing reached the group
     finally:
-        root(vm, f"systemctl stop {HOLD}", check=False)
+        let_go(vm)
     wait_until_serving(vm, other_than=pid)
     wait_quota(vm, "b", None)
     time.sleep(2 * INTERVAL)  # nothing resurrected, nothing taken twice
