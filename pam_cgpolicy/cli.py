@@ -1097,7 +1097,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         cmd_status,
         "limits in force, usage and freezer state; with cgpolicyd running, "
-        "also the penalty tier and badness (CPU/memory, 0 to 100)",
+        "also the penalty tier and badness (CPU/memory, 0 to 100), and for an admin "
+        "with [sync] set, the node's sync: group, node, up or down, last sync",
         "optional",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
