@@ -491,3 +491,24 @@ def test_a_watching_node_neither_publishes_nor_enforces_until_it_enforces(pair, 
     pair.share("login2")
     pair.share("login1")
     assert pair.tier("login1") == "penalty1"
+
+
+def test_doctor_says_what_cgpolicyd_says_of_its_sync(monkeypatch):
+    status = {
+        "policy": "files",
+        "started": T0,
+        "sync": "down",
+        "sync_error": "db:5432/cgpolicy: cannot connect: refused",
+        "sync_duplicate": "another cgpolicyd (instance 1a2b) shares as node login1 in group g",
+    }
+    monkeypatch.setattr(cli, "_on_bus", lambda _work: status)
+    checks = [c for c in cli._daemon_checks(salvage_shown=False) if c[1] == "cgpolicyd sync"]
+    assert checks == [
+        (
+            "warn",
+            "cgpolicyd sync",
+            "the sync database is away, enforcing locally: "
+            "db:5432/cgpolicy: cannot connect: refused",
+        ),
+        ("FAIL", "cgpolicyd sync", status["sync_duplicate"]),
+    ]
