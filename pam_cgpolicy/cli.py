@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -405,19 +406,44 @@ def cmd_status(args: argparse.Namespace) -> None:
     only = _visible_uid(None if args.user is None else lookup_account(args.user).uid, "status")
     policy = _load_in_force(args).policy
 
-    async def work(systemd: Systemd, daemon: Daemon | None) -> tuple[list[dict[str, Any]], bool]:
+    async def work(
+        systemd: Systemd, daemon: Daemon | None
+    ) -> tuple[list[dict[str, Any]], bool, dict[str, Any] | None]:
         rows = await _status_rows(systemd, policy, args.user, only)
         each = args.user is not None or only is not None
         merged = daemon is not None and await _merge_daemon(daemon, rows, each)
-        return rows, merged
+        state = None
+        if daemon is not None and args.user is None and not args.json:
+            with contextlib.suppress(CgpolicyError):  # Status is for admins
+                state = await daemon.status()
+        return rows, merged, state
 
-    rows, merged = _on_bus(work)
+    rows, merged, state = _on_bus(work)
     if args.json:
         print(json.dumps(rows if args.user is None else rows[0], indent=2))
     elif not rows:
         print("no user slices")
     else:
         _print_table(rows, daemon=merged)
+    line = _sync_line(state, time.time()) if state else None
+    if line:
+        print(line)
+
+
+def _sync_line(status: dict[str, Any], now: float) -> str | None:
+    """cgpolicyd's side of its sync group, from Status; None without [sync]."""
+    if "sync" not in status:
+        return None
+    last = status.get("last_sync")
+    when = "never" if last is None else f"{max(now - last, 0):.0f}s ago"
+    line = f"sync: group {status.get('sync_group')}, node {status.get('sync_node')}: "
+    if status["sync"] == "down":
+        line += f"down, enforcing locally ({status.get('sync_error')}); last sync {when}"
+    else:
+        line += f"up, last sync {when}"
+    if status.get("sync_duplicate"):
+        line += f"; {status['sync_duplicate']}"
+    return line
 
 
 def cmd_penalize(args: argparse.Namespace) -> None:
@@ -992,7 +1018,15 @@ def _daemon_checks(salvage_shown: bool) -> list[tuple[str, str, str]]:
             )
         )
     if status.get("sync") == "down":
-        checks.append(("warn", "cgpolicyd sync", "the sync database is away: enforcing locally"))
+        checks.append(
+            (
+                "warn",
+                "cgpolicyd sync",
+                f"the sync database is away, enforcing locally: {status.get('sync_error')}",
+            )
+        )
+    if status.get("sync_duplicate"):
+        checks.append(("FAIL", "cgpolicyd sync", status["sync_duplicate"]))
     if status.get("salvage") and not salvage_shown:  # an admin who cannot read the report
         checks.append(("warn", "cgpolicyd state", "salvaged at start: " + status["salvage"]))
     return checks
@@ -1097,7 +1131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         cmd_status,
         "limits in force, usage and freezer state; with cgpolicyd running, "
-        "also the penalty tier and badness (CPU/memory, 0 to 100)",
+        "also the penalty tier and badness (CPU/memory, 0 to 100), and for an admin "
+        "with [sync] set, the node's sync: group, node, up or down, last sync",
         "optional",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")

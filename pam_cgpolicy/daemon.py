@@ -529,8 +529,25 @@ class Daemon:
         if self.sharing is not None:
             self.sharing.db.close()
         self.sync_settings = settings
-        self.sharing = None if settings is None else Sharing(self.sync_db(settings), settings.node)
+        self.sharing = (
+            None
+            if settings is None
+            else Sharing(self.sync_db(settings), settings.node, settings.group)
+        )
         self.store.sharing = settings is not None
+        self.share_own()
+
+    def share_own(self) -> None:
+        """Queue the standings this node gave and enforces, for the next share: those from
+        before it shared (off, another group, a start) or from while they were watched.
+        The merge rule makes a repeat harmless."""
+        if self.sharing is None:
+            return
+        try:
+            own = self.store.own_standings(self.clock())
+            self.store.to_outbox([p for p in own if not self.engine.watched(p.uid)])
+        except StateError as err:  # the state database's own trouble, logged by the cycle
+            log.error("sync-failed", log.fields(event="sync-failed", error=err))
 
     async def share(self) -> None:
         """After each cycle: publish this node's tier changes to its sync group and adopt
@@ -760,6 +777,7 @@ class Daemon:
         self.known = set()  # every slice gets the new policy's limits at the next cycle
         self.save_last_good()
         self.write_penalties()
+        self.share_own()  # a group switched from watch to enforce
         log.info("reloaded", log.fields(event="reloaded", actor=actor, groups=len(policy.groups)))
         return []
 

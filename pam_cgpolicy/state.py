@@ -103,6 +103,10 @@ _TABLES = {
     "mail": _MAIL_COLUMNS,
     "outbox": _OUTBOX_COLUMNS,
 }
+_OUTBOX_INSERT = (
+    "INSERT INTO outbox (uid, user, tier, tier_expiry, occurrences, since, released) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 SYNC_ACTOR = "sync:"  # the actor of a standing adopted from another node: never published
 
 
@@ -414,10 +418,38 @@ class StateStore(SQLiteFile):
             return
         released = when if change.kind == "released" and actor is not None else None
         self._conn.execute(
-            "INSERT INTO outbox (uid, user, tier, tier_expiry, occurrences, since, released) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            _OUTBOX_INSERT,
             (uid, user, state.tier, state.tier_expiry, state.occurrences, when, released),
         )
+
+    def own_standings(self, now: float) -> list[Published]:
+        """The tiers in force at ``now`` that this node gave (not adopted from another),
+        each dated from the change that gave it: what a node starting to share publishes."""
+        with self._errors("cannot read"):
+            rows = self._conn.execute(
+                "SELECT u.uid, u.user, u.tier, u.tier_expiry, u.occurrences, e.time, e.actor "
+                "FROM users u JOIN events e ON e.id = (SELECT max(id) FROM events "
+                "WHERE uid = u.uid AND new_tier = u.tier AND (old_tier IS NOT new_tier "
+                "OR old_occurrences != new_occurrences)) "
+                "WHERE u.tier IS NOT NULL AND u.tier_expiry > ? ORDER BY u.uid",
+                (now,),
+            ).fetchall()
+        return [
+            Published(*tuple(row)[:6])
+            for row in rows
+            if not (row["actor"] or "").startswith(SYNC_ACTOR)
+        ]
+
+    def to_outbox(self, entries: Sequence[Published]) -> None:
+        """Queue standings for the sync group as they are (own_standings's)."""
+        with self._errors("cannot write the sync outbox"), self._transaction():
+            self._conn.executemany(
+                _OUTBOX_INSERT,
+                [
+                    (e.uid, e.user, e.tier, e.tier_expiry, e.occurrences, e.since, e.released)
+                    for e in entries
+                ],
+            )
 
     def outbox(self, limit: int = 5000) -> list[tuple[int, Published]]:
         """This node's changes not yet published, oldest first, with their ids."""

@@ -68,6 +68,9 @@ def actor_of(origin: str) -> str:
 class Exchange:
     """What the database side does for one share (syncdb.SyncDB implements it)."""
 
+    # after an exchange: another running node's instance that shares under this node's name
+    duplicate: str | None = None
+
     def exchange(
         self, outbox: Sequence[Published], after: int, now: float, order: Sequence[str]
     ) -> tuple[list[Published], int]:
@@ -85,13 +88,17 @@ class Sharing:
 
     db: Exchange
     node: str
+    group: str = ""
     mark: int = 0  # the group's change sequence as last read; 0 reads everything
     last_sync: float | None = None  # when an exchange last succeeded
     # the database away: logged once when it goes, once when it is back
     outage: log.Outage = field(init=False)
+    # another cgpolicyd shares under this node's name: logged once, and once when it is gone
+    clash: log.Outage = field(init=False)
 
     def __post_init__(self) -> None:
         self.outage = log.Outage("sync-down", "sync-up", node=self.node)
+        self.clash = log.Outage("sync-duplicate", "sync-duplicate-gone", node=self.node)
 
     @property
     def down(self) -> str | None:
@@ -115,9 +122,24 @@ class Sharing:
         self.mark = max(self.mark, mark)
         self.last_sync = now
         self.outage.ended()
+        if self.db.duplicate is None:
+            self.clash.ended()
+        else:
+            self.clash.failed(
+                f"another cgpolicyd (instance {self.db.duplicate}) shares as node {self.node} "
+                f"in group {self.group}: nodes of one name never adopt each other's standings; "
+                "give each node its own [sync] node"
+            )
         # Changed here meanwhile: this node's newer entry is published first next time.
         newer = {entry.uid for _, entry in store.outbox()}
         return [row for row in rows if row.origin != self.node and row.uid not in newer]
 
     def status(self) -> dict[str, object]:
-        return {"sync": "down" if self.down else "ok", "last_sync": self.last_sync}
+        return {
+            "sync": "down" if self.down else "ok",
+            "sync_group": self.group,
+            "sync_node": self.node,
+            "sync_error": self.down,
+            "sync_duplicate": self.clash.error,
+            "last_sync": self.last_sync,
+        }

@@ -4,13 +4,16 @@ Tables, created on first use: ``cgpolicy_standings`` holds one row per sync
 group and user, the group's winning standing, stamped from the sequence
 ``cgpolicy_changes`` at each write so that a node reads only what changed since
 its last read; ``cgpolicy_nodes`` holds each node's last successful sync (for
-cgpolicyctl doctor). Writers of a group take an advisory lock for the whole
-merge-write, so the sequence's order is the order of the commits and a reader
-holding the lock misses none. psycopg2 is imported only when [sync] is set.
+cgpolicyctl doctor) and the instance that made it: a random id per start of
+cgpolicyd, by which two running nodes of one name see each other. Writers of a
+group take an advisory lock for the whole merge-write, so the sequence's order is
+the order of the commits and a reader holding the lock misses none. psycopg2 is
+imported only when [sync] is set.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +45,7 @@ _SCHEMA = (
         last_sync DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (grp, node)
     )""",
+    "ALTER TABLE cgpolicy_nodes ADD COLUMN IF NOT EXISTS instance TEXT",
 )
 _COLUMNS = "uid, user_name, tier, tier_expiry, occurrences, since, released, origin"
 _UPSERT = (
@@ -71,6 +75,8 @@ class SyncDB(Exchange):
         self.settings = settings
         self.conn: Any = None
         self.where = f"{settings.host}:{settings.port}/{settings.database}"
+        self.instance = secrets.token_hex(8)  # this start's, in cgpolicy_nodes
+        self.claimed = False  # the node's row has been written with it
 
     def _connect(self) -> Any:
         if self.conn is not None:
@@ -127,9 +133,15 @@ class SyncDB(Exchange):
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("cgpolicy " + s.group,))
                 beaten = self._publish(cur, outbox, now, order)
                 cur.execute(
-                    "INSERT INTO cgpolicy_nodes (grp, node, last_sync) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (grp, node) DO UPDATE SET last_sync = EXCLUDED.last_sync",
-                    (s.group, s.node, now),
+                    "SELECT instance FROM cgpolicy_nodes WHERE grp = %s AND node = %s",
+                    (s.group, s.node),
+                )
+                found = cur.fetchone()
+                cur.execute(
+                    "INSERT INTO cgpolicy_nodes (grp, node, last_sync, instance) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (grp, node) DO UPDATE SET "
+                    "last_sync = EXCLUDED.last_sync, instance = EXCLUDED.instance",
+                    (s.group, s.node, now, self.instance),
                 )
                 cur.execute(
                     f"SELECT {_COLUMNS}, seq FROM cgpolicy_standings "
@@ -141,6 +153,11 @@ class SyncDB(Exchange):
         except psycopg2.Error as err:
             self.close()
             raise SyncError(f"{self.where}: {_one_line(err)}") from None
+        # Another instance wrote the row since this one claimed it: a second running node
+        # of this name (at a restart the new instance just takes the row over).
+        other = found[0] if found else None
+        self.duplicate = other if self.claimed and other not in (None, self.instance) else None
+        self.claimed = True
         mark = max([after] + [row[8] for row in rows])
         changed = [_published(row) for row in rows]
         seen = {p.uid for p in changed}

@@ -2,17 +2,19 @@
 
 Node A is the VM; node B is a systemd-nspawn container booted inside it, on an
 overlay of the VM's own root (so the same cgpolicy, policy and users), with its
-own systemd, system bus and cgpolicyd, and an empty /var/lib/cgpolicy. Both
-share the VM's network, so both reach the VM's PostgreSQL on 127.0.0.1. The
+own systemd, system bus, sshd (on port 2222: the network is the VM's) and
+cgpolicyd, and an empty /var/lib/cgpolicy. Users log in to B over ssh from the
+VM, so B's PAM hook runs. Both reach the VM's PostgreSQL on 127.0.0.1. The
 policy has no node key: each node is named after its host name. cgroup v2 only
 (a container's own systemd needs the unified hierarchy).
 
 One setup for the module; the tests run in order and each starts from where the
-last one left off: a penalty on A reaches B's slice within two intervals; a
-release on B ends it on A; with the database stopped both keep enforcing and a
-penalty made on A meanwhile reaches B once it is back; A SIGKILLed right after a
-release loses nothing; B with a wrong password logs a clear error and keeps
-enforcing locally.
+last one left off: a penalty on A reaches B's slice within two intervals; a user
+penalized on A who then logs in on B gets the tier from B's hook; a release on B
+ends it on A; with the database stopped both keep enforcing and a penalty made
+on A meanwhile reaches B once it is back; A SIGKILLed while its exchange waits
+on the database loses nothing; B with a wrong password logs a clear error and
+keeps enforcing locally.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]
 USER, UID = "syncu", 5711
 HOG, HOG_UID = "synch", 5712  # burns CPU on A: penalized by the model, not by an admin
+LATE, LATE_UID = "syncl", 5713  # penalized on A before their first login on B
 INTERVAL = 2
 PASSWORD = "sync-pw-5711"
 BACKUP = "/root/cgpolicy-before-test-sync"
 B = "/srv/cgpolicy-nodeb"  # lower (the VM's /), rw (tmpfs: upper, work), mnt (B's root)
 MACHINE = "nodeb"
+B_PORT = 2222  # B's sshd: A's has port 22 of the shared network
+KEY = "/root/.ssh/cgpolicy-nodeb"  # root's key in the VM for the users' logins on B
 QUOTA = {None: "1s", "penalty1": "500ms", "penalty2": "250ms"}
 
 POLICY = {
@@ -80,7 +85,7 @@ POLICY = {
         CPUQuota = "50%"
         """,
     "groups.d/synced.toml": f"""
-        users = ["{USER}"]
+        users = ["{USER}", "{LATE}"]
         [limits]
         CPUQuota = "100%"
         """,
@@ -99,7 +104,8 @@ mkdir -p {B}/rw/upper/var/lib/cgpolicy {B}/rw/upper/etc/systemd/system {B}/rw/wo
 chmod 0700 {B}/rw/upper/var/lib/cgpolicy
 python3 -c "import os; os.setxattr('{B}/rw/upper/var/lib/cgpolicy', 'trusted.overlay.opaque', b'y')"
 echo {MACHINE} > {B}/rw/upper/etc/hostname  # its node name: the VM's is taken
-ln -sf /dev/null {B}/rw/upper/etc/systemd/system/ssh.service
+mkdir -p {B}/rw/upper/etc/ssh/sshd_config.d
+echo 'Port {B_PORT}' > {B}/rw/upper/etc/ssh/sshd_config.d/20-nodeb.conf
 ln -sf /dev/null {B}/rw/upper/etc/systemd/system/postgresql.service
 mountpoint -q {B}/mnt || mount -t overlay overlay \
     -o lowerdir={B}/lower,upperdir={B}/rw/upper,workdir={B}/rw/work {B}/mnt
@@ -127,6 +133,15 @@ def on_b(vm, cmd: str, check: bool = True, timeout: float = 120):
         check=check,
         timeout=timeout,
     )
+
+
+def login_b(vm, user: str, cmd: str = "nohup sleep 100000 >/dev/null 2>&1 &"):
+    """A real login on B: B's sshd, PAM, pam_systemd and cgpolicy hook."""
+    ssh = (
+        f"ssh -n -i {KEY} -p {B_PORT} -o BatchMode=yes -o StrictHostKeyChecking=no "
+        "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+    )
+    return root(vm, f"{ssh} {user}@127.0.0.1 {shlex.quote(cmd)}")
 
 
 def quota(vm, node: str, uid: int = UID) -> str:
@@ -206,6 +221,10 @@ def nodes(vm_v2) -> Iterator[Any]:
     install_cgpolicy(vm, REPO)
     vm.add_user(USER, UID)
     vm.add_user(HOG, HOG_UID)
+    vm.add_user(LATE, LATE_UID)
+    root(vm, f"rm -f {KEY} {KEY}.pub && ssh-keygen -q -t ed25519 -N '' -f {KEY}")
+    for user in (USER, HOG, LATE):
+        root(vm, f"cat {KEY}.pub >> ~{user}/.ssh/authorized_keys")
     root(vm, CONTAINER_DOWN, check=False)  # a run killed half way
     root(vm, f"rm -rf {BACKUP} && cp -a /etc/cgpolicy {BACKUP}")
     root(vm, "systemctl start postgresql")
@@ -235,19 +254,18 @@ def nodes(vm_v2) -> Iterator[Any]:
         every=3,
     )
     on_b(vm, "systemctl restart cgpolicyd && systemctl is-active cgpolicyd")
-    # the user's slice on B (on A: the login above, through the hook)
-    on_b(vm, f"systemd-run --uid={UID} --slice=user-{UID}.slice --unit=syncu-sleep sleep 100000")
-    on_b(
-        vm, f"systemd-run --uid={HOG_UID} --slice=user-{HOG_UID}.slice --unit=synch-sleep sleep 1e6"
-    )
+    login_b(vm, USER)
+    login_b(vm, HOG)
     wait_quota(vm, "a", None)
     wait_quota(vm, "b", None)
     yield vm
     if vm.running:
         root(vm, f"pkill -KILL -u {HOG}; cgpolicyctl release {HOG}", check=False)
         root(vm, f"loginctl terminate-user {HOG}", check=False)
-        root(vm, f"cgpolicyctl release {USER}", check=False)
+        root(vm, f"cgpolicyctl release {USER}; cgpolicyctl release {LATE}", check=False)
+        let_go(vm)
         root(vm, CONTAINER_DOWN, check=False)
+        root(vm, f"rm -f {KEY} {KEY}.pub", check=False)
         root(
             vm,
             f"rm -rf /etc/cgpolicy && cp -a {BACKUP} /etc/cgpolicy && rm -rf {BACKUP} && "
@@ -267,8 +285,28 @@ def test_a_penalty_on_a_is_on_bs_slice_within_two_intervals(nodes):
     seconds = converged(vm, "a", "b", "penalized")
     print(f"convergence A -> B: {seconds:.2f} s (interval {INTERVAL} s)")
     assert seconds <= 2 * INTERVAL, f"{seconds:.2f} s\n{diagnostics(vm)}"
+    a = root(vm, "hostname").stdout.strip()
     (event,) = [e for e in events(vm, "b") if e[1] == "penalized"]
-    assert event[3] == f"sync:{root(vm, 'hostname').stdout.strip()}"
+    assert event[3] == f"sync:{a}"
+    shown = root(vm, "cgpolicyctl status | tail -n 1").stdout.strip()
+    assert shown.startswith(f"sync: group vmtest, node {a}: up, last sync "), shown
+
+
+def test_a_user_penalized_on_a_gets_the_tier_from_bs_hook_at_login_on_b(nodes):
+    vm = nodes
+    root(vm, f"cgpolicyctl penalize {LATE} penalty1")
+    converged(vm, "a", "b", "penalized", LATE_UID)
+    # B's cgpolicyd stopped and the runtime limits it set on the slice-to-be reverted:
+    # the limits at login can only come from B's hook, which reads the penalties
+    # B's cgpolicyd wrote when it adopted the standing
+    on_b(vm, f"systemctl stop cgpolicyd && systemctl revert user-{LATE_UID}.slice")
+    try:
+        assert quota(vm, "b", LATE_UID) != QUOTA["penalty1"]
+        login_b(vm, LATE)
+        assert quota(vm, "b", LATE_UID) == QUOTA["penalty1"], diagnostics(vm)
+    finally:
+        on_b(vm, "systemctl start cgpolicyd")
+        root(vm, f"cgpolicyctl release {LATE}", check=False)
 
 
 def test_a_release_on_b_ends_it_on_a(nodes):
@@ -285,6 +323,7 @@ def test_with_the_database_stopped_both_enforce_and_catch_up_after(nodes):
     vm = nodes
     root(vm, f"cgpolicyctl penalize {USER} penalty1")
     wait_quota(vm, "b", "penalty1")
+    before = len(log_lines(vm, "a", "event=sync-down"))  # B's boot may have cost one
     root(vm, "systemctl stop postgresql")
     try:
         time.sleep(3 * INTERVAL)
@@ -294,19 +333,70 @@ def test_with_the_database_stopped_both_enforce_and_catch_up_after(nodes):
         time.sleep(3 * INTERVAL)
         assert quota(vm, "b") == QUOTA["penalty1"]  # B still enforces what it knows
         down = log_lines(vm, "a", "event=sync-down")
-        assert len(down) == 1, down  # logged once, not every cycle
+        assert len(down) == before + 1, down  # logged once, not every cycle
     finally:
         root(vm, "systemctl start postgresql")
     wait_quota(vm, "b", "penalty2")
     assert log_lines(vm, "a", "event=sync-up")
 
 
-def test_a_sigkilled_right_after_a_release_loses_nothing(nodes):
+HOLD = "cgpolicy-test-hold"  # a psql session holding the user's row of the standings
+
+
+def sql(vm, query: str) -> str:
+    cmd = f"runuser -u postgres -- psql -d cgsync -XAtc {shlex.quote(query)}"
+    return str(root(vm, cmd).stdout.strip())
+
+
+def let_go(vm) -> None:
+    """End the session holding the row (its backend would sleep on without its client)."""
+    stop = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+    root(vm, f"runuser -u postgres -- psql -XAtc {shlex.quote(stop)}", check=False)
+    root(vm, f"systemctl stop {HOLD}", check=False)
+
+
+def test_a_sigkilled_during_an_exchange_loses_nothing(nodes):
     vm = nodes
-    pid = int(root(vm, "systemctl show -p MainPID --value cgpolicyd").stdout)
-    root(vm, f"cgpolicyctl release {USER} && kill -KILL {pid}")
+    a = root(vm, "hostname").stdout.strip()
+    adopted = [e for e in events(vm, "b") if e[1] == "released" and e[3] == f"sync:{a}"]
+    # only an exchange that writes the user's row waits on it: A's, carrying the release
+    row = f"SELECT 1 FROM cgpolicy_standings WHERE uid = {UID} FOR UPDATE"
+    lock = f"BEGIN; {row}; SELECT pg_sleep(600)"
+    root(vm, f"systemd-run --unit={HOLD} runuser -u postgres -- psql -d cgsync -Xc '{lock}'")
+    held = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+    try:
+        poll(
+            "the row locked", lambda: sql(vm, held), lambda n: n == "1", 30, lambda: diagnostics(vm)
+        )
+        pid = int(root(vm, "systemctl show -p MainPID --value cgpolicyd").stdout)
+        root(vm, f"cgpolicyctl release {USER}")
+        carrying = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            f"AND application_name = 'cgpolicyd {a}' "
+            f"AND query LIKE 'INSERT INTO cgpolicy_standings %, {UID}, %'"
+        )
+        root(
+            vm,
+            f'until [ "$(runuser -u postgres -- psql -d cgsync -XAtc "{carrying}")" = 1 ]; '
+            f"do sleep 0.1; done; kill -KILL {pid}",
+            timeout=60,
+        )
+        assert quota(vm, "b") == QUOTA["penalty2"]  # nothing reached the group
+    finally:
+        let_go(vm)
     wait_until_serving(vm, other_than=pid)
     wait_quota(vm, "b", None)
+    time.sleep(2 * INTERVAL)  # nothing resurrected, nothing taken twice
+    assert (quota(vm, "a"), quota(vm, "b")) == (QUOTA[None], QUOTA[None])
+    now = [e for e in events(vm, "b") if e[1] == "released" and e[3] == f"sync:{a}"]
+    assert len(now) == len(adopted) + 1, now
+    occurrences = (
+        "import sqlite3; db = sqlite3.connect('file:/var/lib/cgpolicy/state.db?mode=ro', "
+        f"uri=True); print(*db.execute('SELECT occurrences FROM users WHERE uid = {UID}'))"
+    )
+    mine = root(vm, f"python3 -c {shlex.quote(occurrences)}").stdout.strip().strip("(,)")
+    shared = sql(vm, f"SELECT tier IS NULL, occurrences FROM cgpolicy_standings WHERE uid = {UID}")
+    assert shared == f"t|{mine}", (shared, mine)
 
 
 def test_b_with_a_wrong_password_says_so_and_enforces_locally(nodes):

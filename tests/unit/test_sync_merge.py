@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,14 @@ import test_daemon_cycle as parts
 from pgserver import Server, start
 from policyfiles import DAEMON_SECTIONS, MAIN, write_policy
 
+from pam_cgpolicy import cli
+from pam_cgpolicy import sync as sync_mod
 from pam_cgpolicy.badness import Change, UserScore
+from pam_cgpolicy.compiled import read_penalty_entry
 from pam_cgpolicy.errors import PolicyError, SyncError
 from pam_cgpolicy.policy import Policy, Sync, load_policy
 from pam_cgpolicy.state import Published, StateStore
-from pam_cgpolicy.sync import merge, wins
+from pam_cgpolicy.sync import Sharing, merge, wins
 from pam_cgpolicy.syncdb import SyncDB
 
 T0 = parts.T0
@@ -357,3 +361,154 @@ def test_only_the_node_where_a_penalty_began_mails_it(pair, monkeypatch):
     pair.share("login2")
     assert pair.tier("login2") == "penalty1"
     assert (len(told["login1"]), len(told["login2"])) == (1, 0)
+
+
+def test_a_node_that_starts_sharing_publishes_the_penalties_it_holds(pair, server):
+    one = pair.daemons["login1"]
+    config = pair.nodes["login1"].config
+    write_policy(config, parts.ADMINS + DAEMON_SECTIONS)  # login1 alone for now
+    assert asyncio.run(one.reload("admin")) == []
+    pair.share("login1")
+    assert one.sharing is None
+    asyncio.run(one.penalize("bob", "penalty2", "admin"))
+    assert one.store.outbox() == []
+    group = pair.daemons["login2"].policy.sync
+    assert group is not None
+    write_policy(
+        config, parts.ADMINS + DAEMON_SECTIONS + sync_section(server, "login1", group.group)
+    )
+    assert asyncio.run(one.reload("admin")) == []
+    pair.share("login1")  # its first share
+    pair.share("login2")
+    assert pair.tier("login2") == "penalty2"
+    mine, theirs = one.store.get(BOB), pair.nodes["login2"].store.get(BOB)
+    assert mine and theirs
+    assert (theirs.tier_expiry, theirs.occurrences) == (mine.tier_expiry, mine.occurrences)
+    # what login2 adopted is login1's: login2 never publishes it as its own
+    assert pair.nodes["login2"].store.own_standings(pair.nodes["login2"].clock.now) == []
+
+
+def test_two_running_nodes_of_one_name_are_told_once_a_restart_is_not(server, store, monkeypatch):
+    told: list[tuple[str, str]] = []
+    monkeypatch.setattr(sync_mod.log, "error", lambda kind, text, **_: told.append((kind, text)))
+    monkeypatch.setattr(sync_mod.log, "info", lambda kind, text, **_: told.append((kind, text)))
+    settings = Sync(
+        server.socket_dir,
+        "postgres",
+        "cgpolicy",
+        "one-name",
+        "login1",
+        port=server.port,
+        password_file=str(server.password_file),
+        timeout=2,
+    )
+
+    def node() -> Sharing:
+        return Sharing(SyncDB(settings), "login1", "one-name")
+
+    def share(*nodes: Sharing) -> None:
+        for sharing in nodes:
+            asyncio.run(sharing.share(store, T0, ORDER))
+
+    first = node()
+    share(first, first)
+    second = node()  # a second login1, first still running
+    for _ in range(3):
+        share(second, first)
+    assert [kind for kind, _ in told] == ["sync-duplicate", "sync-duplicate"]  # once each
+    assert "another cgpolicyd" in told[0][1] and "shares as node login1" in told[0][1]
+    status = first.status()
+    assert status["sync_duplicate"] and status["sync"] == "ok"
+    line = cli._sync_line(status, T0)
+    assert line is not None and "another cgpolicyd" in line
+    second.db.close()  # it stops; first takes the row back at its next share
+    share(first, first)
+    assert told[-1][0] == "sync-duplicate-gone" and first.status()["sync_duplicate"] is None
+    first.db.close()
+    del told[:]
+    third = node()  # login1 restarted: a new instance takes the row over
+    share(third, third, third)
+    assert told == [] and third.status()["sync_duplicate"] is None
+    third.db.close()
+
+
+def test_status_shows_the_group_the_node_and_the_last_sync(pair, server):
+    one = pair.daemons["login1"]
+    assert one.sharing is not None
+    group = one.sharing.group
+    assert cli._sync_line({"policy": "files"}, T0) is None  # no [sync]
+    now = pair.nodes["login1"].clock.now
+    assert cli._sync_line(asyncio.run(one.status()), now) == (
+        f"sync: group {group}, node login1: up, last sync never"
+    )
+    pair.share("login1")
+    assert cli._sync_line(asyncio.run(one.status()), now + 4) == (
+        f"sync: group {group}, node login1: up, last sync 4s ago"
+    )
+    good = one.sharing.db
+    one.sharing.db = SyncDB(
+        Sync(server.socket_dir, "postgres", "cgpolicy", "x", "login1", port=1, timeout=2)
+    )
+    pair.share("login1")
+    line = cli._sync_line(asyncio.run(one.status()), now + 4)
+    assert line is not None
+    assert line.startswith(f"sync: group {group}, node login1: down, enforcing locally (")
+    assert "cannot connect" in line and line.endswith("; last sync 4s ago")
+    one.sharing.db.close()
+    one.sharing.db = good
+
+
+def test_a_watching_node_neither_publishes_nor_enforces_until_it_enforces(pair, server):
+    one, two = pair.daemons["login1"], pair.daemons["login2"]
+    config, group = pair.nodes["login2"].config, pair.daemons["login2"].policy.sync
+    assert group is not None
+
+    def mode(text: str) -> None:
+        sections = DAEMON_SECTIONS.replace("[penalty]\n", f'[penalty]\nmode = "{text}"\n')
+        write_policy(config, parts.ADMINS + sections + sync_section(server, "login2", group.group))
+        assert asyncio.run(two.reload("admin")) == []
+
+    mode("watch")
+    writer = pair.nodes["login2"].writer
+    before = writer.last(BOB)
+    asyncio.run(one.penalize("bob", "penalty2", "admin"))
+    pair.share("login1")
+    pair.share("login2")
+    assert pair.tier("login2") == "penalty2" and two.store.history(BOB)[0].watched
+    assert writer.last(BOB) == before  # adopted, recorded, not enforced
+    now = pair.nodes["login2"].clock.now
+    assert read_penalty_entry(str(pair.nodes["login2"].penalties), BOB, now) is None
+    asyncio.run(one.release("bob", "admin"))
+    pair.share("login1")
+    pair.share("login2")
+    # login2's model penalizes bob, watched: kept from the group
+    state, change = penalized()
+    two.store.record(BOB, "bob", state, replace(change, watched=True), now=now + 1)
+    pair.share("login2")
+    pair.share("login1")
+    assert pair.tier("login1") is None
+    mode("enforce")  # now it enforces bob's tier: the group gets it
+    pair.share("login2")
+    pair.share("login1")
+    assert pair.tier("login1") == "penalty1"
+
+
+def test_doctor_says_what_cgpolicyd_says_of_its_sync(monkeypatch):
+    status = {
+        "policy": "files",
+        "started": T0,
+        "sync": "down",
+        "sync_error": "db:5432/cgpolicy: cannot connect: refused",
+        "sync_duplicate": "another cgpolicyd (instance 1a2b) shares as node login1 in group g",
+    }
+    monkeypatch.setattr(cli, "_on_bus", lambda _work: status)
+    checks = [c for c in cli._daemon_checks(salvage_shown=False) if c[1] == "cgpolicyd sync"]
+    assert checks == [
+        (
+            "warn",
+            "cgpolicyd sync",
+            "the sync database is away, enforcing locally: "
+            "db:5432/cgpolicy: cannot connect: refused",
+        ),
+        ("FAIL", "cgpolicyd sync", status["sync_duplicate"]),
+    ]
