@@ -164,6 +164,9 @@ class Daemon:
         self.sync_db = sync_db or _sync_db  # opens the sync group's database
         self.sharing: Sharing | None = None  # [sync] is set: this node's side of it
         self.sync_settings: Sync | None = None  # the [sync] that ``sharing`` was made for
+        # An admin's penalize or release, to share before the interval ends: the group
+        # then has it within one interval, not two.
+        self.share_due = asyncio.Event()
         self.follow_sync()
 
     @property
@@ -515,11 +518,30 @@ class Daemon:
                 self.cycle_failures += 1
                 text = f"internal: {type(err).__name__}: {err}"
                 log.error("cycle-failed", log.fields(event="cycle-failed", error=text))
+            self.share_due.clear()  # this share carries it
             await self.share()
             await self.publish_metrics(self.ticks() - started)
-            wait = self.policy.general.interval - (self.ticks() - started)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(wait, 0.1))
+            await self._rest(stop, started + self.policy.general.interval)
+
+    async def _rest(self, stop: asyncio.Event, until: float) -> None:
+        """Waits for the next cycle; an admin's change is shared as soon as it is made.
+
+        Only this loop shares, so no two exchanges ever run at once."""
+        wait = max(until - self.ticks(), 0.1)
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(e.wait()) for e in (stop, self.share_due)]
+            try:
+                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if not self.share_due.is_set() or stop.is_set():
+                return
+            self.share_due.clear()
+            await self.share()
+            wait = until - self.ticks()
+            if wait <= 0:
+                return
 
     def follow_sync(self) -> None:
         """Open (or close) the sync group's database as the policy's [sync] says."""
@@ -729,10 +751,12 @@ class Daemon:
         current = await self._memory_current(account.uid)
         action = self.engine.penalize(account.uid, tier, actor, self.clock(), current)
         await self.apply([action], actor)
+        self.share_due.set()
 
     async def release(self, name: str, actor: str) -> None:
         account = self.accounts.by_name(name)
         await self.apply([self.engine.release(account.uid, actor, self.clock())], actor)
+        self.share_due.set()
 
     async def apply_user(self, name: str, actor: str) -> str:
         """cgpolicyctl apply: the limits of the user's standing, set now; the log line.

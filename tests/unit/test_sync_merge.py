@@ -512,3 +512,26 @@ def test_doctor_says_what_cgpolicyd_says_of_its_sync(monkeypatch):
         ),
         ("FAIL", "cgpolicyd sync", status["sync_duplicate"]),
     ]
+
+
+def test_an_admins_change_is_shared_as_it_is_made_not_at_the_cycles_end(pair):
+    one = pair.daemons["login1"]
+    assert one.policy.general.interval >= 10  # the test waits far less than one interval
+
+    async def resting_then_penalize() -> list:
+        stop = asyncio.Event()
+        running = asyncio.create_task(one.run(stop))
+        await asyncio.sleep(0.5)  # the first cycle and its share are done: it rests
+        await one.penalize("bob", "penalty2", "admin")
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            if not one.store.outbox():
+                break
+        left = one.store.outbox()
+        stop.set()
+        await running
+        return left
+
+    assert asyncio.run(resting_then_penalize()) == []  # published while it rested
+    pair.share("login2")
+    assert pair.tier("login2") == "penalty2"
