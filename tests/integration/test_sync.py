@@ -200,7 +200,7 @@ def converged(vm, origin: str, other: str, kind: str, uid: int = UID) -> float:
 
 @pytest.fixture(scope="module")
 def nodes(vm_v2) -> Iterator[Any]:
-    from vmharness.install import install_cgpolicy
+    from vmharness.install import allow_network, forbid_network, install_cgpolicy
 
     vm = vm_v2
     install_cgpolicy(vm, REPO)
@@ -223,7 +223,7 @@ def nodes(vm_v2) -> Iterator[Any]:
     root(vm, "cgpolicyctl check && systemctl stop cgpolicyd")
     # a login costs CPU under emulation: made while nobody judges it
     vm.ssh("nohup sleep 100000 >/dev/null 2>&1 &", user=USER)
-    root(vm, "systemctl start cgpolicyd")
+    allow_network(vm)  # the database over TCP; starts cgpolicyd, and B inherits the drop-in
     wait_until_serving(vm)
     root(vm, CONTAINER_UP)
     poll(
@@ -248,6 +248,7 @@ def nodes(vm_v2) -> Iterator[Any]:
         root(vm, f"loginctl terminate-user {HOG}", check=False)
         root(vm, f"cgpolicyctl release {USER}", check=False)
         root(vm, CONTAINER_DOWN, check=False)
+        forbid_network(vm)
         root(
             vm,
             f"rm -rf /etc/cgpolicy && cp -a {BACKUP} /etc/cgpolicy && rm -rf {BACKUP} && "
