@@ -217,10 +217,12 @@ def nodes(vm_v2) -> Iterator[Any]:
     ):
         root(vm, f"runuser -u postgres -- psql -q -c {shlex.quote(statement)}")
     vm.put_bytes(PASSWORD.encode() + b"\n", "/etc/cgpolicy/sync-password", mode=0o600)
-    root(vm, "rm -f /etc/cgpolicy/groups.d/*.toml")
+    # Stopped before the policy changes: running without the network drop-in, it would
+    # follow the edit and log a sync-down of its own.
+    root(vm, "systemctl stop cgpolicyd && rm -f /etc/cgpolicy/groups.d/*.toml")
     for name, text in POLICY.items():
         vm.put_bytes(textwrap.dedent(text).lstrip().encode(), f"/etc/cgpolicy/{name}", mode=0o644)
-    root(vm, "cgpolicyctl check && systemctl stop cgpolicyd")
+    root(vm, "cgpolicyctl check")
     # a login costs CPU under emulation: made while nobody judges it
     vm.ssh("nohup sleep 100000 >/dev/null 2>&1 &", user=USER)
     allow_network(vm)  # the database over TCP; starts cgpolicyd, and B inherits the drop-in
