@@ -37,6 +37,9 @@ UNIT=/etc/systemd/system/cgpolicyd.service
 BUS_POLICY=/usr/share/dbus-1/system.d/org.cgpolicy1.conf
 BUS_ACTIVATION=/usr/share/dbus-1/system-services/org.cgpolicy1.service
 BUS_INTERFACE=/usr/share/dbus-1/interfaces/org.cgpolicy1.Manager.xml
+# cgpolicyd's drop-in for TCP ([notify], [sync]): installed inactive, where the
+# packages put it; an admin copies it into place (see the README).
+NETWORK_DROPIN=/usr/share/cgpolicy/network.conf
 
 # systemctl can only reload and start things when systemd runs (not in a chroot
 # or an image being built); the files are installed either way.
@@ -53,7 +56,8 @@ if [ "$ACTION" = uninstall ]; then
     if systemd_running && [ -e "$UNIT" ]; then
         systemctl disable --now cgpolicyd.service || true
     fi
-    rm -f "$UNIT" "$BUS_POLICY" "$BUS_ACTIVATION" "$BUS_INTERFACE"
+    rm -f "$UNIT" "$BUS_POLICY" "$BUS_ACTIVATION" "$BUS_INTERFACE" "$NETWORK_DROPIN"
+    rmdir "$(dirname "$NETWORK_DROPIN")" 2>/dev/null || true
     if systemd_running; then
         systemctl daemon-reload
         systemctl reload dbus.service || true
@@ -120,6 +124,8 @@ install -D -o root -g root -m 0644 "$SRC/dbus/org.cgpolicy1.conf" "$BUS_POLICY"
 install -D -o root -g root -m 0644 "$SRC/dbus/org.cgpolicy1.service" "$BUS_ACTIVATION"
 install -D -o root -g root -m 0644 "$SRC/pam_cgpolicy/org.cgpolicy1.Manager.xml" "$BUS_INTERFACE"
 install -D -o root -g root -m 0644 "$SRC/packaging/systemd/cgpolicyd.service" "$UNIT"
+install -D -o root -g root -m 0644 "$SRC/packaging/systemd/cgpolicyd.service.d/network.conf" \
+    "$NETWORK_DROPIN"
 if ! systemd_running; then
     echo "cgpolicyd: systemd is not running here; enable it later: systemctl enable --now cgpolicyd"
 elif ! "$PREFIX/bin/python3" -I -c 'import pam_cgpolicy.daemon' 2>/dev/null; then

@@ -30,13 +30,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import bus, control, evict, log
+from . import bus, control, evict, log, network
 from .accounts import Account, Accounts, is_admin, lookup_account, lookup_uid
 from .cgroups import CGROUP_ROOT, cgroup_mode
 from .classify import decide, describe_limits
 from .client import Daemon, daemon_running
 from .compiled import Loaded, load_in_force, read_penalty
 from .constants import (
+    DAEMON_UNIT,
     DEFAULT_CONFIG_DIR,
     HOOK_PATH,
     MAIN_FILE,
@@ -933,6 +934,7 @@ def _doctor_checks(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         checks.append(("ok", "policy", f"valid, {len(policy.groups)} groups"))
         if policy.sync is not None:
             checks.append(_sync_check(policy.sync, policy.general.interval))
+        checks += _network_check(policy)
     except PolicyError as err:
         checks.append(("FAIL", "policy", f"{len(err.problems)} errors; run cgpolicyctl check"))
     compiled = Path(compiled_policy_file())
@@ -971,6 +973,20 @@ def _sync_check(settings: Sync, interval: float) -> tuple[str, str, str]:
     others = len(nodes) - 1
     text = f"{db.where}: {what} last synced {age:.0f}s ago; {others} other nodes in the group"
     return ("ok" if age <= 3 * interval else "warn", "sync database", text)
+
+
+def _network_check(policy: Policy) -> list[tuple[str, str, str]]:
+    """A warning when the policy needs TCP and cgpolicyd's unit does not allow it."""
+    if not network.needs(policy):
+        return []
+    try:
+        allow_list, families = _with_systemd(
+            lambda sd: sd.service_property(DAEMON_UNIT, "RestrictAddressFamilies")
+        )
+    except CgpolicyError:  # the systemd check says why
+        return []
+    warning = network.doctor_warning(policy, allow_list, families)
+    return [] if warning is None else [("warn", "network", warning)]
 
 
 def _daemon_checks(salvage_shown: bool) -> list[tuple[str, str, str]]:

@@ -33,6 +33,7 @@ SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
 SYSTEMD_UNIT = "org.freedesktop.systemd1.Unit"
 SYSTEMD_SLICE = "org.freedesktop.systemd1.Slice"
+SYSTEMD_SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 
 CGPOLICY_BUS_NAME = "org.cgpolicy1"  # the daemon's own API: dbus/org.cgpolicy1.Manager.xml
@@ -40,6 +41,11 @@ CGPOLICY_PATH = "/org/cgpolicy1"
 CGPOLICY_INTERFACE = "org.cgpolicy1.Manager"
 
 HOOK_PATH = "/usr/sbin/cgpolicy-pam-hook"
+DAEMON_UNIT = "cgpolicyd.service"
+# The drop-in that lets cgpolicyd open TCP sockets (network.py): every package ships
+# it at NETWORK_DROPIN, inactive; an admin copies it to NETWORK_DROPIN_ACTIVE.
+NETWORK_DROPIN = "/usr/share/cgpolicy/network.conf"
+NETWORK_DROPIN_ACTIVE = "/etc/systemd/system/cgpolicyd.service.d/network.conf"
 
 
 def config_dir(override: str | None = None) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
-from . import control, log, metrics
+from . import control, log, metrics, network
 from .accounts import Account, Accounts, is_admin
 from .badness import UserScore
 from .classify import decide
@@ -119,6 +119,7 @@ class Daemon:
         mailer: Deliver = deliver,
         plot: Png = no_png,
         sync_db: Callable[[Sync], Exchange] | None = None,
+        tcp_refused: Callable[[], OSError | None] = network.refused,
     ) -> None:
         self.store = store
         self.history = history  # None: no usage history (it could not be opened)
@@ -167,6 +168,7 @@ class Daemon:
         # An admin's penalize or release, to share before the interval ends: the group
         # then has it within one interval, not two.
         self.share_due = asyncio.Event()
+        self.tcp_refused = tcp_refused  # why this process may not open TCP sockets, if so
         self.follow_sync()
 
     @property
@@ -803,7 +805,19 @@ class Daemon:
         self.write_penalties()
         self.share_own()  # a group switched from watch to enforce
         log.info("reloaded", log.fields(event="reloaded", actor=actor, groups=len(policy.groups)))
+        self.check_network()
         return []
+
+    def check_network(self) -> None:
+        """Say so when the policy in force needs TCP and the unit refuses it. Mail and sync
+        then fail as they would anyway; the unit's families are fixed at its start."""
+        sections = network.needs(self.policy)
+        if not sections:
+            return
+        err = self.tcp_refused()
+        if err is not None:
+            text = log.fields(event="network-denied", error=err, fix=network.denied(sections))
+            log.error("network-denied", text)
 
     def save_last_good(self) -> None:
         """The policy just loaded, compiled, for the hook and for a start on broken files."""
@@ -817,6 +831,7 @@ class Daemon:
         """Start-up: end expired penalties, re-apply those in force, refresh the hook's copy."""
         if self.has_policy and not self.refused:
             self.save_last_good()
+        self.check_network()
         now = self.clock()
         self._follow_clock_back(now)
         actions = self.engine.reconcile(now, self._memory_reached())

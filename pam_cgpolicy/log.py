@@ -78,6 +78,8 @@ MESSAGE_IDS = {
     "sync-failed": "0c1ab9b3ba144213b77fb1d73f4098bc",
     "sync-duplicate": "60c3c8c149784324877d271a3df8b133",
     "sync-duplicate-gone": "a0f4314d0e044c918a94bd639f6481e6",
+    # [notify] or [sync] needs TCP, which the unit refuses cgpolicyd
+    "network-denied": "568cd519e9ad49b9ab1a71105ba05e81",
     # eviction to a checkpoint
     "evicted": "7e2b9f4c1a6d4e3b8c5f0a2d9e6b3c17",
     "restored": "3c8f1e6a9b2d4f7c0e5a3b8d1f6c9e24",

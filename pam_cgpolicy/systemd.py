@@ -19,6 +19,7 @@ from .constants import (
     SYSTEMD_BUS_NAME,
     SYSTEMD_MANAGER,
     SYSTEMD_PATH,
+    SYSTEMD_SERVICE,
     slice_name,
 )
 from .errors import SystemdError
@@ -84,6 +85,14 @@ class Systemd:
     async def properties(self, path: str, interface: str) -> dict[str, Any]:
         (values,) = await self.call("GetAll", "s", [interface], path=path, interface=PROPERTIES)
         return {name: _unwrap(value) for name, value in values.items()}
+
+    async def service_property(self, unit: str, name: str) -> Any:
+        """A property of a service unit, loaded for the asking if it is not."""
+        (path,) = await self.call("LoadUnit", "s", [unit])
+        (value,) = await self.call(
+            "Get", "ss", [SYSTEMD_SERVICE, name], path=path, interface=PROPERTIES
+        )
+        return _unwrap(value)
 
     async def manager_property(self, name: str) -> Any:
         (value,) = await self.call("Get", "ss", [SYSTEMD_MANAGER, name], interface=PROPERTIES)

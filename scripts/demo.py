@@ -26,7 +26,7 @@ admins = ["root@localhost"]
 """
 sys.path.insert(0, str(REPO / "tests"))
 
-from vmharness.install import install_cgpolicy  # noqa: E402
+from vmharness.install import allow_network, install_cgpolicy  # noqa: E402
 from vmharness.machine import VM  # noqa: E402
 
 USERS = [  # name, uid, supplementary groups: the default policy puts them in
@@ -110,6 +110,10 @@ def main() -> None:
         show(vm, "systemctl start exim4 prometheus-node-exporter && echo started")
         vm.ssh(f"cat >> /etc/cgpolicy/cgpolicy.toml <<'EOF'\n{NOTIFY}EOF")
         show(vm, "grep -A6 '^\\[notify\\]' /etc/cgpolicy/cgpolicy.toml && cgpolicyctl reload")
+        print("(the unit as shipped allows no TCP: cgpolicyd says how to allow it)")
+        show(vm, "journalctl -t cgpolicyd -o cat --no-pager | grep event=network-denied")
+        allow_network(vm)  # the README's two commands
+        show(vm, "systemctl show cgpolicyd -p RestrictAddressFamilies")
 
         say("Three researchers log in over SSH; the PAM hook classifies each one")
         vm.ssh("groupadd -f students")

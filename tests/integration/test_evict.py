@@ -100,7 +100,7 @@ def diagnostics(vm) -> str:
 
 @pytest.fixture(scope="module")
 def node(vm) -> Iterator[Any]:
-    from vmharness.install import install_cgpolicy
+    from vmharness.install import allow_network, forbid_network, install_cgpolicy
 
     vm.grow_root_fs()
     install_cgpolicy(vm, REPO)
@@ -111,9 +111,11 @@ def node(vm) -> Iterator[Any]:
     root(vm, f"rm -rf {BACKUP} && cp -a /etc/cgpolicy {BACKUP}")
     vm.put_bytes(NOTIFY.encode(), "/root/cgpolicy-evict-notify")
     root(vm, "cat /root/cgpolicy-evict-notify >>/etc/cgpolicy/cgpolicy.toml && cgpolicyctl check")
-    root(vm, f"systemctl restart cgpolicyd && rm -f /var/mail/{USER} && systemctl start exim4")
+    allow_network(vm)  # [notify]'s exim4, over TCP; restarts cgpolicyd
+    root(vm, f"rm -f /var/mail/{USER} && systemctl start exim4")
     yield vm
     if vm.running:
+        forbid_network(vm)
         root(
             vm,
             f"pkill -9 -u {USER}; systemctl stop 'cgpolicy-restore-*.scope'; "

@@ -2,11 +2,13 @@
 delivering to local mailboxes in /var/mail.
 
 One setup for the module: mona (the user penalized) and mailadm (the admin in
-Bcc), a policy whose [notify] sends through localhost:25, exim4 started. An
-admin's penalty lands in mona's mailbox with its tier; with exim4 stopped, a
-release and a new penalty wait in the queue (a restart of cgpolicyd in between
-loses nothing) and arrive once exim4 is back. exim4 is stopped and the
-previous policy put back at the end.
+Bcc), a policy whose [notify] sends through localhost:25, exim4 started. Under
+the unit as shipped cgpolicyd may not open TCP sockets: it says so, as doctor
+does, until the network drop-in is in place. An admin's penalty lands in mona's
+mailbox with its tier; with exim4 stopped, a release and a new penalty wait in
+the queue (a restart of cgpolicyd in between loses nothing) and arrive once
+exim4 is back. exim4 is stopped, the drop-in removed and the previous policy
+put back at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 import pytest
 from test_daemon import daemon_log, diagnostics, log_mark, poll, root, wait_until_serving
 
+from pam_cgpolicy.network import ENABLE
+
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +37,8 @@ BACKUP = "/root/cgpolicy-before-test-mail"
 MESSAGE = "Your CPU use was heavy for long: your limits are lower for a while"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUEUED = "SELECT count(*) FROM mail"
+DOCTOR = "cgpolicyctl doctor"
+BEFORE: dict[str, Any] = {}  # the setup's doctor output and log, before the drop-in
 
 POLICY = {
     # No penalty of the daemon's own during the test: badness would take a day.
@@ -139,7 +145,7 @@ def check_plot(message: Any) -> None:
 
 @pytest.fixture(scope="module")
 def mail_node(vm) -> Iterator[Any]:
-    from vmharness.install import install_cgpolicy
+    from vmharness.install import allow_network, forbid_network, install_cgpolicy
 
     install_cgpolicy(vm, REPO)
     vm.add_user(USER, UID)
@@ -149,12 +155,18 @@ def mail_node(vm) -> Iterator[Any]:
     for name, text in POLICY.items():
         data = textwrap.dedent(text).lstrip().encode()
         vm.put_bytes(data, f"/etc/cgpolicy/{name}", mode=0o644)
+    forbid_network(vm)  # the unit as shipped
+    mark = log_mark(vm)
     # A restart, not a reload: an earlier module may have left cgpolicyd stopped.
     root(vm, "cgpolicyctl check && systemctl restart cgpolicyd")
+    BEFORE["doctor"] = root(vm, DOCTOR, check=False).stdout
+    BEFORE["log"] = daemon_log(vm, mark)
+    allow_network(vm)
     root(vm, f"rm -f /var/mail/{USER} /var/mail/{ADMIN}; systemctl start exim4")
     vm.ssh("nohup sleep 100000 >/dev/null 2>&1 &", user=USER)  # mona's slice
     yield vm
     if vm.running:
+        forbid_network(vm)
         # The policy first: with no [notify], the release queues no mail that would wait.
         root(
             vm,
@@ -164,6 +176,17 @@ def mail_node(vm) -> Iterator[Any]:
         )
         root(vm, f"cgpolicyctl release {USER}", check=False)
         root(vm, f"loginctl terminate-user {USER}; systemctl stop exim4", check=False)
+
+
+def test_without_the_network_dropin_cgpolicyd_and_doctor_say_how_to_add_it(mail_node):
+    # at the restart, and at a reload if the daemon before it saw the policy's edit
+    lines = [line for line in BEFORE["log"] if "event=network-denied" in line]
+    (warning,) = [line for line in BEFORE["doctor"].splitlines() if "] network:" in line]
+    assert lines and all("Address family not supported" in line for line in lines), lines
+    for said in (*lines, warning):
+        assert all(command in said for command in ENABLE), said
+    assert warning.startswith("[warn]")
+    assert "] network:" not in root(mail_node, DOCTOR, check=False).stdout  # in place now
 
 
 def test_a_penalty_mail_with_its_tier_lands_in_the_users_mailbox(mail_node):

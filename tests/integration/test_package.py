@@ -189,7 +189,8 @@ def test_purge_leaves_nothing_of_cgpolicy_behind(old_node):
         "ls -d /etc/cgpolicy /var/lib/cgpolicy /usr/sbin/cgpolicy* "
         "/usr/lib/python3/dist-packages/pam_cgpolicy /usr/share/pam-configs/cgpolicy "
         "/etc/systemd/system/*/cgpolicyd.service /etc/systemd/system/dbus-org.cgpolicy1.service "
-        "/lib/systemd/system/cgpolicyd.service /usr/share/dbus-1/*/org.cgpolicy1* "
+        "/lib/systemd/system/cgpolicyd.service /usr/share/cgpolicy "
+        "/usr/share/dbus-1/*/org.cgpolicy1* "
         "/etc/pam.d/cgpolicy-selftest /usr/share/bash-completion/completions/cgpolicyctl "
         "/usr/share/man/man*/cgpolicy* 2>/dev/null",
         check=False,

@@ -215,7 +215,7 @@ def converged(vm, origin: str, other: str, kind: str, uid: int = UID) -> float:
 
 @pytest.fixture(scope="module")
 def nodes(vm_v2) -> Iterator[Any]:
-    from vmharness.install import install_cgpolicy
+    from vmharness.install import allow_network, forbid_network, install_cgpolicy
 
     vm = vm_v2
     install_cgpolicy(vm, REPO)
@@ -236,13 +236,15 @@ def nodes(vm_v2) -> Iterator[Any]:
     ):
         root(vm, f"runuser -u postgres -- psql -q -c {shlex.quote(statement)}")
     vm.put_bytes(PASSWORD.encode() + b"\n", "/etc/cgpolicy/sync-password", mode=0o600)
-    root(vm, "rm -f /etc/cgpolicy/groups.d/*.toml")
+    # Stopped before the policy changes: running without the network drop-in, it would
+    # follow the edit and log a sync-down of its own.
+    root(vm, "systemctl stop cgpolicyd && rm -f /etc/cgpolicy/groups.d/*.toml")
     for name, text in POLICY.items():
         vm.put_bytes(textwrap.dedent(text).lstrip().encode(), f"/etc/cgpolicy/{name}", mode=0o644)
-    root(vm, "cgpolicyctl check && systemctl stop cgpolicyd")
+    root(vm, "cgpolicyctl check")
     # a login costs CPU under emulation: made while nobody judges it
     vm.ssh("nohup sleep 100000 >/dev/null 2>&1 &", user=USER)
-    root(vm, "systemctl start cgpolicyd")
+    allow_network(vm)  # the database over TCP; starts cgpolicyd, and B inherits the drop-in
     wait_until_serving(vm)
     root(vm, CONTAINER_UP)
     poll(
@@ -266,6 +268,7 @@ def nodes(vm_v2) -> Iterator[Any]:
         let_go(vm)
         root(vm, CONTAINER_DOWN, check=False)
         root(vm, f"rm -f {KEY} {KEY}.pub", check=False)
+        forbid_network(vm)
         root(
             vm,
             f"rm -rf /etc/cgpolicy && cp -a {BACKUP} /etc/cgpolicy && rm -rf {BACKUP} && "

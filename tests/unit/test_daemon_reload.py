@@ -1,13 +1,15 @@
 """cgpolicyd's reload: any failure keeps the policy in force, is said once, and is retried."""
 
 import asyncio
+import errno
 from unittest import mock
 
 import pytest
 from fakeslices import DictAccounts, NoSlices
-from policyfiles import GROUPS, write_policy
+from policyfiles import GROUPS, MAIN, write_policy
 
 from pam_cgpolicy import daemon as daemon_mod
+from pam_cgpolicy import network
 from pam_cgpolicy.policy import load_policy
 from pam_cgpolicy.state import StateStore
 
@@ -29,6 +31,8 @@ def node(tmp_path, monkeypatch):
         penalties=str(tmp_path / "penalties"),
         last_good=str(tmp_path / "policy.compiled"),
         memory=8 * 1024**3,
+        # as under the unit as shipped, without the network drop-in
+        tcp_refused=lambda: OSError(errno.EAFNOSUPPORT, "Address family not supported"),
     )
     yield root, daemon, errors
     store.close()
@@ -76,3 +80,22 @@ def test_group_membership_is_looked_up_again_at_each_cycle(node, monkeypatch):
     assert daemon._account(5000).gids == frozenset({5000})  # within the cycle: the same
     asyncio.run(daemon.cycle())
     assert daemon._account(5000).gids == frozenset({5000, 4242})
+
+
+def test_a_policy_that_needs_tcp_the_unit_refuses_is_told_at_start_and_each_reload(node):
+    root, daemon, errors = node
+    asyncio.run(daemon.start())
+    asyncio.run(daemon.reload("SIGHUP"))
+    assert errors == []  # no [notify] nor [sync]: no need of TCP
+    notify = '[notify]\nhost = "localhost"\nfrom = "a@example.org"\nuser_address = "{user}@x.org"\n'
+    (root / "cgpolicy.toml").write_text(MAIN + notify)
+    asyncio.run(daemon.reload("SIGHUP"))
+    (line,) = errors
+    assert line.startswith("event=network-denied error=") and "Address family" in line
+    assert all(command in line for command in network.ENABLE)
+    asyncio.run(daemon.cycle())  # not at every cycle
+    asyncio.run(daemon.start())
+    assert len(errors) == 2
+    daemon.tcp_refused = lambda: None  # the drop-in in place
+    asyncio.run(daemon.reload("SIGHUP"))
+    assert len(errors) == 2

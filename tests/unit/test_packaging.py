@@ -10,18 +10,26 @@ from pathlib import Path
 
 import pytest
 
-from pam_cgpolicy.constants import CGPOLICY_BUS_NAME
+from pam_cgpolicy import network
+from pam_cgpolicy.constants import (
+    CGPOLICY_BUS_NAME,
+    DAEMON_UNIT,
+    NETWORK_DROPIN,
+    NETWORK_DROPIN_ACTIVE,
+)
 from pam_cgpolicy.policy import DEFAULT_TEXTFILE_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "packaging" / "systemd" / "cgpolicyd.service"
+DROPIN = ROOT / "packaging" / "systemd" / "cgpolicyd.service.d" / "network.conf"
 INSTALL = ROOT / "packaging" / "install.sh"
+SPEC = ROOT / "packaging" / "rpm" / "cgpolicy.spec"
 
 
-def unit() -> configparser.ConfigParser:
+def unit(path: Path = UNIT) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None, strict=True)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(UNIT.read_text())
+    parser.read_string(path.read_text())
     return parser
 
 
@@ -49,9 +57,48 @@ def test_the_hardening_leaves_what_the_daemon_needs() -> None:
     for setting in ("ProtectControlGroups", "ProtectKernelTunables", "CapabilityBoundingSet"):
         assert setting not in service
     assert service["ProtectSystem"] == "strict"
-    families = service["RestrictAddressFamilies"].split()
-    assert "AF_UNIX" in families  # the system bus and syslog
-    assert {"AF_INET", "AF_INET6"} <= set(families)  # [notify]'s SMTP server
+    # The system bus and the journal; TCP only through the network drop-in.
+    assert service["RestrictAddressFamilies"] == "AF_UNIX"
+    assert service["MemoryDenyWriteExecute"] == "yes"
+
+
+def test_the_network_dropin_adds_tcp_and_nothing_else() -> None:
+    dropin = unit(DROPIN)
+    assert dropin.sections() == ["Service"]
+    assert dict(dropin["Service"]) == {"RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6"}
+    # where an admin puts it: a drop-in directory of the unit, under the same name
+    active = Path(NETWORK_DROPIN_ACTIVE)
+    assert active.parent == Path("/etc/systemd/system") / f"{DAEMON_UNIT}.d"
+    assert active.name == Path(NETWORK_DROPIN).name == DROPIN.name
+    assert NETWORK_DROPIN_ACTIVE in network.ENABLE[0] and NETWORK_DROPIN in network.ENABLE[0]
+
+
+def test_every_package_ships_the_network_dropin_inactive() -> None:
+    source = DROPIN.relative_to(ROOT).as_posix()
+    shipped = Path(NETWORK_DROPIN)
+    deb = (ROOT / "debian" / "cgpolicy.install").read_text().splitlines()
+    assert f"{source} {shipped.parent.relative_to('/')}/" in deb
+    spec = SPEC.read_text()
+    assert f"{source} \\\n    %{{buildroot}}%{{_datadir}}/cgpolicy/{shipped.name}\n" in spec
+    assert "\n%{_datadir}/cgpolicy\n" in spec  # in %files
+    assert shipped.parent == Path("/usr/share/cgpolicy")  # what %{_datadir} stands for
+    script = INSTALL.read_text()
+    assert f"NETWORK_DROPIN={NETWORK_DROPIN}\n" in script
+    assert f'"$SRC/{source}" \\\n    "$NETWORK_DROPIN"\n' in script
+    uninstall = script[script.index('if [ "$ACTION" = uninstall ]') :]
+    assert '"$NETWORK_DROPIN"' in uninstall[: uninstall.index("exit 0")]
+    # inactive: nothing installs it where systemd reads drop-ins
+    for text in (*deb, spec, script):
+        assert ".service.d" not in text.replace(source, "")
+
+
+def test_the_readme_gives_the_commands_that_enable_the_dropin_for_notify_and_sync() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = "```sh\n" + "\n".join(network.ENABLE) + "\n```"
+    notify = readme.index("### Mail on penalty and release: `[notify]`")
+    sync = readme.index("### Several login nodes, one standing: `[sync]`")
+    after = readme.index("\n### ", sync + 1)
+    assert block in readme[notify:sync] and block in readme[sync:after]
 
 
 def test_the_default_metrics_directory_is_writable_under_the_hardening() -> None:

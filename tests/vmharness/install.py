@@ -18,6 +18,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from pam_cgpolicy.constants import NETWORK_DROPIN_ACTIVE
+from pam_cgpolicy.network import ENABLE
 from vmharness.machine import VM
 from vmharness.progress import step
 
@@ -193,3 +195,19 @@ def install_cgpolicy(vm: VM, repo_root: str | Path) -> subprocess.CompletedProce
         vm.ssh(f"{VENV_PYTHON} -I -c {shlex.quote(WARM_UP)}", timeout=INSTALL_TIMEOUT)
     vm.put_bytes(f"{digest}\n".encode(), INSTALLED_TREE)
     return done
+
+
+def allow_network(vm: VM) -> None:
+    """cgpolicyd allowed TCP, as the README tells an admin whose [notify] or [sync] needs
+    it: the installed drop-in copied into place, and cgpolicyd (re)started under it."""
+    vm.ssh(" && ".join(ENABLE))
+
+
+def forbid_network(vm: VM) -> None:
+    """The unit as shipped again: the drop-in removed. It takes effect at cgpolicyd's
+    next start, which every module's teardown makes."""
+    drop_ins = os.path.dirname(NETWORK_DROPIN_ACTIVE)
+    vm.ssh(
+        f"if [ -e {NETWORK_DROPIN_ACTIVE} ]; then rm {NETWORK_DROPIN_ACTIVE} && "
+        f"rmdir --ignore-fail-on-non-empty {drop_ins} && systemctl daemon-reload; fi"
+    )
