@@ -602,7 +602,9 @@ def cmd_evict(args: argparse.Namespace) -> None:
 
 def cmd_restore(args: argparse.Namespace) -> None:
     _root_only("restore")
-    checkpoint, scope = evict.restore(args.id)
+    checkpoint, scope = evict.restore(
+        args.id, lambda uid: _with_systemd(lambda systemd: control.memory_room(systemd, uid))
+    )
     reason = f"restored checkpoint {checkpoint.id} (pid {checkpoint.root}) in {scope}"
     _record_event(checkpoint.uid, checkpoint.user, "restored", reason)
     print(f"{checkpoint.user}: {reason}")

@@ -94,6 +94,19 @@ async def slice_status_at(systemd: Systemd, uid: int, path: str | None) -> dict[
     }
 
 
+async def memory_room(systemd: Systemd, uid: int) -> int | None:
+    """Bytes the user's slice can still take under its MemoryMax; None when it has no
+    MemoryMax or is not loaded (a slice started anew gets its limits at the login)."""
+    path = await systemd.unit_path(slice_name(uid))
+    if path is None:
+        return None
+    props = await systemd.properties(path, SYSTEMD_SLICE)
+    limit = _number_or_none(props.get("MemoryMax"))
+    if limit is None:
+        return None
+    return limit - (_number_or_none(props.get("MemoryCurrent")) or 0)
+
+
 def _number_or_none(value: Any) -> int | None:
     """systemd reports 'unknown' usage as UINT64_MAX."""
     return value if isinstance(value, int) and value < INFINITY else None

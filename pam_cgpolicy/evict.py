@@ -50,6 +50,10 @@ RESTORE_SETTLE = 2.0  # seconds a restored job must live before restore says don
 # the file system of /home and /tmp too): a full disk fails every job's next write,
 # the restored job's first of all.
 USERS_ROOM = 256 * 2**20
+# What a restored job must leave free under the slice's MemoryMax: the user's next
+# login (sshd, a shell, the hook) is charged there too, and over MemoryMax the
+# kernel's OOM killer picks the largest task, the job.
+RESTORE_HEADROOM = 64 * 2**20
 ID_PATTERN = re.compile(r"(?P<uid>[1-9][0-9]*)-(?P<when>[0-9]{8}T[0-9]{6}Z)-[0-9a-f]{6}")
 # What a complete dump holds whatever the job: CRIU writes these last two only
 # once the whole tree is collected, and says so in the last line of its log.
@@ -202,6 +206,21 @@ def room_problem(tree: Tree, free_to_users: int) -> str | None:
         f"its images take about {format_size(tree.rss)} and {checkpoints_dir()} has "
         f"{format_size(max(free_to_users, 0))} free to users, who must keep "
         f"{format_size(USERS_ROOM)}"
+    )
+
+
+def memory_problem(checkpoint: Checkpoint, room: int | None) -> str | None:
+    """Why the user's slice, ``room`` bytes under its MemoryMax, cannot take the job
+    back; None when it can (or has no MemoryMax). Over it, the kernel's OOM killer
+    would end the job the eviction saved."""
+    if room is None or checkpoint.rss + RESTORE_HEADROOM <= room:
+        return None
+    return (
+        f"the job held {format_size(checkpoint.rss)} and {slice_name(checkpoint.uid)} "
+        f"has {format_size(max(room, 0))} left under its MemoryMax, of which "
+        f"{format_size(RESTORE_HEADROOM)} stays for logins: it would be killed "
+        f"for want of memory. Its images are kept; restore it once the slice has room "
+        f"(when its penalty ends, or after cgpolicyctl release {checkpoint.user})"
     )
 
 
@@ -443,11 +462,17 @@ def running_as(pid: int, uid: int) -> bool:
         return False
 
 
-def restore(cid: str) -> tuple[Checkpoint, str]:
-    """Bring a dumped checkpoint back in the user's slice; returns it and the scope."""
+def restore(cid: str, room: Callable[[int], int | None]) -> tuple[Checkpoint, str]:
+    """Bring a dumped checkpoint back in the user's slice; returns it and the scope.
+
+    ``room(uid)``: the bytes the user's slice can still take under its MemoryMax
+    (None: no limit), asked only of a checkpoint that would be restored."""
     checkpoint = load(cid)
     if checkpoint.state != "dumped":
         raise EvictError(f"checkpoint {cid} is {checkpoint.state}, not restorable")
+    problem = memory_problem(checkpoint, room(checkpoint.uid))
+    if problem is not None:
+        raise EvictError(f"checkpoint {cid} not restored: {problem}")
     directory = checkpoint_dir(cid)
     argv = restore_argv(checkpoint, directory)
     try:

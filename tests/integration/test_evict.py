@@ -236,6 +236,15 @@ def test_a_job_criu_cannot_dump_runs_on(node):
         30.0,
         lambda: diagnostics(vm),
     )[0]
+    # Its connection up, both ends: before that there is nothing CRIU refuses (under a
+    # penalty's CPU quota the interpreter takes seconds to get there).
+    poll(
+        "the TCP job's connection",
+        lambda: root(vm, f"ss -Htnp state established | grep -c 'pid={job},'", check=False),
+        lambda done: done.stdout.strip().isdigit() and int(done.stdout) >= 2,
+        60.0,
+        lambda: diagnostics(vm),
+    )
     refused = root(vm, f"cgpolicyctl evict {USER} --pid {job}", check=False, timeout=300)
     assert refused.returncode == 1, refused.stdout + diagnostics(vm)
     assert "it keeps running, nothing was killed" in refused.stderr, refused.stderr

@@ -188,7 +188,7 @@ def test_a_failed_dump_kills_nothing(node, tmp_path, monkeypatch):
     assert sorted(os.listdir(directory)) == ["argv", "checkpoint.json", "dump.log"]
     assert waiting_checkpoints(checkpoints_dir(), UID) == []  # nothing to tell the user
     with pytest.raises(EvictError, match="is failed, not restorable"):
-        evict.restore(directory.name)
+        evict.restore(directory.name, NO_LIMIT)
 
 
 def test_room_for_the_images_and_for_the_users_after_them():
@@ -231,16 +231,45 @@ def test_a_refused_pid_is_never_dumped(node, tmp_path):
     assert not (tmp_path / "state" / "checkpoints").exists()
 
 
+def NO_LIMIT(uid: int) -> None:
+    return None
+
+
+def test_a_restore_the_slice_has_no_memory_for_is_refused_and_runs_nothing(
+    node, tmp_path, monkeypatch
+):
+    checkpoint = run_evict([])  # its tree holds checkpoint.rss
+    ran = tmp_path / "ran"
+    fake = tmp_path / "systemd-run"
+    fake.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(evict, "SYSTEMD_RUN", str(fake))
+    asked = []
+
+    def room(uid: int) -> int:
+        asked.append(uid)
+        return checkpoint.rss + evict.RESTORE_HEADROOM - 1
+
+    with pytest.raises(EvictError, match="would be killed for want of memory") as err:
+        evict.restore(checkpoint.id, room)
+    assert asked == [UID] and not ran.exists()
+    assert "images are kept" in str(err.value) and "user-5600.slice" in str(err.value)
+    assert evict.load(checkpoint.id).state == "dumped"
+    assert waiting_checkpoints(checkpoints_dir(), UID) == [checkpoint.id]
+    assert evict.memory_problem(checkpoint, checkpoint.rss + evict.RESTORE_HEADROOM) is None
+    assert evict.memory_problem(checkpoint, None) is None
+
+
 def test_restore_refuses_what_is_not_root_alones(node, tmp_path):
     checkpoint = run_evict([])
     directory = tmp_path / "state" / "checkpoints" / checkpoint.id
     directory.chmod(0o755)
     with pytest.raises(EvictError, match="is not root's alone"):
-        evict.restore(checkpoint.id)
+        evict.restore(checkpoint.id, NO_LIMIT)
     with pytest.raises(EvictError, match="no checkpoint"):
-        evict.restore("5600-20270115T080000Z-ffffff")
+        evict.restore("5600-20270115T080000Z-ffffff", NO_LIMIT)
     with pytest.raises(EvictError, match="is not a checkpoint id"):
-        evict.restore("../../etc")
+        evict.restore("../../etc", NO_LIMIT)
 
 
 def test_restore_runs_criu_in_a_scope_of_the_users_slice(node, tmp_path, monkeypatch):
@@ -260,16 +289,16 @@ def test_restore_runs_criu_in_a_scope_of_the_users_slice(node, tmp_path, monkeyp
     monkeypatch.setattr(evict, "RESTORE_SETTLE", 0.0)
     monkeypatch.setattr(evict, "running_as", lambda pid, uid: False)
     with pytest.raises(EvictError, match="is not running 0s later; its images are kept"):
-        evict.restore(checkpoint.id)
+        evict.restore(checkpoint.id, NO_LIMIT)
     assert [name for name in os.listdir(directory) if name.endswith(".img")]
     assert waiting_checkpoints(checkpoints_dir(), UID) == [checkpoint.id]  # still waits
     monkeypatch.setattr(evict, "running_as", lambda pid, uid: (pid, uid) == (200, UID))
-    restored, scope = evict.restore(checkpoint.id)
+    restored, scope = evict.restore(checkpoint.id, NO_LIMIT)
     assert (restored.state, scope) == ("restored", f"cgpolicy-restore-{checkpoint.id}.scope")
     assert not [name for name in os.listdir(directory) if name.endswith(".img")]
     assert waiting_checkpoints(checkpoints_dir(), UID) == []
     with pytest.raises(EvictError, match="is restored, not restorable"):
-        evict.restore(checkpoint.id)
+        evict.restore(checkpoint.id, NO_LIMIT)
 
 
 def test_an_eviction_in_the_history_leaves_the_tier_as_it_was(tmp_path):
