@@ -2,6 +2,11 @@
 
 Tests get a booted guest through the fixtures vm_v2, vm_v1 or vm (both modes).
 Only one guest is alive at a time, so all v2 tests are ordered before the v1 ones.
+
+Both modes run what touches cgroups, where v1 differs: limits, usage, freezing,
+evicting, logins and their faults. A module whose behaviour is the same on both
+(mail, metrics, history, messages, access and trust checks) overrides ``vm``
+with ``vm_v2``: an emulated guest's minutes go where a difference can show.
 """
 
 from __future__ import annotations
@@ -50,6 +55,14 @@ def _order(item: pytest.Item) -> int:
     return 2 if "v1" in modes else 1 if modes else 0
 
 
+def _place(item: pytest.Item) -> tuple[int, int, str]:
+    """v2, then v1; within each, the modules on ``vm`` by file name (a v2-only one
+    among them), then those that ask for a node of their own make (package, sync).
+    Stable: tests keep their order within a file."""
+    takes_vm = "vm" in getattr(item, "fixturenames", ())
+    return _order(item), 0 if takes_vm else 1, str(getattr(item, "path", ""))
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
@@ -57,7 +70,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.vm)
         if _skip_requested() and item.get_closest_marker("vm"):
             item.add_marker(pytest.mark.skip(reason="CGPOLICY_SKIP_VM=1"))
-    items.sort(key=_order)  # stable: keeps file order within each group
+    items.sort(key=_place)
 
 
 def _missing_prerequisites() -> list[str]:

@@ -33,6 +33,11 @@ from test_daemon import (
 
 pytestmark = pytest.mark.vm
 
+
+@pytest.fixture(scope="module")
+def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
+    return vm_v2
+
 REPO = Path(__file__).resolve().parents[2]
 USER, UID = "vera", 5050
 GROUPS_CPU = "1s"  # normal's CPUQuota 100%, as systemctl shows CPUQuotaPerSecUSec

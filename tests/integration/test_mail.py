@@ -30,6 +30,11 @@ from pam_cgpolicy.network import ENABLE
 
 pytestmark = pytest.mark.vm
 
+
+@pytest.fixture(scope="module")
+def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
+    return vm_v2
+
 REPO = Path(__file__).resolve().parents[2]
 USER, UID = "mona", 5101
 ADMIN, ADMIN_UID = "mailadm", 5102

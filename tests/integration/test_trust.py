@@ -22,6 +22,11 @@ from vmharness.install import installed_python
 
 pytestmark = pytest.mark.vm
 
+
+@pytest.fixture(scope="module")
+def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
+    return vm_v2
+
 REPO = Path(__file__).resolve().parents[2]
 USER, UID = "mallory", 2710  # in the fallback group "normal": CPUQuota 100%, TasksMax 128
 HOME = f"/home/{USER}"
