@@ -4,9 +4,11 @@ Tests get a booted guest through the fixtures vm_v2, vm_v1 or vm (both modes).
 Only one guest is alive at a time, so all v2 tests are ordered before the v1 ones.
 
 Both modes run what touches cgroups, where v1 differs: limits, usage, freezing,
-evicting, logins and their faults. A module whose behaviour is the same on both
-(mail, metrics, history, messages, access and trust checks) overrides ``vm``
-with ``vm_v2``: an emulated guest's minutes go where a difference can show.
+evicting. A module whose behaviour is the same on both (faults of the node,
+mail, metrics, history, messages, access and trust checks, one decision per
+slice) overrides ``vm`` with ``vm_v2``, and a test of that kind in a module on
+both is marked ``v2_only``: an emulated guest's minutes go where a difference
+can show.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ def _place(item: pytest.Item) -> tuple[int, int, str]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    repeats = [i for i in items if i.get_closest_marker("v2_only") and "v1" in _cgroup_modes(i)]
+    if repeats:
+        config.hook.pytest_deselected(items=repeats)
+        items[:] = [item for item in items if item not in repeats]
     for item in items:
         if VM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.vm)

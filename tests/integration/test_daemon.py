@@ -465,6 +465,7 @@ def node(vm) -> Iterator[Any]:
 # --- the tests ----------------------------------------------------------
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_daemon_is_active_owns_its_name_and_serves_the_interface(node):
     assert root(node, "systemctl is-active cgpolicyd", check=False).stdout.strip() == "active", (
         diagnostics(node)
@@ -584,6 +585,7 @@ def test_login_during_a_penalty_keeps_the_penalty_limit(node):
     assert get_user(node, "bob").get("tier") == tier
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_sigkilled_daemon_restarts_and_keeps_the_penalty(node):
     info = ensure_penalty(node, "bob", min_left=30)
     tier, expiry = info["tier"], info["tier_expiry"]
@@ -609,6 +611,7 @@ def reload_ok(vm) -> None:
     assert json.loads(done.stdout)["data"] == [[]], f"Reload refused the policy: {done.stdout}"
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_reboot_keeps_the_penalty_with_its_recorded_expiry(node):
     """A penalty in force comes back after a reboot, with the expiry it had.
 
@@ -785,6 +788,7 @@ def calls_in_one_login(vm, user: str, calls: list[tuple[str, ...]]) -> list[dict
     return results
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_access_ordinary_users_only_read_themselves_admins_do_everything(node):
     denied = [
         ("FreezeUser", "s", "bob"),
@@ -822,6 +826,7 @@ def test_access_ordinary_users_only_read_themselves_admins_do_everything(node):
         assert "ann" in found[-1], f"the {event} line does not name ann as the actor: {found}"
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_cgpolicyctl_penalize_status_history_release(node):
     out = root(node, "cgpolicyctl penalize carol penalty2", check=False)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -883,6 +888,7 @@ def broken_policy(vm) -> Iterator[None]:
         root(vm, f"cp /root/normal.good {d}/normal.toml")
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_reload_of_a_broken_policy_is_refused_and_the_old_one_kept(node):
     pid = main_pid(node)
     with broken_policy(node):
@@ -903,6 +909,7 @@ def test_reload_of_a_broken_policy_is_refused_and_the_old_one_kept(node):
     assert json.loads(done.stdout)["data"] == [[]], f"restored policy refused: {done.stdout}"
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_systemctl_reload_and_cgpolicyctl_reload_refuse_a_broken_policy(node):
     pid = main_pid(node)
     with broken_policy(node):
@@ -938,6 +945,7 @@ def restarts(vm) -> int:
     return int(root(vm, "systemctl show -p NRestarts --value cgpolicyd").stdout.strip())
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_a_start_on_a_broken_policy_runs_the_last_good_one_until_it_is_mended(node):
     """No restart loop: cgpolicyd starts degraded, says so on the bus and in doctor."""
     with broken_policy(node):
@@ -986,6 +994,7 @@ done
 """
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_concurrent_admin_calls_all_succeed(node):
     """Two admins' calls at once: each sets a slice's limits, at the same time."""
     mark = log_mark(node)

@@ -31,6 +31,11 @@ from test_daemon import (
 
 pytestmark = pytest.mark.vm
 
+
+@pytest.fixture(scope="module")
+def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
+    return vm_v2
+
 REPO = Path(__file__).resolve().parents[2]
 USER, UID = "ursula", 2801
 MiB = 1024**2

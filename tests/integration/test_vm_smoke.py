@@ -23,6 +23,7 @@ def test_systemd_is_up(vm: VM) -> None:
     assert state in ("running", "degraded")
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_guest_network_is_configured_by_networkd(vm: VM) -> None:
     links = vm.ssh("networkctl list --no-legend").stdout
     assert "routable" in links, links
@@ -37,6 +38,7 @@ def test_user_login_gets_a_user_slice(vm: VM) -> None:
     assert shown.strip() == f"/user.slice/user-{SMOKE_UID}.slice"
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_each_user_call_is_a_new_pam_session(vm: VM) -> None:
     vm.add_user(SMOKE_USER, SMOKE_UID)
     first = vm.ssh("echo $XDG_SESSION_ID", user=SMOKE_USER).stdout.strip()
@@ -44,6 +46,7 @@ def test_each_user_call_is_a_new_pam_session(vm: VM) -> None:
     assert first and second and first != second
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_root_reuses_one_session_unless_asked_for_a_new_login(vm: VM) -> None:
     def session() -> str:
         return vm.ssh("echo $XDG_SESSION_ID").stdout.strip()
@@ -64,6 +67,7 @@ def test_busctl_reaches_systemd(vm: VM) -> None:
     assert version.startswith("s ")
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_round_trip_times(vm: VM) -> None:
     """Not a benchmark: catches a lost ControlMaster, which makes every call ~1 s slower."""
     vm.add_user(SMOKE_USER, SMOKE_UID)
@@ -78,6 +82,7 @@ def test_round_trip_times(vm: VM) -> None:
     assert root < login
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_reboot_keeps_the_disk(vm: VM) -> None:
     vm.put_bytes(b"survives\n", "/var/lib/smoke/marker", mode=0o600)
     boot_id = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout
