@@ -550,6 +550,7 @@ def test_cpu_hog_is_penalized_then_released(node):
     assert slice_prop(node, 2002, "MemoryMax") == STUDENT_MEMORY[None], diagnostics(node, "bob")
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 def test_second_violation_goes_to_the_next_tier(node):
     mark = log_mark(node)
     login(node, "bob", HOG)
@@ -732,6 +733,7 @@ def test_whitelisted_process_raises_no_badness(node):
     assert not events(daemon_log(node, mark), "wendy", "penalized")
 
 
+@pytest.mark.v2_only  # nothing here differs on cgroup v1
 @pytest.mark.parametrize("how", IMPOSTORS)
 def test_a_burner_only_named_rsync_is_charged_and_penalized(node, how):
     """The whitelist cannot be bought with a name: a burner that calls itself rsync
