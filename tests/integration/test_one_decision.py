@@ -127,10 +127,15 @@ def test_apply_without_cgpolicyd_keeps_the_tier(node):
 
 
 def test_the_hook_logs_the_tiers_limits_it_sets_at_login(node):
-    before = len(hook_lines(node))
-    login(node, USER, "true")
-    lines = hook_lines(node)[before:]
-    assert lines, "no hook line for the login"
+    # In the emulated guest a login's hook has run past its hook_timeout (5 s) when
+    # the guest was busy: it let the login through, as it must. Then one more login.
+    for _ in range(3):
+        before = len(hook_lines(node))
+        login(node, USER, "true")
+        lines = hook_lines(node)[before:]
+        assert lines, "no hook line for the login"
+        if "action=timeout" not in lines[-1]:
+            break
     assert f"tier={TIER} " in lines[-1] and 'limits="CPUQuota=12.5% ' in lines[-1], lines
     assert "action=applied" in lines[-1], lines
     assert_in_tier(node, "a login")
