@@ -6,9 +6,8 @@ Only one guest is alive at a time, so all v2 tests are ordered before the v1 one
 Both modes run what touches cgroups, where v1 differs: limits, usage, freezing,
 evicting. A module whose behaviour is the same on both (faults of the node,
 mail, metrics, history, messages, access and trust checks, one decision per
-slice) overrides ``vm`` with ``vm_v2``, and a test of that kind in a module on
-both is marked ``v2_only``: an emulated guest's minutes go where a difference
-can show.
+slice) is marked ``v2_only`` as a whole, and so is such a test in a module on
+both: an emulated guest's minutes go where a difference can show.
 """
 
 from __future__ import annotations
@@ -58,8 +57,8 @@ def _order(item: pytest.Item) -> int:
 
 
 def _place(item: pytest.Item) -> tuple[int, int, str]:
-    """v2, then v1; within each, the modules on ``vm`` by file name (a v2-only one
-    among them), then those that ask for a node of their own make (package, sync).
+    """v2, then v1; within each, the modules on ``vm`` by file name, then those that
+    ask for a node of their own make (package, sync).
     Stable: tests keep their order within a file."""
     takes_vm = "vm" in getattr(item, "fixturenames", ())
     return _order(item), 0 if takes_vm else 1, str(getattr(item, "path", ""))

@@ -24,12 +24,8 @@ from typing import Any
 import pytest
 from test_daemon import POLICY, diagnostics, root, write_policy
 
-pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
-    return vm_v2
+# v2 only: nothing here differs on cgroup v1 (see conftest.py)
+pytestmark = [pytest.mark.vm, pytest.mark.v2_only]
 
 REPO = Path(__file__).resolve().parents[2]
 USERS = {"lena": 5201, "nora": 5202}  # both in the fallback group "normal"

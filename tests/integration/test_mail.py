@@ -29,12 +29,8 @@ from test_daemon import daemon_log, diagnostics, log_mark, poll, root, wait_unti
 
 from pam_cgpolicy.network import ENABLE
 
-pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
-    return vm_v2
+# v2 only: nothing here differs on cgroup v1 (see conftest.py)
+pytestmark = [pytest.mark.vm, pytest.mark.v2_only]
 
 REPO = Path(__file__).resolve().parents[2]
 USER, UID = "mona", 5101

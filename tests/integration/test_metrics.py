@@ -29,12 +29,8 @@ from test_daemon import (
     write_policy,
 )
 
-pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
-    return vm_v2
+# v2 only: nothing here differs on cgroup v1 (see conftest.py)
+pytestmark = [pytest.mark.vm, pytest.mark.v2_only]
 
 REPO = Path(__file__).resolve().parents[2]
 USER, UID, GROUP = "mina", 5301, "normal"

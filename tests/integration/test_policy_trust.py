@@ -23,12 +23,8 @@ from vmharness.install import installed_python
 from pam_cgpolicy.errors import LimitError
 from pam_cgpolicy.limits import LIMIT_KEYS, properties_for
 
-pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
-    return vm_v2
+# v2 only: nothing here differs on cgroup v1 (see conftest.py)
+pytestmark = [pytest.mark.vm, pytest.mark.v2_only]
 
 REPO = Path(__file__).resolve().parents[2]
 USER, UID = "trudy", 2601

@@ -20,12 +20,8 @@ from test_daemon import poll
 from test_login_node import POLICY, hook_lines, root, slice_props, write_policy
 from vmharness.install import installed_python
 
-pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
-    return vm_v2
+# v2 only: nothing here differs on cgroup v1 (see conftest.py)
+pytestmark = [pytest.mark.vm, pytest.mark.v2_only]
 
 REPO = Path(__file__).resolve().parents[2]
 USER, UID = "mallory", 2710  # in the fallback group "normal": CPUQuota 100%, TasksMax 128

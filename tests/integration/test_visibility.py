@@ -29,12 +29,8 @@ from test_daemon import (
 )
 from vmharness.install import installed_python
 
-pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def vm(vm_v2):  # v2 only: nothing here differs on cgroup v1 (see conftest.py)
-    return vm_v2
+# v2 only: nothing here differs on cgroup v1 (see conftest.py)
+pytestmark = [pytest.mark.vm, pytest.mark.v2_only]
 
 # test_daemon.py's set-up (install, users, policy, logins), made again for this module.
 node = test_daemon.node
