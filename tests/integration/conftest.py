@@ -1,7 +1,15 @@
 """Integration tests run against real systemd, PAM and cgroups in a QEMU guest.
 
 Tests get a booted guest through the fixtures vm_v2, vm_v1 or vm (both modes).
-Only one guest is alive at a time, so all v2 tests are ordered before the v1 ones.
+One pytest process keeps one guest alive at a time, so its v2 tests are ordered
+before its v1 ones.
+
+scripts/test runs the VM tests as two streams at once (``--vm-stream``), each
+its own pytest process and guest: a login or a daemon cycle in the emulated
+guest keeps one host core busy, not two, and most of a test is such sequential
+work or waiting on the clock, so two guests on the two cores take about half
+the wall time of one after the other. Stream ``a`` takes the v2 tests of every
+module but those in SECOND_STREAM_V2; stream ``b`` takes those and all v1 tests.
 
 Both modes run what touches cgroups, where v1 differs: limits, usage, freezing,
 evicting. A module whose behaviour is the same on both (faults of the node,
@@ -23,6 +31,20 @@ from vmharness.registry import VMRegistry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VM_FIXTURES = frozenset({"vm", "vm_v2", "vm_v1"})
+# Their v2 tests go to stream b, before its v1 node: about half the suite's guest
+# minutes each way (a new module goes to stream a).
+SECOND_STREAM_V2 = frozenset(
+    {
+        "test_one_decision.py",
+        "test_policy_trust.py",
+        "test_trust.py",
+        "test_visibility.py",
+        "test_vm_smoke.py",
+        "test_package.py",
+        "test_sync.py",
+    }
+)
+STREAMS = ("a", "b")
 REQUIRED_TOOLS = (
     "qemu-system-x86_64",
     "qemu-img",
@@ -32,6 +54,14 @@ REQUIRED_TOOLS = (
     "scp",
     "ssh-keygen",
 )
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--vm-stream",
+        choices=STREAMS,
+        help="run only this stream's share of the VM tests (see tests/integration/conftest.py)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -56,6 +86,12 @@ def _order(item: pytest.Item) -> int:
     return 2 if "v1" in modes else 1 if modes else 0
 
 
+def _stream(item: pytest.Item) -> str:
+    modes = _cgroup_modes(item)
+    second = "v1" in modes or getattr(item, "path", Path()).name in SECOND_STREAM_V2
+    return STREAMS[1] if second else STREAMS[0]
+
+
 def _place(item: pytest.Item) -> tuple[int, int, str]:
     """v2, then v1; within each, the modules on ``vm`` by file name, then those that
     ask for a node of their own make (package, sync).
@@ -66,10 +102,16 @@ def _place(item: pytest.Item) -> tuple[int, int, str]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    repeats = [i for i in items if i.get_closest_marker("v2_only") and "v1" in _cgroup_modes(i)]
-    if repeats:
-        config.hook.pytest_deselected(items=repeats)
-        items[:] = [item for item in items if item not in repeats]
+    stream = config.getoption("--vm-stream")
+    left_out = [
+        i
+        for i in items
+        if (i.get_closest_marker("v2_only") and "v1" in _cgroup_modes(i))
+        or (stream and _stream(i) != stream)
+    ]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item not in left_out]
     for item in items:
         if VM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.vm)
@@ -98,7 +140,12 @@ def vm_registry(pytestconfig: pytest.Config) -> Iterator[VMRegistry]:
             pytrace=False,
         )
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    registry = VMRegistry(output=capture.global_and_fixture_disabled if capture else None)
+    # A stream's guest gets one vCPU, the host one core per guest: two guests of two
+    # vCPUs each made a login about 1.4 times slower than two of one each (measured).
+    cpus = 1 if pytestconfig.getoption("--vm-stream") else 2
+    registry = VMRegistry(
+        output=capture.global_and_fixture_disabled if capture else None, cpus=cpus
+    )
     yield registry
     registry.close()
 

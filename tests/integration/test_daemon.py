@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from test_login_node import HOOK_TIMEOUT
 
 pytestmark = pytest.mark.vm
 
@@ -51,10 +52,10 @@ METHODS = (
 )
 
 POLICY = {
-    "cgpolicy.toml": """
+    "cgpolicy.toml": f"""
         [general]
         min_uid = 1000
-        hook_timeout = 5.0
+        hook_timeout = {HOOK_TIMEOUT}
         interval = 2
         admin_group = "cgadmins"
 

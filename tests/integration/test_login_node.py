@@ -20,12 +20,16 @@ pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024**2
+# A hook takes about 1 s in the emulated guest, 50 times what it takes on a node,
+# and more while other logins or the other guest hold the CPU: past 5 s now and
+# then. A test that checks what the hook applied must not see it give up on time.
+HOOK_TIMEOUT = 10.0
 
 POLICY = {
-    "cgpolicy.toml": """
+    "cgpolicy.toml": f"""
         [general]
         min_uid = 1000
-        hook_timeout = 5.0
+        hook_timeout = {HOOK_TIMEOUT}
 
         [status]
         order = ["admins", "students", "staff", "normal"]
@@ -366,7 +370,7 @@ def test_hung_dbus_lets_the_hook_through_within_its_timeout(node):
         root(node, "kill -CONT $(pidof dbus-daemon)")
     assert done.returncode == 0
     assert "action=timeout" in done.stderr
-    assert elapsed < 5.0 + 3.0  # hook_timeout, plus ssh round trips under emulation
+    assert elapsed < HOOK_TIMEOUT + 3.0  # plus ssh round trips under emulation
 
 
 @pytest.mark.v2_only  # nothing here differs on cgroup v1
@@ -382,5 +386,5 @@ def test_dead_dbus_still_lets_logins_through(node):
         root(node, "systemctl restart systemd-logind")
     assert done.returncode == 0 and done.stdout.strip() == "in"
     assert "action=failed" in line and "Failed to connect to bus" in line
-    assert hook_ms(line) < 5000
+    assert hook_ms(line) < HOOK_TIMEOUT * 1000
     assert elapsed < 60

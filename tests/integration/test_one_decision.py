@@ -123,7 +123,7 @@ def test_apply_without_cgpolicyd_keeps_the_tier(node):
 
 
 def test_the_hook_logs_the_tiers_limits_it_sets_at_login(node):
-    # In the emulated guest a login's hook has run past its hook_timeout (5 s) when
+    # In the emulated guest a login's hook has run past its hook_timeout when
     # the guest was busy: it let the login through, as it must. Then one more login.
     for _ in range(3):
         before = len(hook_lines(node))

@@ -1,4 +1,7 @@
-"""Keeps at most one VM alive: two TCG guests on a 2-core host starve each other."""
+"""Keeps at most one VM alive per pytest process: a guest's boot takes both host cores.
+
+(scripts/test runs two such processes at once: see tests/integration/conftest.py.)
+"""
 
 from __future__ import annotations
 
