@@ -979,7 +979,8 @@ def _sync_check(settings: Sync, interval: float) -> tuple[str, str, str]:
 
 def _network_check(policy: Policy) -> list[tuple[str, str, str]]:
     """A warning when the policy needs TCP and cgpolicyd's unit does not allow it."""
-    if not network.needs(policy):
+    sections = network.needs(policy)
+    if not sections:
         return []
     try:
         allow_list, families = _with_systemd(
@@ -987,7 +988,7 @@ def _network_check(policy: Policy) -> list[tuple[str, str, str]]:
         )
     except CgpolicyError:  # the systemd check says why
         return []
-    warning = network.doctor_warning(policy, allow_list, families)
+    warning = network.doctor_warning(sections, allow_list, families)
     return [] if warning is None else [("warn", "network", warning)]
 
 

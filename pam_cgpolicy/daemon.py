@@ -520,7 +520,6 @@ class Daemon:
                 self.cycle_failures += 1
                 text = f"internal: {type(err).__name__}: {err}"
                 log.error("cycle-failed", log.fields(event="cycle-failed", error=text))
-            self.share_due.clear()  # this share carries it
             await self.share()
             await self.publish_metrics(self.ticks() - started)
             await self._rest(stop, started + self.policy.general.interval)
@@ -539,7 +538,6 @@ class Daemon:
                     waiter.cancel()
             if not self.share_due.is_set() or stop.is_set():
                 return
-            self.share_due.clear()
             await self.share()
             wait = until - self.ticks()
             if wait <= 0:
@@ -575,7 +573,9 @@ class Daemon:
 
     async def share(self) -> None:
         """After each cycle: publish this node's tier changes to its sync group and adopt
-        the group's. Never fails the cycle; the database away costs at most its timeout."""
+        the group's. Never fails the cycle; the database away costs at most its timeout.
+        It carries every change an admin made before it: none is due after it."""
+        self.share_due.clear()
         try:
             self.follow_sync()
             if self.sharing is None:

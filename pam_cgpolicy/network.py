@@ -65,9 +65,11 @@ def unit_allows(allow_list: bool, families: Sequence[str]) -> bool:
     return ("AF_INET" in families) == allow_list
 
 
-def doctor_warning(policy: Policy, allow_list: bool, families: Sequence[str]) -> str | None:
-    """doctor's warning, or None: the policy needs no TCP, or the unit allows it."""
-    sections = needs(policy)
+def doctor_warning(
+    sections: Sequence[str], allow_list: bool, families: Sequence[str]
+) -> str | None:
+    """doctor's warning, or None: the policy (its ``needs``) needs no TCP, or the unit
+    allows it."""
     if not sections or unit_allows(allow_list, families):
         return None
     return denied(sections)

@@ -62,10 +62,10 @@ def test_the_units_families_as_systemd_gives_them(allow_list, families, allowed)
 
 
 def test_doctor_warns_only_when_the_policy_needs_tcp_and_the_unit_refuses_it(plain):
-    mail = replace(plain, notify=SMTP)
+    mail = network.needs(replace(plain, notify=SMTP))
     assert network.doctor_warning(mail, True, ["AF_UNIX"]) == network.denied(("[notify]",))
     assert network.doctor_warning(mail, True, ["AF_UNIX", "AF_INET", "AF_INET6"]) is None
-    assert network.doctor_warning(plain, True, ["AF_UNIX"]) is None
+    assert network.doctor_warning(network.needs(plain), True, ["AF_UNIX"]) is None
 
 
 def test_doctors_check_asks_systemd_only_when_the_policy_needs_tcp(plain, monkeypatch):
