@@ -2,7 +2,7 @@
 
 Under each fault (the system bus stopped, cgpolicyd killed or stopped, the state
 database locked, /var/lib/cgpolicy full, busctl gone, a broken policy file, the
-clock set a day forward and back) 20 SSH logins by users of four groups are
+clock set a day forward and back) 10 SSH logins by users of four groups are
 timed one by one, a few at a time, while one admin penalty is in force. Each
 login must succeed and take at most the policy's hook_timeout longer than the
 same user's slowest fault-free login; after the fault is cleared the penalty
@@ -35,7 +35,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.v2_only]
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK_TIMEOUT = 3.0
-LOGINS = 20
+# Twenty at first; ten since the suite runs on one emulated vCPU a stream, where
+# twenty made the table half an hour of CI.
+LOGINS = 10
 AT_ONCE = 3
 # Between the starts of logins run all at once: sshd drops new connections at random
 # while 10 are unauthenticated (MaxStartups). A second apart cost the bus row 19 s of
