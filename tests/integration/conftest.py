@@ -39,7 +39,6 @@ SECOND_STREAM_V2 = frozenset(
         "test_policy_trust.py",
         "test_trust.py",
         "test_visibility.py",
-        "test_vm_smoke.py",
         "test_package.py",
         "test_sync.py",
     }

@@ -79,10 +79,12 @@ POLICY = {
         group = "vmtest"
         timeout = 2
         """,
+    # The hog is held to a fifth of a CPU: both nodes and the database share the
+    # stream's one emulated vCPU with it (at half a CPU, their cycles fell behind).
     "groups.d/hogs.toml": f"""
         users = ["{HOG}"]
         [limits]
-        CPUQuota = "50%"
+        CPUQuota = "20%"
         """,
     "groups.d/synced.toml": f"""
         users = ["{USER}", "{LATE}"]
@@ -430,11 +432,11 @@ def test_a_hog_on_a_is_penalized_by_the_model_and_b_follows(nodes):
     vm = nodes
     vm.ssh("nohup sh -c 'while :; do :; done' >/dev/null 2>&1 &", user=HOG)
     try:
-        wait_quota(vm, "a", "penalty1", timeout=120, uid=HOG_UID, shown="250ms")
-        wait_quota(vm, "b", "penalty1", uid=HOG_UID, shown="250ms")
+        wait_quota(vm, "a", "penalty1", timeout=120, uid=HOG_UID, shown="100ms")
+        wait_quota(vm, "b", "penalty1", uid=HOG_UID, shown="100ms")
         seconds = converged(vm, "a", "b", "penalized", HOG_UID)
         print(f"convergence of the model's penalty A -> B: {seconds:.2f} s")
-        assert seconds <= 2 * INTERVAL
+        assert seconds <= 2 * INTERVAL, f"{seconds:.2f} s\n{diagnostics(vm)}"
         (made,) = [e for e in events(vm, "a", HOG_UID) if e[1] == "penalized"]
         assert made[3] is None  # the model's own, no admin
     finally:
