@@ -77,7 +77,10 @@ POLICY = {
         user = "cgsync"
         password_file = "/etc/cgpolicy/sync-password"
         group = "vmtest"
-        timeout = 2
+        # The database's answers, and libpq's start, take seconds in the stream's one
+        # emulated vCPU: at 2 s, B gave up connecting ("timeout expired") and never
+        # logged the refused password, nor adopted the hog's penalty in 30 s.
+        timeout = 10
         """,
     # The hog is held to a fifth of a CPU: both nodes and the database share the
     # stream's one emulated vCPU with it (at half a CPU, their cycles fell behind).
