@@ -26,6 +26,7 @@ from .trust import acl_xattr, why_unsafe_fd
 
 TYPE_CHECKING = False  # typing itself is too slow an import for the hook
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, TypeAlias
 
     from .errors import PolicyError
@@ -210,11 +211,15 @@ class Loaded:
         self.refused = refused  # why the compiled copy was not trusted
 
 
-def load_in_force(config_dir: str, cache_file: str | None) -> Loaded:
+def load_in_force(
+    config_dir: str, cache_file: str | None, on_cached: Callable[[Compiled], None] | None = None
+) -> Loaded:
     """The policy to act on: the files when valid, else the last good compiled copy.
 
     ``cache_file`` is None for a directory that is not the node's own (a draft
     an admin checks): a draft neither uses nor replaces the node's last good copy.
+    ``on_cached`` is given the last good copy before changed files are parsed (the
+    hook takes its deadline from it: parsing is the slow part).
     """
     marks = fingerprint(config_dir)
     cached, refused = None, None
@@ -227,6 +232,8 @@ def load_in_force(config_dir: str, cache_file: str | None) -> Loaded:
             pass
     if cached is not None and cached[0] == marks:
         return Loaded(cached[1], "compiled")
+    if cached is not None and on_cached is not None:
+        on_cached(cached[1])
     from .errors import policy_error
 
     try:  # any failure, even a bug, is an invalid policy: the last good one stays

@@ -147,12 +147,15 @@ def _penalty(state_dir: str, user: str, uid: int) -> Penalty | None:
         return None
 
 
-def _open_session(
-    clock: _Clock, user: str, options: dict[str, str], service: str = ""
-) -> _Outcome:
+def _open_session(clock: _Clock, user: str, options: dict[str, str], service: str = "") -> _Outcome:
     account = lookup_account(user)
     state_dir = options["--state-dir"]
-    loaded = load_in_force(options["--config-dir"], os.path.join(state_dir, COMPILED_POLICY))
+    # Changed files are parsed under the last good policy's hook_timeout, not the default.
+    loaded = load_in_force(
+        options["--config-dir"],
+        os.path.join(state_dir, COMPILED_POLICY),
+        lambda last_good: clock.arm(last_good["hook_timeout"]),
+    )
     if loaded.refused:
         log.error("policy-error", f"{loaded.refused}; the last good policy is not used")
     if loaded.error:
