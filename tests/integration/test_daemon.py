@@ -333,7 +333,7 @@ def diagnostics(vm, *users: str) -> str:
     for user in users:
         done = get_user_raw(vm, user)
         parts.append(f"--- GetUser {user} ---\n{done.stdout.strip()}{done.stderr.strip()}")
-        uid = USERS[user][0]
+        uid = root(vm, f"id -u {user}", check=False).stdout.strip()  # any module's user
         props = root(
             vm,
             f"systemctl show user-{uid}.slice -p CPUQuotaPerSecUSec -p MemoryMax -p MemoryHigh "
