@@ -21,7 +21,9 @@ both: an emulated guest's minutes go where a difference can show.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +37,8 @@ VM_FIXTURES = frozenset({"vm", "vm_v2", "vm_v1"})
 # minutes each way (a new module goes to stream a).
 SECOND_STREAM_V2 = frozenset(
     {
+        "test_login_message.py",
+        "test_metrics.py",
         "test_one_decision.py",
         "test_policy_trust.py",
         "test_trust.py",
@@ -117,6 +121,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if _skip_requested() and item.get_closest_marker("vm"):
             item.add_marker(pytest.mark.skip(reason="CGPOLICY_SKIP_VM=1"))
     items.sort(key=_place)
+
+
+# Guest seconds per module and cgroup mode (setup, call and teardown summed; a
+# boot counts to the module that needed it): what the streams are balanced on.
+_MODULE_SECONDS: defaultdict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    mode = re.search(r"\[(v[12])\b", report.nodeid)
+    key = f"{report.nodeid.split('::')[0]} [{mode.group(1) if mode else 'v2'}]"
+    _MODULE_SECONDS[key] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    stream = terminalreporter.config.getoption("--vm-stream")
+    terminalreporter.section(f"seconds per module{f' (stream {stream})' if stream else ''}")
+    for key, seconds in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}s  {key}")
 
 
 def _missing_prerequisites() -> list[str]:

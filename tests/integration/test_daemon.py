@@ -637,10 +637,18 @@ def test_reboot_keeps_the_penalty_with_its_recorded_expiry(node):
     assert info.get("tier") == "penalty2" and expiry - guest_now(node) > 500, info
     wait_for_cpu(node, "bob", "students", "penalty2")
 
+    # the harness's reboot (the one test that reboots checks it too): a new boot of
+    # the same disk, a root-only file kept with its mode, the same cgroup mode
+    node.put_bytes(b"survives\n", "/var/lib/cgpolicy-test/marker", mode=0o600)
+    boot_id = root(node, "cat /proc/sys/kernel/random/boot_id").stdout
     started = time.monotonic()
     node.reboot()
     wait_until_serving(node, timeout=120)
     took = time.monotonic() - started
+    assert root(node, "cat /proc/sys/kernel/random/boot_id").stdout != boot_id
+    kept = root(node, "stat -c %a /var/lib/cgpolicy-test/marker; cat /var/lib/cgpolicy-test/marker")
+    assert kept.stdout == "600\nsurvives\n"
+    assert node.cgroup_mode() == node.cgroup
     after = get_user(node, "bob")
     assert after.get("tier") == "penalty2" and abs(after["tier_expiry"] - expiry) < 1.0, (
         f"before the reboot: penalty2 until {expiry}; after ({took:.0f}s later): {after}\n"

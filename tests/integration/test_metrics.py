@@ -39,7 +39,7 @@ EXPORTER = "prometheus-node-exporter"
 TEXTFILE = "/var/lib/prometheus/node-exporter/cgpolicy.prom"
 SCRAPE = (
     "python3 -c 'import urllib.request, sys; "
-    'sys.stdout.write(urllib.request.urlopen("http://localhost:9100/metrics", timeout=10)'
+    'sys.stdout.write(urllib.request.urlopen("http://localhost:9100/metrics", timeout=30)'
     ".read().decode())'"
 )
 OUR_POLICY = {
@@ -58,9 +58,15 @@ def parse(text: str) -> Series:
     }
 
 
+_SCRAPE_ERRORS: list[str] = []  # the last failed scrape's words, for the diagnostics
+
+
 def scrape(vm) -> Series:
     done = root(vm, SCRAPE, check=False)
-    return parse(done.stdout) if done.returncode == 0 else {}
+    if done.returncode != 0:
+        _SCRAPE_ERRORS[:] = [f"exit {done.returncode}: {done.stderr.strip()[-400:]}"]
+        return {}
+    return parse(done.stdout)
 
 
 def mina(**extra: str) -> frozenset[tuple[str, str]]:
@@ -70,12 +76,17 @@ def mina(**extra: str) -> frozenset[tuple[str, str]]:
 def exporter_diagnostics(vm) -> str:
     status = root(vm, f"systemctl status {EXPORTER} --no-pager -n 20 2>&1", check=False)
     listing = root(vm, f"ls -l {Path(TEXTFILE).parent}; cat {TEXTFILE}", check=False)
-    return f"{diagnostics(vm, USER)}\n--- {EXPORTER} ---\n{status.stdout}\n{listing.stdout}"
+    return (
+        f"{diagnostics(vm, USER)}\n--- {EXPORTER} ---\n{status.stdout}\n{listing.stdout}"
+        f"\n--- last failed scrape ---\n{_SCRAPE_ERRORS}"
+    )
 
 
-def served(vm, what: str, done) -> Series:
-    """Scrape until ``done(series)``, for at most 30 s."""
-    return poll(what, lambda: scrape(vm), done, 30, lambda: exporter_diagnostics(vm), every=1.0)
+def served(vm, what: str, done, timeout: float = 60) -> Series:
+    """Scrape until ``done(series)``. A scrape is an ssh login and an interpreter start,
+    several seconds each in the one-vCPU emulated guest."""
+    diag = lambda: exporter_diagnostics(vm)  # noqa: E731
+    return poll(what, lambda: scrape(vm), done, timeout, diag, every=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +100,9 @@ def node(vm) -> Iterator[Any]:
     root(vm, "cgpolicyctl check")
     keep_logged_in_unjudged(vm, [USER])  # (re)starts cgpolicyd on this policy
     root(vm, f"systemctl start {EXPORTER}")
+    # it listens some seconds after systemd calls it started (in the emulated guest
+    # its first scrape failed for 30 s): the tests measure cgpolicyd, not that
+    served(vm, f"{EXPORTER} on :9100", lambda s: bool(s), timeout=180)
     try:
         yield vm
     finally:

@@ -80,14 +80,3 @@ def test_round_trip_times(vm: VM) -> None:
     login = time.monotonic() - started
     print(f"cgroup {vm.cgroup}: root (multiplexed) {root:.3f}s, fresh user login {login:.3f}s")
     assert root < login
-
-
-@pytest.mark.v2_only  # nothing here differs on cgroup v1
-def test_reboot_keeps_the_disk(vm: VM) -> None:
-    vm.put_bytes(b"survives\n", "/var/lib/smoke/marker", mode=0o600)
-    boot_id = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout
-    vm.reboot()
-    assert vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout != boot_id
-    assert vm.ssh("cat /var/lib/smoke/marker").stdout == "survives\n"
-    assert vm.ssh("stat -c %a /var/lib/smoke/marker").stdout.strip() == "600"
-    assert vm.cgroup_mode() == vm.cgroup
