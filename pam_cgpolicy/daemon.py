@@ -49,7 +49,14 @@ from .constants import (
     usage_db_file,
 )
 from .engine import Action, Engine, Properties
-from .errors import CgpolicyError, NotManaged, StateError, SystemdError, policy_error
+from .errors import (
+    CgpolicyError,
+    NotManaged,
+    StateError,
+    SystemdError,
+    UnknownUser,
+    policy_error,
+)
 from .mail import deliver
 from .notifier import Deliver, Notifier, Png, facts_for, no_png
 from .policy import General, Policy, StatusGroup, Sync, load_policy
@@ -299,15 +306,22 @@ class Daemon:
         """Set the limits of the standing recorded now, never interleaved with another for uid.
 
         Computed under the lock, so an admin's action that landed meanwhile is never
-        undone. Returns what was meant, failed or not (its ``error``); None when the
-        account is gone. A failure is logged and retried every cycle.
+        undone. Returns what was meant, failed or not (its ``error``); None when nothing
+        could be worked out (the account gone, or its standing unreadable: retried).
+        A failure is logged and retried every cycle.
         """
         async with self.locks.setdefault(uid, asyncio.Lock()):
             try:
                 account = self._account(uid)
                 limits = self.engine.limits(account, self.store.get(uid))
-            except CgpolicyError as err:  # an account gone: nothing to send, nor to retry
-                text = log.fields(user=user, uid=uid, action="failed", error=err)
+            except CgpolicyError as err:
+                gone = isinstance(err, UnknownUser)  # nothing to send, nor to retry
+                if gone:
+                    self.pending.discard(uid)
+                else:  # e.g. the state database unreadable for a moment
+                    self.pending.add(uid)
+                retry = {} if gone else {"retry": "next-cycle"}
+                text = log.fields(user=user, uid=uid, action="failed", error=err, **retry)
                 log.error("failed", text, user=user, uid=uid)
                 return None
             user = account.name  # callers that know only the uid pass it as the name

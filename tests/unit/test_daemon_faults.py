@@ -13,7 +13,7 @@ from test_daemon_cycle import BOB, CAROL, T0, Node, run_cycles
 
 from pam_cgpolicy import daemon as daemon_mod
 from pam_cgpolicy.badness import UserScore
-from pam_cgpolicy.errors import StateError, SystemdError
+from pam_cgpolicy.errors import StateError, SystemdError, UnknownUser
 from pam_cgpolicy.setprops import NO_BUSCTL
 from pam_cgpolicy.state import StateStore
 
@@ -156,3 +156,32 @@ def test_a_clock_step_not_yet_recorded_ends_no_penalty(node, monkeypatch):
     run_cycles(daemon, node, 1)
     assert node.store.get(BOB).tier_expiry == T0 + 600 + day
     assert daemon.service.tiers == []
+
+
+def test_a_standing_that_cannot_be_read_is_sent_at_a_later_cycle(node, monkeypatch):
+    daemon = node.daemon()
+    get = node.store.get
+
+    def unreadable(uid: int):
+        raise StateError(f"{node.store.path}: cannot read: disk I/O error")
+
+    monkeypatch.setattr(node.store, "get", unreadable)
+    node.sampler.cores = {BOB: 0.0}
+    run_cycles(daemon, node, 2)
+    assert node.writer.sent == []  # nothing sent without the standing...
+    assert any("uid=2002" in line and "retry=next-cycle" in line for line in node.errors)
+    monkeypatch.setattr(node.store, "get", get)
+    run_cycles(daemon, node, 1)
+    assert node.writer.last(BOB) == node.group_props(daemon, BOB)  # ...but once it reads
+
+
+def test_an_account_gone_is_not_retried(node, monkeypatch):
+    daemon = node.daemon()
+    node.writer.failing.add(BOB)
+    node.sampler.cores = {BOB: 0.0}
+    run_cycles(daemon, node, 1)
+    assert daemon.pending == {BOB}
+    node.writer.failing.clear()
+    monkeypatch.setattr(daemon, "_account", lambda uid: (_ for _ in ()).throw(UnknownUser(uid)))
+    run_cycles(daemon, node, 1)
+    assert daemon.pending == set()
