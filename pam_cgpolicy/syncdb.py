@@ -43,9 +43,9 @@ _SCHEMA = (
         grp TEXT NOT NULL,
         node TEXT NOT NULL,
         last_sync DOUBLE PRECISION NOT NULL,
+        instance TEXT,
         PRIMARY KEY (grp, node)
     )""",
-    "ALTER TABLE cgpolicy_nodes ADD COLUMN IF NOT EXISTS instance TEXT",
 )
 _COLUMNS = "uid, user_name, tier, tier_expiry, occurrences, since, released, origin"
 _UPSERT = (
