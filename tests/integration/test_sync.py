@@ -260,9 +260,13 @@ def nodes(vm_v2) -> Iterator[Any]:
         lambda: root(vm, f"systemctl status cgpolicy-{MACHINE} --no-pager", check=False).stdout,
         every=3,
     )
-    on_b(vm, "systemctl restart cgpolicyd && systemctl is-active cgpolicyd")
+    # B's logins too are made while nobody judges them: the hog's login (its user
+    # manager, sshd, the hook) ran at its 20% quota long enough for B's model to
+    # penalize it before its test, under a penalty1 that outlasted the module.
+    on_b(vm, "systemctl stop cgpolicyd")
     login_b(vm, USER)
     login_b(vm, HOG)
+    on_b(vm, "systemctl start cgpolicyd && systemctl is-active cgpolicyd")
     wait_quota(vm, "a", None)
     wait_quota(vm, "b", None)
     yield vm
@@ -433,6 +437,9 @@ def test_b_with_a_wrong_password_says_so_and_enforces_locally(nodes):
 
 def test_a_hog_on_a_is_penalized_by_the_model_and_b_follows(nodes):
     vm = nodes
+    for node in ("a", "b"):  # else the tier's quota below would be an old penalty's
+        before = [e for e in events(vm, node, HOG_UID) if e[1] == "penalized"]
+        assert not before, f"{HOG} penalized on {node} before the hog ran: {before}"
     vm.ssh("nohup sh -c 'while :; do :; done' >/dev/null 2>&1 &", user=HOG)
     try:
         wait_quota(vm, "a", "penalty1", timeout=120, uid=HOG_UID, shown="100ms")
