@@ -315,12 +315,12 @@ class Daemon:
                 account = self._account(uid)
                 limits = self.engine.limits(account, self.store.get(uid))
             except CgpolicyError as err:
-                gone = isinstance(err, UnknownUser)  # nothing to send, nor to retry
-                if gone:
+                if isinstance(err, UnknownUser):  # the account gone: nothing to send, nor to retry
                     self.pending.discard(uid)
+                    retry = {}
                 else:  # e.g. the state database unreadable for a moment
                     self.pending.add(uid)
-                retry = {} if gone else {"retry": "next-cycle"}
+                    retry = {"retry": "next-cycle"}
                 text = log.fields(user=user, uid=uid, action="failed", error=err, **retry)
                 log.error("failed", text, user=user, uid=uid)
                 return None

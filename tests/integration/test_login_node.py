@@ -380,8 +380,8 @@ def test_hung_dbus_lets_the_hook_through_within_its_timeout(node):
         root(node, "kill -CONT $(pidof dbus-daemon)")
     assert done.returncode == 0
     assert "action=timeout" in done.stderr
-    said = re.search(r"action=timeout elapsed_ms=(\d+)", done.stderr)
-    assert said and int(said[1]) > HOOK_TIMEOUT * 1000 - 100, done.stderr  # it waited its time
+    (line,) = [line for line in done.stderr.splitlines() if "action=timeout" in line]
+    assert hook_ms(line) > HOOK_TIMEOUT * 1000 - 100, line  # it waited its time
     # the timer may fire up to 2 s late in the busy guest (as test_faults allows)
     assert elapsed < start_up + HOOK_TIMEOUT + 2.0, (
         f"{elapsed:.1f}s with the bus hung; the hook's start {start_up:.1f}s; {done.stderr}"

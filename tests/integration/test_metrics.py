@@ -12,6 +12,7 @@ The policy is test_daemon.py's, penalty2 long enough for the whole module.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,9 @@ def exporter_diagnostics(vm) -> str:
 def served(vm, what: str, done, timeout: float = 60) -> Series:
     """Scrape until ``done(series)``. A scrape is an ssh login and an interpreter start,
     several seconds each in the one-vCPU emulated guest."""
-    diag = lambda: exporter_diagnostics(vm)  # noqa: E731
-    return poll(what, lambda: scrape(vm), done, timeout, diag, every=1.0)
+    return poll(
+        what, partial(scrape, vm), done, timeout, partial(exporter_diagnostics, vm), every=1.0
+    )
 
 
 @pytest.fixture(scope="module")
